@@ -1,0 +1,32 @@
+# Set-up and checks. `make test` is the README's test command and what CI runs.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch lies on this disk; asking PyPI instead would pull a CUDA build of several GB.
+TORCH_SPEC ?= torch==2.13.0
+WHEELS ?= /opt/wheels
+# Debian packages the tests need; installed only when missing.
+APT_PACKAGES ?=
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile scripts/ensure-apt.sh
+	bash scripts/ensure-apt.sh $(APT_PACKAGES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check commhooks tests
+	$(VENV)/bin/ruff format --check commhooks tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

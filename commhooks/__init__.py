@@ -1,0 +1,14 @@
+"""commhooks: gradient compression with error feedback for PyTorch DDP and Horovod."""
+
+from commhooks import compressors as compressors
+from commhooks.feedback import ErrorFeedback, FeedbackConfig
+from commhooks.registry import available, compressor, parse_spec
+
+__all__ = [
+    "ErrorFeedback",
+    "FeedbackConfig",
+    "available",
+    "compressor",
+    "compressors",
+    "parse_spec",
+]

@@ -1,0 +1,41 @@
+"""Compressors, one algorithm per module; importing this package registers them all."""
+
+# Importing each module registers its compressor by name.
+from commhooks.compressors import (  # noqa: F401
+    topk,
+    randomk,
+    threshold,
+    dgc,
+    uniform,
+    qsgd,
+    nonuniform,
+    ternary,
+    sign,
+    adaptive,
+    powersgd,
+    cast,
+    pipeline,
+)
+from commhooks.compressors.base import (
+    Capabilities,
+    Compressor,
+    CompressorConfig,
+    Context,
+    Exchange,
+    Kind,
+    Message,
+    Payload,
+    ReduceOp,
+)
+
+__all__ = [
+    "Capabilities",
+    "Compressor",
+    "CompressorConfig",
+    "Context",
+    "Exchange",
+    "Kind",
+    "Message",
+    "Payload",
+    "ReduceOp",
+]

@@ -1,0 +1,381 @@
+"""The compressor contract: what every compressor declares, puts on the wire and keeps locally.
+
+A compressor is pure tensor code. ``compress`` turns a tensor into a *payload* (the tensors that
+go on the wire, nothing else) and a :class:`Context` that stays on this rank. ``decompress``
+turns a payload back into a dense tensor of the input's shape and dtype.
+
+One rule makes every transport possible: **a context never holds rank-private data**. It holds
+the shape, dtype and device, plus whatever every rank derives identically (shared-seed indices,
+agreed scales). So any rank's context decodes any rank's payload, which is what an all-gather
+transport does.
+
+Summable compressors also offer :meth:`Compressor.exchange`, a small state machine that a
+transport drives round by round: it asks for a :class:`Message`, reduces it across ranks with the
+message's op, and feeds the result back. Single-round compressors get that for free; multi-round
+ones (PowerSGD, shared-scale integer quantization) implement it.
+"""
+
+from __future__ import annotations
+
+import enum
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Capabilities",
+    "Compressor",
+    "CompressorConfig",
+    "Context",
+    "Exchange",
+    "Kind",
+    "Message",
+    "Payload",
+    "ReduceOp",
+    "SingleRoundExchange",
+    "payload_nbytes",
+    "shared_generator",
+]
+
+Payload = tuple[Tensor, ...]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Kind(str, enum.Enum):
+    """What family a compressor belongs to; pipelines use it to refuse nonsense compositions."""
+
+    SPARSE = "sparse"
+    QUANTIZER = "quantizer"
+    LOWRANK = "lowrank"
+    CAST = "cast"
+    PIPELINE = "pipeline"
+
+
+class ReduceOp(str, enum.Enum):
+    SUM = "sum"
+    MAX = "max"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a transport may do with a compressor's payloads, checked when the transport is built.
+
+    Args:
+        kind: the family (sparse, quantizer, low-rank, cast, pipeline).
+        summable: ``exchange`` is available: payloads can be all-reduced (summed) and the reduced
+            payload decodes to the sum of the ranks' decoded tensors.
+        static_size: for a given input shape and step, every rank's payload has the same byte
+            size, so an all-gather needs no size exchange first.
+        unbiased: ``E[decompress(compress(x))] == x``.
+        rounds: how many collectives ``exchange`` issues per group of tensors.
+        stateful: keeps per-key state across steps (warm starts, running statistics), so callers
+            should pass stable keys.
+    """
+
+    kind: Kind
+    summable: bool
+    static_size: bool
+    unbiased: bool
+    rounds: int = 1
+    stateful: bool = False
+
+
+@dataclass(frozen=True)
+class Context:
+    """What stays on this rank to decode a payload. Never rank-private (see module docstring)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    extra: Any = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class Message:
+    """One round of an exchange: these tensors are reduced across ranks with ``op``."""
+
+    tensors: Payload
+    op: ReduceOp
+
+
+class Exchange(ABC):
+    """A group of tensors travelling through a summable compressor, one round at a time.
+
+    A transport loops ``while (m := ex.message()) is not None: ex.receive(reduce(m))`` and then
+    reads ``result()`` (the sum over ranks, decompressed) and ``local()`` (this rank's own
+    decompressed contribution, which error feedback subtracts to form the residual).
+    """
+
+    @abstractmethod
+    def message(self) -> Message | None:
+        """The current round's message, or None once every round is done."""
+
+    @abstractmethod
+    def receive(self, reduced: Sequence[Tensor]) -> None:
+        """Feed back the reduced tensors of the current round's message."""
+
+    @abstractmethod
+    def result(self) -> list[Tensor]:
+        """Sum over ranks of the decompressed tensors, one per input, in input shape and dtype."""
+
+    @abstractmethod
+    def local(self) -> list[Tensor]:
+        """This rank's own decompressed contribution, one per input."""
+
+
+@dataclass(frozen=True)
+class CompressorConfig:
+    """Base of every compressor's frozen config. Subclasses validate in ``__post_init__``."""
+
+    name: ClassVar[str] = ""
+
+    def spec(self) -> str:
+        """The spec string that rebuilds this config with :func:`commhooks.compressor`."""
+        args = ",".join(f"{f.name}={_spec_value(getattr(self, f.name))}" for f in fields(self))
+        return f"{self.name}:{args}" if args else self.name
+
+
+def _spec_value(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+C = TypeVar("C", bound=CompressorConfig)
+
+
+def payload_nbytes(payload: Sequence[Tensor]) -> int:
+    """Exact bytes a payload puts on the wire."""
+    return sum(t.numel() * t.element_size() for t in payload)
+
+
+def shared_generator(
+    seed: int, key: str | None, step: int, device: torch.device
+) -> torch.Generator:
+    """A generator that every rank builds identically from (seed, key, step).
+
+    Deriving it per call, rather than advancing one stream, keeps ranks in agreement even when
+    they compress tensors in different orders.
+    """
+    mix = zlib.crc32(f"{seed}:{key}:{step}".encode())
+    g = torch.Generator(device=device)
+    g.manual_seed(mix)
+    return g
+
+
+class Compressor(ABC, Generic[C]):
+    """Base of every compressor. Subclasses implement ``_compress`` / ``_decompress``.
+
+    The base class validates input dtypes, short-circuits empty tensors, builds the
+    :class:`Context` and restores shape and dtype on the way back, so subclasses see only
+    non-empty floating tensors.
+    """
+
+    config: C
+
+    def __init__(self, config: C) -> None:
+        self.config = config
+        self._seed = int(getattr(config, "seed", 0))
+        self._generators: dict[str, torch.Generator] = {}
+        self._steps: dict[str | None, int] = {}
+
+    # -- what subclasses provide ------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    @abstractmethod
+    def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
+        """Compress a non-empty floating tensor; return the payload and ``Context.extra``."""
+
+    @abstractmethod
+    def _decompress(self, payload: Payload, ctx: Context) -> Tensor:
+        """Decode to a tensor with ``ctx.numel`` elements (any shape, any float dtype)."""
+
+    # -- the public contract ------------------------------------------------------------------
+
+    def compress(self, tensor: Tensor, key: str | None = None) -> tuple[Payload, Context]:
+        """Compress ``tensor``; ``key`` is a stable name, needed by stateful compressors."""
+        check_tensor(tensor)
+        if tensor.numel() == 0:
+            return (), Context(tensor.shape, tensor.dtype, tensor.device)
+        payload, extra = self._compress(tensor, key)
+        return payload, Context(tensor.shape, tensor.dtype, tensor.device, extra)
+
+    def decompress(self, payload: Payload, ctx: Context) -> Tensor:
+        """Decode a payload (this rank's or any other's) to a dense tensor."""
+        if ctx.numel == 0:
+            return torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+        return self._decompress(tuple(payload), ctx).reshape(ctx.shape).to(ctx.dtype)
+
+    def aggregate(self, payloads: Sequence[Payload], ctx: Context) -> Tensor:
+        """Decode every rank's payload and return their sum (the transport divides for a mean).
+
+        Override for aggregation rules that are not a plain sum (majority vote).
+        """
+        if ctx.numel == 0 or not payloads:
+            return torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+        acc = self.decompress(payloads[0], ctx).to(
+            torch.float32 if ctx.dtype != torch.float64 else ctx.dtype
+        )
+        for p in payloads[1:]:
+            acc.add_(self.decompress(p, ctx))
+        return acc.to(ctx.dtype)
+
+    def exchange(
+        self,
+        tensors: Sequence[Tensor],
+        keys: Sequence[str | None] | None = None,
+        world_size: int = 1,
+    ) -> Exchange:
+        """Start an all-reduce exchange for a group of tensors (summable compressors only)."""
+        if not self.capabilities.summable:
+            raise ValueError(
+                f"compressor {self.config.name!r}: its payload is not summable, so it cannot be "
+                "all-reduced; use an all-gather transport"
+            )
+        keys = _check_group(tensors, keys, world_size)
+        return SingleRoundExchange(self, tensors, keys)
+
+    @staticmethod
+    def nbytes(payload: Sequence[Tensor]) -> int:
+        return payload_nbytes(payload)
+
+    # -- randomness and state -----------------------------------------------------------------
+
+    def set_seed(self, seed: int) -> None:
+        """Reseed the private (rank-local) generators. Transports mix the rank in, so stochastic
+        rounding noise is independent across workers and averages out."""
+        self._seed = int(seed)
+        self._generators.clear()
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This compressor's private generator for ``device``; never the global RNG."""
+        name = str(device)
+        g = self._generators.get(name)
+        if g is None:
+            g = torch.Generator(device=device)
+            g.manual_seed(self._seed)
+            self._generators[name] = g
+        return g
+
+    def next_step(self, key: str | None) -> int:
+        """Per-key call counter, for randomness that must agree across ranks."""
+        step = self._steps.get(key, 0)
+        self._steps[key] = step + 1
+        return step
+
+    def state_dict(self) -> dict[str, Any]:
+        """Runtime state (generators, counters, per-key state); the config is not included."""
+        return {
+            "seed": self._seed,
+            "generators": {d: g.get_state() for d, g in self._generators.items()},
+            "steps": dict(self._steps),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._seed = int(state["seed"])
+        self._generators.clear()
+        for d, s in state["generators"].items():
+            g = torch.Generator(device=d)
+            g.set_state(s)
+            self._generators[d] = g
+        self._steps = dict(state["steps"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+class SingleRoundExchange(Exchange):
+    """The exchange of a single-round summable compressor: one SUM of every tensor's payload."""
+
+    def __init__(
+        self,
+        compressor: Compressor[Any],
+        tensors: Sequence[Tensor],
+        keys: Sequence[str | None],
+        prescale: float = 1.0,
+    ):
+        self._c = compressor
+        # Scaling before compression (and back after) keeps sums of n payloads in range.
+        self._prescale = prescale
+        compressed = [
+            compressor.compress(t * prescale if prescale != 1.0 else t, k)
+            for t, k in zip(tensors, keys)
+        ]
+        self._payloads = [p for p, _ in compressed]
+        self._ctxs = [c for _, c in compressed]
+        self._reduced: list[Payload] | None = None
+
+    def message(self) -> Message | None:
+        if self._reduced is not None:
+            return None
+        return Message(tuple(t for p in self._payloads for t in p), ReduceOp.SUM)
+
+    def receive(self, reduced: Sequence[Tensor]) -> None:
+        it = iter(reduced)
+        self._reduced = [tuple(next(it) for _ in p) for p in self._payloads]
+
+    def result(self) -> list[Tensor]:
+        if self._reduced is None:
+            raise RuntimeError("exchange: result() called before its round was received")
+        return self._decode(self._reduced)
+
+    def local(self) -> list[Tensor]:
+        return self._decode(self._payloads)
+
+    def _decode(self, payloads: Sequence[Payload]) -> list[Tensor]:
+        out = [self._c.decompress(p, c) for p, c in zip(payloads, self._ctxs)]
+        if self._prescale == 1.0:
+            return out
+        return [(t.to(compute_dtype(t.dtype)) / self._prescale).to(t.dtype) for t in out]
+
+
+def check_tensor(tensor: Any) -> None:
+    """Compressors take floating tensors only; integer gradients are a caller bug."""
+    if not isinstance(tensor, Tensor):
+        raise ValueError(f"tensor: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"tensor: dtype {tensor.dtype} is not supported; compressors take "
+            "float16, bfloat16, float32 or float64"
+        )
+
+
+def _check_group(
+    tensors: Sequence[Tensor], keys: Sequence[str | None] | None, world_size: int
+) -> list[str | None]:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r}: must be a positive integer")
+    if keys is None:
+        return [None] * len(tensors)
+    if len(keys) != len(tensors):
+        raise ValueError(f"keys: got {len(keys)} keys for {len(tensors)} tensors")
+    return list(keys)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic precision for a given input dtype: fp64 stays fp64, the rest work in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def poison(t: Tensor, probe: Tensor) -> Tensor:
+    """Return ``t`` made non-finite wherever ``probe`` (a scalar) is non-finite, without a sync.
+
+    ``probe - probe`` is 0 for a finite probe and NaN otherwise, so adding it leaves finite data
+    bit-identical and marks the rest. Compressors that may drop elements use it with a probe
+    that sees every element (a sum), so a NaN or Inf anywhere reaches GradScaler.
+    """
+    return t + (probe - probe).to(t.dtype)

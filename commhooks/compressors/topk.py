@@ -1,0 +1,99 @@
+"""Top-k sparsification: send the k largest-magnitude elements and where they are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from torch import Tensor
+
+from commhooks._validate import check_choice, check_int, check_ratio
+from commhooks.coding.indices import INDEX_CODINGS, IndexCoding
+from commhooks.compressors._sparse import (
+    Sparsifier,
+    keep_count,
+    sampled_threshold,
+    select_at_least,
+)
+from commhooks.compressors.base import Capabilities, CompressorConfig, Kind
+from commhooks.registry import register
+
+__all__ = ["TopK", "TopKConfig"]
+
+# The first estimate aims this much above k, so one pass usually yields enough candidates.
+_OVERSHOOT = 1.3
+
+
+@dataclass(frozen=True)
+class TopKConfig(CompressorConfig):
+    """Top-k sparsification.
+
+    Args:
+        ratio: fraction of elements kept, in (0, 1]; k = round(ratio * numel), at least 1.
+        mode: ``"approx"`` (default) estimates the k-th magnitude from a random sample, takes the
+            elements above it (one refinement if too few), then trims the candidates to exactly k
+            with a small top-k. Whenever at least k candidates are found, which is nearly always,
+            the result is the exact top-k set; otherwise it falls back to ``"exact"``, a full
+            ``torch.topk``.
+        sample: minimum sample size for the threshold estimate (grown automatically at small
+            ratios).
+        index_coding: how indices travel, see :mod:`commhooks.coding.indices`. ``"auto"`` keeps
+            payloads static in size; ``"delta"``/``"smallest"`` are smaller at low density but
+            make sizes data-dependent.
+        seed: seed of the private sampling generator.
+
+    Tuning: ratios of 0.001-0.01 with error feedback keep accuracy on most models. Below
+    ratio ~0.03 the indices cost more than the values; ``index_coding="delta"`` roughly halves
+    them. Top-k is biased; always pair it with error feedback.
+    """
+
+    name: ClassVar[str] = "topk"
+    ratio: float = 0.01
+    mode: Literal["approx", "exact"] = "approx"
+    sample: int = 8192
+    index_coding: IndexCoding = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_ratio("ratio", self.ratio)
+        check_choice("mode", self.mode, ("approx", "exact"))
+        check_int("sample", self.sample, lo=1)
+        check_choice("index_coding", self.index_coding, INDEX_CODINGS)
+        check_int("seed", self.seed)
+
+
+@register(TopKConfig)
+class TopK(Sparsifier[TopKConfig]):
+    """Top-k sparsifier; see :class:`TopKConfig`."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            kind=Kind.SPARSE,
+            summable=False,
+            static_size=self.config.index_coding in ("auto", "fixed", "bitmap"),
+            unbiased=False,
+        )
+
+    def _select(self, flat: Tensor, key: str | None) -> Tensor:
+        n = flat.numel()
+        k = keep_count(self.config.ratio, n)
+        magnitude = flat.abs()
+        if self.config.mode == "exact" or k * 4 >= n:
+            return magnitude.topk(k, sorted=False).indices
+        gen = self.generator(flat.device)
+        fraction = min(1.0, _OVERSHOOT * k / n)
+        candidates = select_at_least(
+            magnitude, sampled_threshold(magnitude, fraction, self.config.sample, gen)
+        )
+        if candidates.numel() < k:
+            # One refinement: aim lower in proportion to the shortfall.
+            fraction = min(1.0, fraction * _OVERSHOOT * k / max(candidates.numel(), 1))
+            candidates = select_at_least(
+                magnitude, sampled_threshold(magnitude, fraction, self.config.sample, gen)
+            )
+            if candidates.numel() < k:
+                return magnitude.topk(k, sorted=False).indices
+        # Every element of the true top-k is at or above any threshold that admits >= k
+        # candidates, so trimming the candidates gives the exact top-k set.
+        return candidates[magnitude[candidates].topk(k, sorted=False).indices]

@@ -1,0 +1,241 @@
+"""Error feedback: each worker keeps what compression dropped and adds it back next step.
+
+For a key (a parameter name) and its gradient ``g`` at one step::
+
+    u  = momentum * u + g            # only with DGC momentum correction, else u = g
+    c  = u + e                       # compensate with the stored residual e
+    s  = decompress(compress(c))     # what this worker actually sends
+    e' = decay * (c - s)             # the new residual
+
+so ``u + e == s + e'`` when ``decay == 1``: nothing is lost, only delayed. Residuals are kept in
+fp32 (fp64 for fp64 gradients) whatever the gradient's dtype, keyed by stable names rather than
+bucket indices, which DDP renumbers when it rebuilds its buckets.
+
+A non-finite gradient is passed through to the payload, so GradScaler sees it and skips the
+step; the stored residual and momentum are left as they were, since the skipped step applies
+nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from commhooks._validate import check_int, check_ratio, check_real
+from commhooks.compressors.base import (
+    Compressor,
+    CompressorConfig,
+    Context,
+    Exchange,
+    Kind,
+    Message,
+    Payload,
+    compute_dtype,
+)
+from commhooks.registry import compressor as build_compressor
+
+__all__ = ["ErrorFeedback", "FeedbackConfig"]
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """Error-feedback options.
+
+    Args:
+        decay: multiplies the residual each step, in (0, 1]. 1 is classic error feedback;
+            slightly less (0.9-0.99) bounds stale residuals when gradients shift quickly.
+        momentum: DGC momentum correction, in [0, 1). Momentum is accumulated here, before
+            compression, instead of in the optimizer; use it with a sparsifier and an optimizer
+            without momentum.
+        momentum_masking: DGC momentum-factor masking: clear the momentum of elements just
+            sent, so stale momentum does not push them again.
+        warmup_steps: DGC warm-up sparsity: over this many steps the kept ratio falls
+            exponentially from ``warmup_ratio`` to the compressor's own ratio. Needs a
+            compressor whose config has a ``ratio``.
+        warmup_ratio: the kept ratio at step 0 of the warm-up, in (0, 1].
+    """
+
+    decay: float = 1.0
+    momentum: float = 0.0
+    momentum_masking: bool = True
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.25
+
+    def __post_init__(self) -> None:
+        check_real("decay", self.decay, 0.0, 1.0, lo_open=True)
+        check_real("momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        if not isinstance(self.momentum_masking, bool):
+            raise ValueError(f"momentum_masking={self.momentum_masking!r}: must be true or false")
+        check_int("warmup_steps", self.warmup_steps, lo=0)
+        check_ratio("warmup_ratio", self.warmup_ratio)
+
+
+class ErrorFeedback:
+    """Per-key residual memory around any compressor.
+
+    Args:
+        compressor: a spec string, config or compressor.
+        config: a :class:`FeedbackConfig`; keyword arguments build one when omitted.
+
+    ``compress(key, g)`` serves all-gather transports (send the payload, every rank decodes);
+    ``exchange(keys, tensors, world_size)`` serves all-reduce transports of summable
+    compressors. Call :meth:`step` once per optimizer step to advance the warm-up schedule.
+    """
+
+    def __init__(
+        self,
+        compressor: str | CompressorConfig | Compressor[Any],
+        config: FeedbackConfig | None = None,
+        **options: Any,
+    ) -> None:
+        if config is not None and options:
+            raise ValueError("options: pass either a FeedbackConfig or keyword options, not both")
+        self.config = config if config is not None else FeedbackConfig(**options)
+        self._base = build_compressor(compressor)
+        kind = self._base.capabilities.kind
+        if self.config.momentum > 0 and kind not in (Kind.SPARSE, Kind.PIPELINE):
+            raise ValueError(
+                f"momentum={self.config.momentum}: DGC momentum correction masks the elements "
+                f"sent, which needs a sparsifier; {self._base.config.name!r} is a {kind.value}"
+            )
+        if self.config.warmup_steps and not hasattr(self._base.config, "ratio"):
+            raise ValueError(
+                f"warmup_steps={self.config.warmup_steps}: warm-up sparsity varies the kept "
+                f"ratio, and {self._base.config.name!r} has no ratio field"
+            )
+        self._residuals: dict[str, Tensor] = {}
+        self._momenta: dict[str, Tensor] = {}
+        self._step = 0
+        self._current = self._compressor_for(0)
+
+    # -- the schedule ---------------------------------------------------------------------------
+
+    @property
+    def compressor(self) -> Compressor[Any]:
+        """The compressor in use at the current step (warm-up swaps in denser ones)."""
+        return self._current
+
+    def ratio_at(self, step: int) -> float | None:
+        """The kept ratio at ``step`` under the warm-up schedule (None without a ratio)."""
+        final = getattr(self._base.config, "ratio", None)
+        if final is None or step >= self.config.warmup_steps:
+            return final
+        start = max(self.config.warmup_ratio, final)
+        return float(start * (final / start) ** (step / self.config.warmup_steps))
+
+    def _compressor_for(self, step: int) -> Compressor[Any]:
+        ratio = self.ratio_at(step)
+        if ratio is None or ratio == getattr(self._base.config, "ratio", None):
+            return self._base
+        return build_compressor(dataclasses.replace(self._base.config, ratio=ratio))
+
+    def step(self) -> None:
+        """Advance one optimizer step."""
+        self._step += 1
+        if self._step <= self.config.warmup_steps:
+            self._current = self._compressor_for(self._step)
+
+    # -- compensation ---------------------------------------------------------------------------
+
+    def residual(self, key: str) -> Tensor | None:
+        """The residual stored for ``key`` (fp32, or fp64 for fp64 gradients), if any."""
+        return self._residuals.get(key)
+
+    def _compensate(self, key: str, tensor: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Return ``u + e`` and, with momentum correction, the new momentum ``u``."""
+        u = tensor.to(compute_dtype(tensor.dtype))
+        momentum = None
+        if self.config.momentum > 0:
+            old = self._momenta.get(key)
+            momentum = u = u if old is None else old * self.config.momentum + u
+        e = self._residuals.get(key)
+        if e is None:
+            return u, momentum
+        if e.shape != tensor.shape:
+            raise RuntimeError(
+                f"key {key!r}: residual has shape {tuple(e.shape)} but the tensor has "
+                f"{tuple(tensor.shape)}; keys must name the same tensor every step"
+            )
+        return u + e, momentum
+
+    def _update(self, key: str, compensated: Tensor, momentum: Tensor | None, sent: Tensor) -> None:
+        residual = compensated - sent.to(compensated.dtype)
+        if not bool(torch.isfinite(residual).all()):
+            return
+        if momentum is not None:
+            if self.config.momentum_masking:
+                momentum = momentum.masked_fill(sent != 0, 0.0)
+            self._momenta[key] = momentum
+        if self.config.decay != 1.0:
+            residual.mul_(self.config.decay)
+        self._residuals[key] = residual
+
+    def compress(self, key: str, tensor: Tensor) -> tuple[Payload, Context]:
+        """Compensate ``tensor`` with ``key``'s residual, compress, and store the new residual."""
+        compensated, momentum = self._compensate(key, tensor)
+        c = self._current
+        payload, ctx = c.compress(compensated.to(tensor.dtype), key)
+        self._update(key, compensated, momentum, c.decompress(payload, ctx))
+        return payload, ctx
+
+    def exchange(
+        self, keys: Sequence[str], tensors: Sequence[Tensor], world_size: int = 1
+    ) -> Exchange:
+        """An all-reduce exchange of compensated tensors; residuals update when it finishes."""
+        if len(keys) != len(tensors):
+            raise ValueError(f"keys: got {len(keys)} keys for {len(tensors)} tensors")
+        return _FeedbackExchange(self, list(keys), list(tensors), world_size)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "residuals": dict(self._residuals),
+            "momenta": dict(self._momenta),
+            "step": self._step,
+            "compressor": self._base.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._residuals = dict(state["residuals"])
+        self._momenta = dict(state["momenta"])
+        self._step = int(state["step"])
+        self._base.load_state_dict(state["compressor"])
+        self._current = self._compressor_for(self._step)
+
+
+class _FeedbackExchange(Exchange):
+    """Wraps a compressor's exchange: compensate first, update residuals from ``local()``."""
+
+    def __init__(
+        self, ef: ErrorFeedback, keys: list[str], tensors: list[Tensor], world_size: int
+    ) -> None:
+        self._ef = ef
+        self._keys = keys
+        self._compensated = [ef._compensate(k, t) for k, t in zip(keys, tensors)]
+        self._inner = ef.compressor.exchange(
+            [c.to(t.dtype) for (c, _), t in zip(self._compensated, tensors)], keys, world_size
+        )
+        self._updated = False
+
+    def message(self) -> Message | None:
+        return self._inner.message()
+
+    def receive(self, reduced: Sequence[Tensor]) -> None:
+        self._inner.receive(reduced)
+
+    def result(self) -> list[Tensor]:
+        out = self._inner.result()
+        if not self._updated:
+            for k, (c, u), s in zip(self._keys, self._compensated, self._inner.local()):
+                self._ef._update(k, c, u, s)
+            self._updated = True
+        return out
+
+    def local(self) -> list[Tensor]:
+        return self._inner.local()
