@@ -2,19 +2,19 @@
 
 # Importing each module registers its compressor by name.
 from commhooks.compressors import (  # noqa: F401
-    topk,
-    randomk,
-    threshold,
-    dgc,
-    uniform,
-    qsgd,
-    nonuniform,
-    ternary,
-    sign,
     adaptive,
-    powersgd,
     cast,
+    dgc,
+    nonuniform,
     pipeline,
+    powersgd,
+    qsgd,
+    randomk,
+    sign,
+    ternary,
+    threshold,
+    topk,
+    uniform,
 )
 from commhooks.compressors.base import (
     Capabilities,

@@ -141,9 +141,7 @@ def test_state_dict_round_trip_reproduces_payloads(spec: str) -> None:
         torch.testing.assert_close(ta, tb, rtol=0, atol=0)
 
 
-finite_arrays = st.lists(
-    st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=0, max_size=300
-)
+finite_arrays = st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=0, max_size=300)
 
 
 @pytest.mark.parametrize("spec", SPECS)
