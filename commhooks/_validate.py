@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_choice", "check_int", "check_ratio", "check_real"]
+__all__ = ["check_bool", "check_choice", "check_int", "check_ratio", "check_real"]
+
+
+def check_bool(field: str, value: Any) -> None:
+    """Require a real bool; 0/1 or "yes" from a config file are caller bugs, not switches."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{field}={value!r}: must be true or false")
 
 
 def check_int(field: str, value: Any, lo: int | None = None, hi: int | None = None) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from commhooks._validate import check_int, check_ratio, check_real
+from commhooks._validate import check_bool, check_int, check_ratio, check_real
 from commhooks.compressors.base import (
     Compressor,
     CompressorConfig,
@@ -69,8 +69,7 @@ class FeedbackConfig:
     def __post_init__(self) -> None:
         check_real("decay", self.decay, 0.0, 1.0, lo_open=True)
         check_real("momentum", self.momentum, 0.0, 1.0, hi_open=True)
-        if not isinstance(self.momentum_masking, bool):
-            raise ValueError(f"momentum_masking={self.momentum_masking!r}: must be true or false")
+        check_bool("momentum_masking", self.momentum_masking)
         check_int("warmup_steps", self.warmup_steps, lo=0)
         check_ratio("warmup_ratio", self.warmup_ratio)
 

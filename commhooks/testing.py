@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from commhooks.compressors.base import Exchange, ReduceOp
+from commhooks.compressors.base import Exchange, Message, ReduceOp
 
 __all__ = ["simulate_allreduce"]
 
@@ -20,20 +20,22 @@ def _reduce(parts: Sequence[Tensor], op: ReduceOp) -> Tensor:
     stacked = torch.stack(list(parts))
     if op == ReduceOp.MAX:
         return stacked.amax(0)
-    # An all-reduce sums in the wire dtype; integer codes must not be widened to hide overflow.
     return stacked.sum(0, dtype=stacked.dtype)
 
 
-def simulate_allreduce(exchanges: Sequence[Exchange], max_rounds: int = 16) -> int:
-    """Run every rank's exchange to completion; returns the number of rounds issued.
+def simulate_allreduce(exchanges: Sequence[Exchange], max_rounds: int = 16) -> list[Message]:
+    """Run every rank's exchange to completion; returns rank 0's message of each round.
+
+    Sums are taken in the wire dtype, so an integer sum wraps around as a real backend's does.
 
     Raises RuntimeError if the ranks disagree on a round's op, tensor count, shape or dtype,
     which on a real backend would be a hang or a crash.
     """
+    log: list[Message] = []
     for rounds in range(max_rounds + 1):
         messages = [ex.message() for ex in exchanges]
         if all(m is None for m in messages):
-            return rounds
+            return log
         if any(m is None for m in messages):
             raise RuntimeError(f"round {rounds}: some ranks finished while others did not")
         first = messages[0]
@@ -44,6 +46,7 @@ def simulate_allreduce(exchanges: Sequence[Exchange], max_rounds: int = 16) -> i
                 (t.shape, t.dtype) for t in first.tensors
             ]:
                 raise RuntimeError(f"round {rounds}: rank {r}'s message does not match rank 0's")
+        log.append(first)
         reduced = [
             _reduce([m.tensors[i] for m in messages if m is not None], first.op)
             for i in range(len(first.tensors))

@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from commhooks._validate import check_int, check_real
+from commhooks._validate import check_bool, check_int, check_real
 from commhooks.coding.symbols import decode_symbols, encode_symbols
 from commhooks.compressors.base import (
     Capabilities,
@@ -103,9 +103,7 @@ class AdaptiveConfig(CompressorConfig):
             )
         check_real("decay", self.decay, 0.0, 1.0, hi_open=True)
         for field in ("stochastic", "entropy"):
-            value = getattr(self, field)
-            if not isinstance(value, bool):
-                raise ValueError(f"{field}={value!r}: must be true or false")
+            check_bool(field, getattr(self, field))
         check_int("seed", self.seed)
 
 

@@ -38,7 +38,11 @@ __all__ = [
     "Payload",
     "ReduceOp",
     "SingleRoundExchange",
+    "check_group",
+    "check_tensor",
+    "compute_dtype",
     "payload_nbytes",
+    "poison",
     "shared_generator",
 ]
 
@@ -246,7 +250,7 @@ class Compressor(ABC, Generic[C]):
                 f"compressor {self.config.name!r}: its payload is not summable, so it cannot be "
                 "all-reduced; use an all-gather transport"
             )
-        keys = _check_group(tensors, keys, world_size)
+        keys = check_group(tensors, keys, world_size)
         return SingleRoundExchange(self, tensors, keys)
 
     @staticmethod
@@ -354,7 +358,7 @@ def check_tensor(tensor: Any) -> None:
         )
 
 
-def _check_group(
+def check_group(
     tensors: Sequence[Tensor], keys: Sequence[str | None] | None, world_size: int
 ) -> list[str | None]:
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:

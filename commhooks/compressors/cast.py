@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from commhooks._validate import check_bool
 from commhooks.compressors.base import (
     Capabilities,
     Compressor,
@@ -18,7 +19,7 @@ from commhooks.compressors.base import (
     Kind,
     Payload,
     SingleRoundExchange,
-    _check_group,
+    check_group,
 )
 from commhooks.registry import register
 
@@ -42,8 +43,7 @@ class CastConfig(CompressorConfig):
     prescale: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prescale, bool):
-            raise ValueError(f"prescale={self.prescale!r}: must be true or false")
+        check_bool("prescale", self.prescale)
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,6 @@ class Cast(Compressor[CastConfig]):
         keys: Sequence[str | None] | None = None,
         world_size: int = 1,
     ) -> Exchange:
-        keys = _check_group(tensors, keys, world_size)
+        keys = check_group(tensors, keys, world_size)
         scale = 1.0 / world_size if self.config.prescale else 1.0
         return SingleRoundExchange(self, tensors, keys, prescale=scale)

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from commhooks._validate import check_choice, check_int, check_real
+from commhooks._validate import check_bool, check_choice, check_int, check_real
 from commhooks.coding.symbols import decode_symbols, encode_symbols
 from commhooks.compressors._quant import chunked, unchunk
 from commhooks.compressors.base import (
@@ -104,9 +104,7 @@ class NonUniformConfig(CompressorConfig):
         check_int("sample", self.sample, lo=1)
         check_int("refit_every", self.refit_every, lo=1)
         for field in ("stochastic", "entropy"):
-            value = getattr(self, field)
-            if not isinstance(value, bool):
-                raise ValueError(f"{field}={value!r}: must be true or false")
+            check_bool(field, getattr(self, field))
         check_int("seed", self.seed)
 
 

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from commhooks._validate import check_choice, check_int, check_real
+from commhooks._validate import check_bool, check_choice, check_int, check_real
 from commhooks.compressors.base import (
     Capabilities,
     Compressor,
@@ -33,7 +33,7 @@ from commhooks.compressors.base import (
     Message,
     Payload,
     ReduceOp,
-    _check_group,
+    check_group,
     check_tensor,
     compute_dtype,
     shared_generator,
@@ -92,8 +92,7 @@ class PowerSGDConfig(CompressorConfig):
 
     def __post_init__(self) -> None:
         check_int("rank", self.rank, lo=1)
-        if not isinstance(self.warm_start, bool):
-            raise ValueError(f"warm_start={self.warm_start!r}: must be true or false")
+        check_bool("warm_start", self.warm_start)
         check_choice("orthogonalization", self.orthogonalization, ORTHOGONALIZATIONS)
         check_real("min_compression_rate", self.min_compression_rate, 1.0)
         check_int("seed", self.seed)
@@ -252,7 +251,7 @@ class PowerSGD(Compressor[PowerSGDConfig]):
         world_size: int = 1,
     ) -> Exchange:
         """Two-round all-reduce exchange of a group of tensors; see :class:`PowerSGDExchange`."""
-        keys = _check_group(tensors, keys, world_size)
+        keys = check_group(tensors, keys, world_size)
         for t in tensors:
             check_tensor(t)
         return PowerSGDExchange(self, tensors, keys)

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from commhooks._validate import check_choice, check_int
+from commhooks._validate import check_bool, check_choice, check_int
 from commhooks.coding.symbols import decode_symbols, encode_symbols
 from commhooks.compressors._quant import chunked, unchunk
 from commhooks.compressors.base import (
@@ -60,8 +60,7 @@ class QSGDConfig(CompressorConfig):
         check_int("levels", self.levels, lo=1, hi=127)
         check_int("chunk", self.chunk, lo=1)
         check_choice("norm", self.norm, ("l2", "max"))
-        if not isinstance(self.entropy, bool):
-            raise ValueError(f"entropy={self.entropy!r}: must be true or false")
+        check_bool("entropy", self.entropy)
         check_int("seed", self.seed)
 
 

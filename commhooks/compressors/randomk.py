@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from commhooks._validate import check_int, check_ratio
+from commhooks._validate import check_bool, check_int, check_ratio
 from commhooks.compressors._sparse import Sparsifier, keep_count
 from commhooks.compressors.base import (
     Capabilities,
@@ -49,8 +49,7 @@ class RandomKConfig(CompressorConfig):
 
     def __post_init__(self) -> None:
         check_ratio("ratio", self.ratio)
-        if not isinstance(self.unbiased, bool):
-            raise ValueError(f"unbiased={self.unbiased!r}: must be true or false")
+        check_bool("unbiased", self.unbiased)
         check_int("seed", self.seed)
 
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from commhooks._validate import check_choice, check_int
+from commhooks._validate import check_bool, check_choice, check_int
 from commhooks.coding.bitpack import pack_symbols, unpack_symbols
 from commhooks.coding.symbols import decode_symbols, encode_symbols
 from commhooks.compressors._quant import chunked, unchunk
@@ -66,8 +66,7 @@ class SignConfig(CompressorConfig):
         if self.chunk is not None:
             check_int("chunk", self.chunk, lo=1)
         check_choice("aggregation", self.aggregation, ("mean", "majority"))
-        if not isinstance(self.entropy, bool):
-            raise ValueError(f"entropy={self.entropy!r}: must be true or false")
+        check_bool("entropy", self.entropy)
 
 
 @register(SignConfig)

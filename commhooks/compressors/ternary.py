@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from commhooks._validate import check_choice, check_int, check_real
+from commhooks._validate import check_bool, check_choice, check_int, check_real
 from commhooks.coding.symbols import decode_symbols, encode_symbols
 from commhooks.compressors.base import (
     Capabilities,
@@ -68,8 +68,7 @@ class TernaryConfig(CompressorConfig):
         check_real("threshold", self.threshold, lo=0.0)
         if self.clip is not None:
             check_real("clip", self.clip, lo=0.0, lo_open=True)
-        if not isinstance(self.entropy, bool):
-            raise ValueError(f"entropy={self.entropy!r}: must be true or false")
+        check_bool("entropy", self.entropy)
         check_int("seed", self.seed)
 
 

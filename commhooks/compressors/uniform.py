@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from commhooks._validate import check_int
+from commhooks._validate import check_bool, check_int
 from commhooks.coding.symbols import decode_symbols, encode_symbols
 from commhooks.compressors._quant import chunked, unchunk
 from commhooks.compressors.base import (
@@ -31,7 +31,7 @@ from commhooks.compressors.base import (
     Message,
     Payload,
     ReduceOp,
-    _check_group,
+    check_group,
     compute_dtype,
 )
 from commhooks.registry import register
@@ -85,9 +85,7 @@ class UniformConfig(CompressorConfig):
         check_int("bits", self.bits, lo=1, hi=8)
         check_int("chunk", self.chunk, lo=1)
         for field in ("stochastic", "entropy", "shared_scale"):
-            value = getattr(self, field)
-            if not isinstance(value, bool):
-                raise ValueError(f"{field}={value!r}: must be true or false")
+            check_bool(field, getattr(self, field))
         check_int("seed", self.seed)
         if self.shared_scale and self.entropy:
             raise ValueError(
@@ -192,7 +190,7 @@ class Uniform(Compressor[UniformConfig]):
         """Two rounds: MAX of per-chunk absolute maxima, then SUM of integer codes."""
         if not self.config.shared_scale:
             return super().exchange(tensors, keys, world_size)
-        _check_group(tensors, keys, world_size)
+        check_group(tensors, keys, world_size)
         return SharedScaleExchange(self, tensors, world_size)
 
 

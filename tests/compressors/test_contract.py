@@ -97,7 +97,7 @@ def test_summable_exchange_decodes_to_the_sum_of_locals(spec: str, world: int) -
     half = any(t.dtype in (torch.float16, torch.bfloat16) for t in first.tensors)
     tol = 2e-2 if half else 1e-3
     rounds = simulate_allreduce(exchanges)
-    assert rounds == ranks[0].capabilities.rounds
+    assert len(rounds) == ranks[0].capabilities.rounds
     results = [ex.result() for ex in exchanges]
     for r in results[1:]:
         for a, b in zip(results[0], r):

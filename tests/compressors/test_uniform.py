@@ -4,7 +4,6 @@ two-round shared-scale all-reduce (headroom, overflow, non-finite agreement)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import commhooks
 from commhooks.coding.symbols import encode_symbols
 from commhooks.compressors.base import Exchange, Kind, ReduceOp
 from commhooks.compressors.uniform import Uniform, UniformConfig, shared_levels
+from commhooks.testing import simulate_allreduce
 
 SHAPES = [(0,), (1,), (1023,), (7, 13), (2, 3, 4, 5)]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -215,28 +215,6 @@ def test_hypothesis_shared_scale_single_rank(values: list[float], bits: int, chu
 # -- shared-scale mode ----------------------------------------------------------------------------
 
 
-def allreduce(exchanges: Sequence[Exchange]) -> list[tuple[ReduceOp, list[torch.dtype]]]:
-    """What a transport does: reduce every rank's message with its op, in the wire dtype (an
-    int8 sum wraps around, as NCCL's does), feed it back, until no rank has a message."""
-    rounds = []
-    while True:
-        messages = [ex.message() for ex in exchanges]
-        if messages[0] is None:
-            assert all(m is None for m in messages)
-            return rounds
-        assert all(m is not None and m.op == messages[0].op for m in messages)
-        op = messages[0].op
-        rounds.append((op, [t.dtype for t in messages[0].tensors]))
-        reduced = []
-        for parts in zip(*(m.tensors for m in messages)):
-            stacked = torch.stack(parts)
-            reduced.append(
-                stacked.amax(0) if op == ReduceOp.MAX else stacked.sum(0, dtype=stacked.dtype)
-            )
-        for ex in exchanges:
-            ex.receive([t.clone() for t in reduced])
-
-
 def chunk_absmax_over_ranks(flat: list[torch.Tensor], chunk: int) -> torch.Tensor:
     """Per element: the max |x| over every rank's copy of its chunk (the agreed scale)."""
     n = flat[0].numel()
@@ -252,9 +230,12 @@ def run_exchange(spec: str, inputs: list[list[torch.Tensor]]) -> list[Exchange]:
     for r, c in enumerate(ranks):
         c.set_seed(r)
     exchanges = [c.exchange(x, keys, world) for c, x in zip(ranks, inputs)]
-    rounds = allreduce(exchanges)
+    rounds = simulate_allreduce(exchanges)
     _, dtype = shared_levels(ranks[0].config.bits, world)
-    assert rounds == [(ReduceOp.MAX, [torch.float32]), (ReduceOp.SUM, [dtype])]
+    assert [(m.op, [t.dtype for t in m.tensors]) for m in rounds] == [
+        (ReduceOp.MAX, [torch.float32]),
+        (ReduceOp.SUM, [dtype]),
+    ]
     return exchanges
 
 
@@ -445,5 +426,5 @@ def test_cuda_matches_cpu(spec: str) -> None:
         torch.testing.assert_close(y.cpu(), c.decompress(*c.compress(x)))
     if c.capabilities.summable:
         exchanges = [commhooks.compressor(spec).exchange([x.cuda()], ["w"], 2) for _ in range(2)]
-        allreduce(exchanges)
+        simulate_allreduce(exchanges)
         torch.testing.assert_close(exchanges[0].result()[0], 2 * y)
