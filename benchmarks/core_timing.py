@@ -1,6 +1,6 @@
 """Compress + decompress time of every compressor against ``copy_`` of the same tensor.
 
-Usage: ``python benchmarks/core_timing.py [--numel 16777216] [--reps 5] [--specs topk,uniform]``
+Usage: ``python benchmarks/core_timing.py [--numel 16777216] [--reps 5] [--specs "topk;uniform:bits=4"]``
 
 Repetitions are interleaved (one of each compressor per round, with a copy_ beside each), so
 machine noise hits all of them alike. Reported per compressor: the time of compress +
@@ -49,11 +49,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--numel", type=int, default=16 * 2**20)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--specs", default=",".join(DEFAULT_SPECS), help="';'-separated specs")
+    ap.add_argument("--specs", default=";".join(DEFAULT_SPECS), help="';'-separated specs")
     ap.add_argument("--json", default=None, help="also write results here")
     args = ap.parse_args()
-    specs = args.specs.split(";") if ";" in args.specs else args.specs.split(",")
-    specs = [s for s in specs if s]
+    specs = [s for s in args.specs.split(";") if s]
     x = torch.randn(args.numel)
     # PowerSGD needs a matrix; give every compressor the same 4096-column view.
     x2 = x.view(-1, 4096)

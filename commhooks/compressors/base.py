@@ -77,7 +77,8 @@ class Capabilities:
         static_size: for a given input shape and step, every rank's payload has the same byte
             size, so an all-gather needs no size exchange first.
         unbiased: ``E[decompress(compress(x))] == x``.
-        rounds: how many collectives ``exchange`` issues per group of tensors.
+        rounds: the most collectives ``exchange`` issues for a group of tensors (fewer where a
+            group needs fewer, e.g. PowerSGD with nothing to compress; all ranks agree).
         stateful: keeps per-key state across steps (warm starts, running statistics), so callers
             should pass stable keys.
     """
