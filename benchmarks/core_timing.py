@@ -1,6 +1,6 @@
 """Compress + decompress time of every compressor against ``copy_`` of the same tensor.
 
-Usage: ``python benchmarks/core_timing.py [--numel 16777216] [--reps 5] [--specs "topk;uniform:bits=4"]``
+Usage: ``python benchmarks/core_timing.py [--numel N] [--reps 5] [--specs "topk;uniform:bits=4"]``
 
 Repetitions are interleaved (one of each compressor per round, with a copy_ beside each), so
 machine noise hits all of them alike. Reported per compressor: the time of compress +

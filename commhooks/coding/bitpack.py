@@ -2,9 +2,8 @@
 
 Two forms, and :func:`pack_symbols` picks the smaller for an alphabet:
 
-* bit packing, ``bits`` per code (1..32): the low ``bits % 8`` bits of each group of eight codes
-  share ``bits % 8`` bytes; the remaining whole bytes of each code follow as little-endian bytes.
-  The total is exactly ``ceil(n * bits / 8)`` bytes.
+* bit packing, ``bits`` per code (1..32), exactly ``ceil(n * bits / 8)`` bytes (see
+  :func:`pack_bits` for the layout).
 * radix packing, ``m`` codes of an alphabet of size ``k`` per byte where ``k**m <= 256``
   (five ternary digits per byte: 1.6 bits each instead of 2).
 """
@@ -37,59 +36,101 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits={bits!r}: must be an integer in 1..32")
 
 
+def _planes(bits: int) -> list[tuple[int, int]]:
+    """``bits`` split into (offset, width) planes of 8, 4, 2 and 1 bits, low bits first."""
+    planes, offset = [], 0
+    for width in (8, 4, 2, 1):
+        while bits - offset >= width:
+            planes.append((offset, width))
+            offset += width
+    return planes
+
+
+def _work_dtype(bits: int) -> torch.dtype:
+    # The narrowest integer type that holds the codes keeps every pass cheap.
+    return torch.uint8 if bits <= 8 else torch.int32 if bits <= 31 else torch.int64
+
+
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
-    """Pack non-negative integer codes, each below ``2**bits``, into ``ceil(n*bits/8)`` bytes."""
+    """Pack non-negative integer codes, each below ``2**bits``, into ``ceil(n*bits/8)`` bytes.
+
+    Layout: the first ``8*floor(n/8)`` codes go as bit planes of 8, 4, 2 and 1 bits (each
+    packed with whole-byte strided ORs, the fast part), the remaining < 8 codes as a bit
+    matrix. Both are exact to the bit, so the total is the minimum.
+    """
     _check_bits(bits)
-    dev = codes.device
-    c = codes.reshape(-1).to(torch.int64)
+    c = codes.reshape(-1).to(_work_dtype(bits))
     n = c.numel()
-    whole, rem = divmod(bits, 8)
-    if rem == 0 and whole == 1:
-        return c.to(torch.uint8)
-    parts = []
-    if whole:
-        shifts = torch.arange(whole, device=dev, dtype=torch.int64) * 8
-        parts.append((((c >> rem).unsqueeze(1) >> shifts) & 0xFF).to(torch.uint8).reshape(-1))
-    if rem:
-        low = c & ((1 << rem) - 1)
-        pad = (-n) % 8
-        if pad:
-            low = F.pad(low, (0, pad))
-        word = (low.view(-1, 8) << (torch.arange(8, device=dev, dtype=torch.int64) * rem)).sum(1)
-        shifts = torch.arange(rem, device=dev, dtype=torch.int64) * 8
-        packed = ((word.unsqueeze(1) >> shifts) & 0xFF).to(torch.uint8).reshape(-1)
-        parts.append(packed[: (n * rem + 7) // 8])
+    body = n - n % 8
+    planes = _planes(bits)
+    if len(planes) == 1:
+        parts = [_pack_narrow(c[:body], bits)]
+    else:
+        parts = [_pack_narrow((c[:body] >> off) & ((1 << w) - 1), w) for off, w in planes]
+    if body < n:
+        parts.append(_pack_tail(c[body:], bits))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def unpack_bits(data: Tensor, bits: int, count: int) -> Tensor:
     """Inverse of :func:`pack_bits`: ``count`` codes as int64."""
     _check_bits(bits)
-    dev = data.device
-    whole, rem = divmod(bits, 8)
     need = (count * bits + 7) // 8
     if data.numel() != need:
         raise ValueError(f"data: {data.numel()} bytes cannot hold {count} codes of {bits} bits")
-    if rem == 0 and whole == 1:
-        return data.to(torch.int64)
-    out = torch.zeros(count, dtype=torch.int64, device=dev)
-    offset = 0
-    if whole:
-        hi = data[: count * whole].to(torch.int64).view(count, whole)
-        shifts = torch.arange(whole, device=dev, dtype=torch.int64) * 8
-        out = (hi << shifts).sum(1) << rem
-        offset = count * whole
-    if rem:
-        low_bytes = data[offset:].to(torch.int64)
-        groups = (count + 7) // 8
-        low_bytes = F.pad(low_bytes, (0, groups * rem - low_bytes.numel()))
-        shifts = torch.arange(rem, device=dev, dtype=torch.int64) * 8
-        words = (low_bytes.view(groups, rem) << shifts).sum(1)
-        low = (words.unsqueeze(1) >> (torch.arange(8, device=dev, dtype=torch.int64) * rem)) & (
-            (1 << rem) - 1
-        )
-        out = out | low.reshape(-1)[:count]
+    body = count - count % 8
+    out = torch.empty(count, dtype=torch.int64, device=data.device)
+    pos = 0
+    for off, w in _planes(bits):
+        size = body * w // 8
+        if off == 0:
+            _unpack_narrow(data[pos : pos + size], w, out[:body])
+        else:
+            plane = torch.empty(body, dtype=torch.int64, device=data.device)
+            _unpack_narrow(data[pos : pos + size], w, plane)
+            out[:body].bitwise_or_(plane.bitwise_left_shift_(off))
+        pos += size
+    if body < count:
+        out[body:] = _unpack_tail(data[pos:], bits, count - body)
     return out
+
+
+def _pack_narrow(codes: Tensor, bits: int) -> Tensor:
+    """Widths dividing 8: ``8/bits`` codes a byte by strided uint8 ORs."""
+    c = codes.to(torch.uint8)
+    per = 8 // bits
+    if per == 1:
+        return c
+    lanes = c.view(-1, per)
+    out = lanes[:, 0].clone()
+    for j in range(1, per):
+        out.bitwise_or_(lanes[:, j] << (j * bits))
+    return out
+
+
+def _unpack_narrow(data: Tensor, bits: int, out: Tensor) -> None:
+    """Write the ``8/bits`` codes of each byte into ``out`` (int64, ``len(data)*8/bits`` long)."""
+    per = 8 // bits
+    if per == 1:
+        out.copy_(data)
+        return
+    lanes = out.view(-1, per)
+    for j in range(per):
+        torch.bitwise_and(data >> (j * bits), (1 << bits) - 1, out=lanes[:, j])
+
+
+def _pack_tail(codes: Tensor, bits: int) -> Tensor:
+    """A few codes as a flat bit matrix, padded to whole bytes."""
+    shifts = torch.arange(bits, device=codes.device, dtype=torch.int64)
+    flat = ((codes.to(torch.int64).unsqueeze(1) >> shifts) & 1).reshape(-1)
+    return _pack_narrow(F.pad(flat, (0, (-flat.numel()) % 8)), 1)
+
+
+def _unpack_tail(data: Tensor, bits: int, count: int) -> Tensor:
+    flat = torch.empty(data.numel() * 8, dtype=torch.int64, device=data.device)
+    _unpack_narrow(data, 1, flat)
+    flat = flat[: count * bits].view(count, bits)
+    return (flat << torch.arange(bits, device=data.device, dtype=torch.int64)).sum(1)
 
 
 def _radix_per_byte(alphabet: int) -> int:
@@ -119,12 +160,16 @@ def pack_symbols(symbols: Tensor, alphabet: int) -> Tensor:
     if not _use_radix(alphabet):
         return pack_bits(symbols, bits_for(alphabet))
     m = _radix_per_byte(alphabet)
-    s = symbols.reshape(-1).to(torch.int64)
+    s = symbols.reshape(-1).to(torch.uint8)
     pad = (-s.numel()) % m
     if pad:
         s = F.pad(s, (0, pad))
-    weights = alphabet ** torch.arange(m, device=s.device, dtype=torch.int64)
-    return (s.view(-1, m) * weights).sum(1).to(torch.uint8)
+    # Every partial sum stays below alphabet**m <= 256, so uint8 arithmetic cannot wrap.
+    lanes = s.view(-1, m)
+    out = lanes[:, m - 1].clone()
+    for j in range(m - 2, -1, -1):
+        out.mul_(alphabet).add_(lanes[:, j])
+    return out
 
 
 def unpack_symbols(data: Tensor, alphabet: int, count: int) -> Tensor:
@@ -134,6 +179,9 @@ def unpack_symbols(data: Tensor, alphabet: int, count: int) -> Tensor:
     if data.numel() != symbols_nbytes(count, alphabet):
         raise ValueError(f"data: {data.numel()} bytes cannot hold {count} symbols of {alphabet}")
     m = _radix_per_byte(alphabet)
-    weights = alphabet ** torch.arange(m, device=data.device, dtype=torch.int64)
-    digits = (data.to(torch.int64).unsqueeze(1) // weights) % alphabet
-    return digits.reshape(-1)[:count]
+    out = torch.empty((data.numel(), m), dtype=torch.int64, device=data.device)
+    rest = data.clone()
+    for j in range(m):
+        out[:, j] = rest % alphabet
+        rest.div_(alphabet, rounding_mode="floor")
+    return out.view(-1)[:count]
