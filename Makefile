@@ -25,8 +25,8 @@ test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check commhooks tests
-	$(VENV)/bin/ruff format --check commhooks tests
+	$(VENV)/bin/ruff check commhooks tests benchmarks
+	$(VENV)/bin/ruff format --check commhooks tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
