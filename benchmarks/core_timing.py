@@ -27,6 +27,7 @@ DEFAULT_SPECS = [
     "dgc:ratio=0.01",
     "uniform:bits=8",
     "uniform:bits=4",
+    "uniform:bits=4,entropy=true",
     "qsgd:levels=16",
     "nonuniform:bits=4",
     "ternary",
