@@ -100,4 +100,4 @@ class Sparsifier(Compressor[C]):
         for p in payloads:
             if p:
                 acc.index_add_(0, self.indices(p[1:], ctx), p[0].to(acc.dtype))
-        return acc.view(ctx.shape).to(ctx.dtype)
+        return acc.view(ctx.shape)

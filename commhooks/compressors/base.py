@@ -134,11 +134,15 @@ class Exchange(ABC):
 
     @abstractmethod
     def result(self) -> list[Tensor]:
-        """Sum over ranks of the decompressed tensors, one per input, in input shape and dtype."""
+        """Sum over ranks of the decompressed tensors, one per input, in the input's shape.
+
+        In ``compute_dtype`` of the input (fp32, or fp64), like :meth:`Compressor.aggregate`:
+        the transport divides by the world size and casts back.
+        """
 
     @abstractmethod
     def local(self) -> list[Tensor]:
-        """This rank's own decompressed contribution, one per input."""
+        """This rank's own decompressed contribution, one per input, in its shape and dtype."""
 
 
 @dataclass(frozen=True)
@@ -228,16 +232,16 @@ class Compressor(ABC, Generic[C]):
     def aggregate(self, payloads: Sequence[Payload], ctx: Context) -> Tensor:
         """Decode every rank's payload and return their sum (the transport divides for a mean).
 
-        Override for aggregation rules that are not a plain sum (majority vote).
+        The sum is in ``compute_dtype(ctx.dtype)`` (fp32, or fp64): n half-precision gradients
+        can sum past fp16's range where their mean fits. Override for aggregation rules that are
+        not a plain sum (majority vote).
         """
-        if ctx.numel == 0 or not payloads:
-            return torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
-        acc = self.decompress(payloads[0], ctx).to(
-            torch.float32 if ctx.dtype != torch.float64 else ctx.dtype
-        )
-        for p in payloads[1:]:
+        acc = torch.zeros(ctx.shape, dtype=compute_dtype(ctx.dtype), device=ctx.device)
+        if ctx.numel == 0:
+            return acc
+        for p in payloads:
             acc.add_(self.decompress(p, ctx))
-        return acc.to(ctx.dtype)
+        return acc
 
     def exchange(
         self,
@@ -339,13 +343,17 @@ class SingleRoundExchange(Exchange):
         return self._decode(self._reduced)
 
     def local(self) -> list[Tensor]:
-        return self._decode(self._payloads)
+        return [t.to(c.dtype) for t, c in zip(self._decode(self._payloads), self._ctxs)]
 
     def _decode(self, payloads: Sequence[Payload]) -> list[Tensor]:
-        out = [self._c.decompress(p, c) for p, c in zip(payloads, self._ctxs)]
+        """Decoded tensors in compute dtype, the prescale undone."""
+        out = [
+            self._c.decompress(p, c).to(compute_dtype(c.dtype))
+            for p, c in zip(payloads, self._ctxs)
+        ]
         if self._prescale == 1.0:
             return out
-        return [(t.to(compute_dtype(t.dtype)) / self._prescale).to(t.dtype) for t in out]
+        return [t.div_(self._prescale) for t in out]
 
 
 def check_tensor(tensor: Any) -> None:

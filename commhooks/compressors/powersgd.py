@@ -240,7 +240,7 @@ class PowerSGD(Compressor[PowerSGDConfig]):
             return super().aggregate(payloads, ctx)
         p = torch.cat([pl[0] for pl in payloads], dim=1)
         q = torch.cat([pl[1] for pl in payloads], dim=1)
-        return (p @ q.T).reshape(ctx.shape).to(ctx.dtype)
+        return (p @ q.T).reshape(ctx.shape).to(compute_dtype(ctx.dtype))
 
     # -- all-reduce ---------------------------------------------------------------------------
 
@@ -409,7 +409,7 @@ class PowerSGDExchange(Exchange):
         for i, piece in zip(dense, pieces[len(batches) :]):
             # A copy: the reduced buffer belongs to the transport, which may reuse it.
             t = self._tensors[i]
-            self._dense_sum[i] = piece.to(t.dtype, copy=True).view(t.shape)
+            self._dense_sum[i] = piece.clone().view(t.shape)
 
     def _receive_round2(self, dtype: torch.dtype, buf: Tensor) -> None:
         batches = self._batches_of(dtype)
@@ -448,7 +448,7 @@ class PowerSGDExchange(Exchange):
         if self._round < len(self._messages):
             raise RuntimeError("exchange: result() called before every round was received")
         if self._result is None:
-            self._result = self._assemble(lambda b: b.q_sum, self._dense_sum)
+            self._result = self._assemble(lambda b: b.q_sum, self._dense_sum, summed=True)
         return list(self._result)
 
     def local(self) -> list[Tensor]:
@@ -456,12 +456,17 @@ class PowerSGDExchange(Exchange):
             raise RuntimeError("exchange: local() needs P, which round 1 produces")
         if self._local is None:
             own = {i: self._tensors[i].clone() for i in self._dense}
-            self._local = self._assemble(lambda b: b.q_local, own)
+            self._local = self._assemble(lambda b: b.q_local, own, summed=False)
         return list(self._local)
 
     def _assemble(
-        self, q_of: Callable[[_Batch], Tensor | None], dense: dict[int, Tensor]
+        self, q_of: Callable[[_Batch], Tensor | None], dense: dict[int, Tensor], summed: bool
     ) -> list[Tensor]:
+        """Per input: ``P q^T`` or the dense values; sums stay in the compute dtype."""
+
+        def dtype_of(t: Tensor) -> torch.dtype:
+            return compute_dtype(t.dtype) if summed else t.dtype
+
         out: list[Tensor | None] = [None] * len(self._tensors)
         for b in self._batches.values():
             q = q_of(b)
@@ -469,10 +474,10 @@ class PowerSGDExchange(Exchange):
             approx = torch.bmm(b.p, q.transpose(1, 2))
             for j, i in enumerate(b.members):
                 t = self._tensors[i]
-                out[i] = approx[j].reshape(t.shape).to(t.dtype)
+                out[i] = approx[j].reshape(t.shape).to(dtype_of(t))
         for i, v in dense.items():
-            out[i] = v
+            out[i] = v.to(dtype_of(self._tensors[i]))
         return [
-            o if o is not None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+            o if o is not None else torch.empty(t.shape, dtype=dtype_of(t), device=t.device)
             for o, t in zip(out, self._tensors)
         ]

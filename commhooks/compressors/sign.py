@@ -116,7 +116,7 @@ class Sign(Compressor[SignConfig]):
             vote.add_(self._signs(data, ctx.numel))
             scale_sum.add_(scale.to(cd))
         direction = torch.where(vote >= 0, 1, -1).to(torch.int32)  # a tie goes to +
-        return self._scaled(direction, scale_sum).reshape(ctx.shape).to(ctx.dtype)
+        return self._scaled(direction, scale_sum).reshape(ctx.shape)
 
     def _signs(self, data: Tensor, numel: int) -> Tensor:
         """The decoded signs, +1 or -1, as int32."""

@@ -266,7 +266,7 @@ class SharedScaleExchange(Exchange):
             if not self._shapes:
                 return []
             raise RuntimeError("exchange: result() called before both rounds were received")
-        return self._decode(self._summed)
+        return self._decode(self._summed, keep_compute=True)
 
     def local(self) -> list[Tensor]:
         if self._codes is None:
@@ -275,13 +275,15 @@ class SharedScaleExchange(Exchange):
             raise RuntimeError("exchange: local() called before the scale round was received")
         return self._decode(self._codes)
 
-    def _decode(self, codes: Tensor) -> list[Tensor]:
+    def _decode(self, codes: Tensor, keep_compute: bool = False) -> list[Tensor]:
+        """Decode codes per tensor: in the input dtype, or the compute dtype for sums."""
         assert self._steps is not None
         sizes = [_numel(s) for s in self._shapes]
+        dtypes = self._compute if keep_compute else self._dtypes
         return [
             _decode_codes(c, step, self._chunk, n).reshape(shape).to(dtype)
             for c, step, n, shape, dtype in zip(
-                codes.split(sizes), self._steps, sizes, self._shapes, self._dtypes
+                codes.split(sizes), self._steps, sizes, self._shapes, dtypes
             )
         ]
 
