@@ -101,3 +101,13 @@ def test_hypothesis_approx_keeps_exactly_the_k_largest(n: int, ratio: float, see
 def test_bad_config_names_the_field(spec: str, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         commhooks.compressor(spec)
+
+
+def test_sum_of_fp16_payloads_does_not_overflow() -> None:
+    """Three ranks of 60000 sum to 180000, past fp16's 65504; the sum stays in fp32."""
+    c = commhooks.compressor("topk:ratio=0.5")
+    x = torch.full((64,), 60000.0, dtype=torch.float16)
+    compressed = [c.compress(x) for _ in range(3)]
+    total = c.aggregate([p for p, _ in compressed], compressed[0][1])
+    assert total.dtype == torch.float32
+    assert torch.isfinite(total).all() and float(total.max()) == 180000.0
