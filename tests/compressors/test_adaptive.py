@@ -12,23 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import commhooks
-from commhooks.coding.symbols import encode_symbols
 from commhooks.compressors.adaptive import Adaptive, AdaptiveConfig
 from commhooks.compressors.base import Compressor, Kind
 
 SHAPES = [(0,), (1,), (1023,), (7, 13), (2, 3, 4, 5)]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-
-
-def _entropy_ready() -> bool:
-    try:
-        encode_symbols(torch.zeros(64, dtype=torch.int64), 4, use_entropy=True)
-    except NotImplementedError:
-        return False
-    return True
-
-
-needs_entropy = pytest.mark.skipif(not _entropy_ready(), reason="entropy coder not written yet")
 
 
 def bits_of(payload: tuple) -> int:
@@ -342,7 +330,6 @@ def test_corrupt_header_is_refused() -> None:
         c.decompress(bad, ctx)
 
 
-@needs_entropy
 def test_entropy_coding_decodes_the_same_values() -> None:
     x = torch.randn(20_000, generator=torch.Generator().manual_seed(0))
     plain, coded = commhooks.compressor("adaptive"), commhooks.compressor("adaptive:entropy=true")
@@ -395,11 +382,6 @@ def test_spec_string_and_registry() -> None:
 def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         AdaptiveConfig(**kwargs)
-
-
-def test_integer_tensor_is_refused() -> None:
-    with pytest.raises(ValueError, match="dtype"):
-        commhooks.compressor("adaptive").compress(torch.arange(10), "w")
 
 
 @pytest.mark.cuda

@@ -109,13 +109,6 @@ def test_bad_specs_name_the_field(spec: str, field: str) -> None:
         commhooks.compressor(spec)
 
 
-def test_integer_tensor_is_refused() -> None:
-    with pytest.raises(ValueError, match="dtype"):
-        build().compress(torch.arange(100).view(10, 10), "w")
-    with pytest.raises(ValueError, match="dtype"):
-        build().exchange([torch.arange(100).view(10, 10)], ["w"], 2)
-
-
 def test_matrix_view() -> None:
     assert as_matrix(torch.Size([8, 4, 3, 3])) == (8, 36)
     assert as_matrix(torch.Size([30])) == (30, 1)
