@@ -109,6 +109,7 @@ class ErrorFeedback:
             )
         self._residuals: dict[str, Tensor] = {}
         self._momenta: dict[str, Tensor] = {}
+        self._pending: dict[str, tuple[Tensor, Tensor | None]] = {}
         self._step = 0
         self._current = self._compressor_for(0)
 
@@ -176,11 +177,26 @@ class ErrorFeedback:
 
     def compress(self, key: str, tensor: Tensor) -> tuple[Payload, Context]:
         """Compensate ``tensor`` with ``key``'s residual, compress, and store the new residual."""
-        compensated, momentum = self._compensate(key, tensor)
+        compensated = self.begin(key, tensor)
         c = self._current
         payload, ctx = c.compress(compensated.to(tensor.dtype), key)
-        self._update(key, compensated, momentum, c.decompress(payload, ctx))
+        self.commit(key, c.decompress(payload, ctx))
         return payload, ctx
+
+    def begin(self, key: str, tensor: Tensor) -> Tensor:
+        """First half of a step for transports that compress in their own way: return
+        ``u + e`` (fp32, or fp64), to be followed by :meth:`commit` with what was sent."""
+        compensated, momentum = self._compensate(key, tensor)
+        self._pending[key] = (compensated, momentum)
+        return compensated
+
+    def commit(self, key: str, sent: Tensor) -> None:
+        """Second half: ``sent`` is this worker's decoded contribution for ``key``."""
+        pending = self._pending.pop(key, None)
+        if pending is None:
+            raise RuntimeError(f"key {key!r}: commit() without a matching begin()")
+        compensated, momentum = pending
+        self._update(key, compensated, momentum, sent.reshape(compensated.shape))
 
     def exchange(
         self, keys: Sequence[str], tensors: Sequence[Tensor], world_size: int = 1
@@ -216,9 +232,9 @@ class _FeedbackExchange(Exchange):
     ) -> None:
         self._ef = ef
         self._keys = keys
-        self._compensated = [ef._compensate(k, t) for k, t in zip(keys, tensors)]
+        compensated = [ef.begin(k, t) for k, t in zip(keys, tensors)]
         self._inner = ef.compressor.exchange(
-            [c.to(t.dtype) for (c, _), t in zip(self._compensated, tensors)], keys, world_size
+            [c.to(t.dtype) for c, t in zip(compensated, tensors)], keys, world_size
         )
         self._updated = False
 
@@ -231,8 +247,8 @@ class _FeedbackExchange(Exchange):
     def result(self) -> list[Tensor]:
         out = self._inner.result()
         if not self._updated:
-            for k, (c, u), s in zip(self._keys, self._compensated, self._inner.local()):
-                self._ef._update(k, c, u, s)
+            for k, sent in zip(self._keys, self._inner.local()):
+                self._ef.commit(k, sent)
             self._updated = True
         return out
 

@@ -9,7 +9,7 @@ from commhooks.compressors.topk import TopKConfig
 
 EXPECTED = {
     "topk", "randomk", "threshold", "dgc", "uniform", "qsgd", "nonuniform",
-    "ternary", "sign", "adaptive", "powersgd", "fp16", "bf16",
+    "ternary", "sign", "adaptive", "powersgd", "fp16", "bf16", "identity",
 }  # fmt: skip
 
 

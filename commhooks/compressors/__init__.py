@@ -5,6 +5,7 @@ from commhooks.compressors import (  # noqa: F401
     adaptive,
     cast,
     dgc,
+    identity,
     nonuniform,
     pipeline,
     powersgd,

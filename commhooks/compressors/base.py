@@ -196,8 +196,9 @@ class Compressor(ABC, Generic[C]):
     def __init__(self, config: C) -> None:
         self.config = config
         self._seed = int(getattr(config, "seed", 0))
-        self._generators: dict[str, torch.Generator] = {}
+        self._draws: dict[str | None, int] = {}
         self._steps: dict[str | None, int] = {}
+        self._active: str | None = None
 
     # -- what subclasses provide ------------------------------------------------------------
 
@@ -220,7 +221,11 @@ class Compressor(ABC, Generic[C]):
         check_tensor(tensor)
         if tensor.numel() == 0:
             return (), Context(tensor.shape, tensor.dtype, tensor.device)
-        payload, extra = self._compress(tensor, key)
+        outer, self._active = self._active, key
+        try:
+            payload, extra = self._compress(tensor, key)
+        finally:
+            self._active = outer
         return payload, Context(tensor.shape, tensor.dtype, tensor.device, extra)
 
     def decompress(self, payload: Payload, ctx: Context) -> Tensor:
@@ -265,19 +270,24 @@ class Compressor(ABC, Generic[C]):
     # -- randomness and state -----------------------------------------------------------------
 
     def set_seed(self, seed: int) -> None:
-        """Reseed the private (rank-local) generators. Transports mix the rank in, so stochastic
+        """Reseed the private (rank-local) randomness. Transports mix the rank in, so stochastic
         rounding noise is independent across workers and averages out."""
         self._seed = int(seed)
-        self._generators.clear()
+        self._draws.clear()
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """This compressor's private generator for ``device``; never the global RNG."""
-        name = str(device)
-        g = self._generators.get(name)
-        if g is None:
-            g = torch.Generator(device=device)
-            g.manual_seed(self._seed)
-            self._generators[name] = g
+    def generator(self, device: torch.device, key: str | None = None) -> torch.Generator:
+        """A fresh private generator for ``device``; never the global RNG.
+
+        It is derived from (seed, key, how many draws that key has had), with ``key`` defaulting
+        to the one :meth:`compress` is working on. Streams per key, rather than one stream, make
+        a run reproducible whatever order tensors are compressed in (DDP's buckets change after
+        its first step, and after a restart from a checkpoint).
+        """
+        key = self._active if key is None else key
+        n = self._draws.get(key, 0)
+        self._draws[key] = n + 1
+        g = torch.Generator(device=device)
+        g.manual_seed(zlib.crc32(f"{self._seed}:{key}:{n}".encode()) | (n << 32))
         return g
 
     def next_step(self, key: str | None) -> int:
@@ -290,17 +300,13 @@ class Compressor(ABC, Generic[C]):
         """Runtime state (generators, counters, per-key state); the config is not included."""
         return {
             "seed": self._seed,
-            "generators": {d: g.get_state() for d, g in self._generators.items()},
+            "draws": dict(self._draws),
             "steps": dict(self._steps),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._seed = int(state["seed"])
-        self._generators.clear()
-        for d, s in state["generators"].items():
-            g = torch.Generator(device=d)
-            g.set_state(s)
-            self._generators[d] = g
+        self._draws = dict(state["draws"])
         self._steps = dict(state["steps"])
 
     def __repr__(self) -> str:

@@ -162,23 +162,25 @@ class Uniform(Compressor[UniformConfig]):
         rows = chunked(symbols.to(scales.dtype), cfg.chunk)
         return unchunk(torch.addcmul(lo[:, None], rows, step[:, None]), ctx.numel)
 
-    def _round(self, q: Tensor) -> Tensor:
+    def _round(self, q: Tensor, key: str | None = None) -> Tensor:
         """Nearest level, or (stochastic) floor(q + u): level l+1 with probability q - l."""
         if not self.config.stochastic:
             return q.round_()
-        u = torch.rand(q.shape, generator=self.generator(q.device), device=q.device, dtype=q.dtype)
+        gen = self.generator(q.device, key)
+        u = torch.rand(q.shape, generator=gen, device=q.device, dtype=q.dtype)
         return q.add_(u).floor_()
 
     # -- shared-scale mode ----------------------------------------------------------------------
 
     def _symmetric_codes(
-        self, flat: Tensor, step: Tensor, level: int, dtype: torch.dtype
+        self, flat: Tensor, step: Tensor, level: int, dtype: torch.dtype, key: str | None = None
     ) -> Tensor:
-        """Integer codes in [-level, level] of ``flat`` with per-chunk ``step``."""
+        """Integer codes in [-level, level] of ``flat`` with per-chunk ``step``; ``key`` names
+        the tensor's stream of rounding noise (default: the one being compressed)."""
         q = chunked(flat, self.config.chunk) / step[:, None]
         # 0/0 (all-zero chunk) and x/inf (non-finite step, which decodes non-finite anyway).
         q = q.nan_to_num_(0.0, float(level), float(-level))
-        codes = self._round(q).clamp_(-level, level)
+        codes = self._round(q, key).clamp_(-level, level)
         return unchunk(codes, flat.numel()).to(dtype)
 
     def exchange(
@@ -191,7 +193,7 @@ class Uniform(Compressor[UniformConfig]):
         if not self.config.shared_scale:
             return super().exchange(tensors, keys, world_size)
         check_group(tensors, keys, world_size)
-        return SharedScaleExchange(self, tensors, world_size)
+        return SharedScaleExchange(self, tensors, world_size, keys)
 
 
 def _chunk_absmax(flat: Tensor, chunk: int) -> Tensor:
@@ -213,8 +215,15 @@ class SharedScaleExchange(Exchange):
     concatenated over the group; ``L`` leaves enough headroom that the sum cannot overflow.
     """
 
-    def __init__(self, compressor: Uniform, tensors: Sequence[Tensor], world_size: int):
+    def __init__(
+        self,
+        compressor: Uniform,
+        tensors: Sequence[Tensor],
+        world_size: int,
+        keys: Sequence[str | None] | None = None,
+    ):
         self._c = compressor
+        self._keys = list(keys) if keys is not None else [None] * len(tensors)
         self._chunk = compressor.config.chunk
         self._level, self._dtype = shared_levels(compressor.config.bits, world_size)
         self._shapes = [t.shape for t in tensors]
@@ -249,8 +258,8 @@ class SharedScaleExchange(Exchange):
             ]
             self._codes = torch.cat(
                 [
-                    self._c._symmetric_codes(f, s, self._level, self._dtype)
-                    for f, s in zip(self._flats, self._steps)
+                    self._c._symmetric_codes(f, s, self._level, self._dtype, k)
+                    for f, s, k in zip(self._flats, self._steps, self._keys)
                 ]
             )
             self._flats = []  # the inputs are no longer needed; free them

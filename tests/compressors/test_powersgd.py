@@ -262,7 +262,7 @@ def test_state_dict_round_trip_single_tensor() -> None:
     for _ in range(3):
         a.compress(x + torch.randn(64, 48) * 0.1, "w")
     state = a.state_dict()
-    assert set(state) >= {"seed", "generators", "steps", "q"} and set(state["q"]) == {"w"}
+    assert set(state) >= {"seed", "draws", "steps", "q"} and set(state["q"]) == {"w"}
     b = build("powersgd:rank=2")
     b.load_state_dict(state)
     for _ in range(2):

@@ -1,0 +1,446 @@
+"""Transports: how a group of tensors crosses the process group, chosen from capabilities.
+
+Every transport turns a group of same-device tensors (one DDP bucket's gradients, say) into
+their average over ranks. All collectives are issued from the calling thread, in an order that
+depends only on shapes and config, so every rank issues the same sequence; nothing launches a
+collective from a future's callback (that is how torch's PowerSGD hook interleaves buckets
+differently per rank and crashes gloo).
+
+* :class:`AllReduceTransport`: summable compressors; drives the compressor's exchange, one
+  packed all-reduce per round and dtype.
+* :class:`AllGatherTransport`: any compressor; every rank all-gathers every rank's payload
+  bytes and decodes them (traffic per rank grows with the world size).
+* :class:`ReduceScatterTransport`: static-size compressors; each rank decodes and sums one
+  chunk from everyone, re-compresses it with its own server-side error feedback and
+  all-gathers the result (traffic per rank stays flat as the world grows).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from commhooks.compressors.base import Compressor, Context, Payload, ReduceOp
+from commhooks.feedback import ErrorFeedback
+
+__all__ = [
+    "AllGatherTransport",
+    "AllReduceTransport",
+    "ReduceScatterTransport",
+    "Traffic",
+    "Transport",
+    "TransportStats",
+    "all_gather_flat",
+    "count_allreduce",
+    "build_transport",
+]
+
+_TORCH_OPS = {ReduceOp.SUM: dist.ReduceOp.SUM, ReduceOp.MAX: dist.ReduceOp.MAX}
+
+
+@dataclass
+class Traffic:
+    """Bytes handed to collectives and where the time went; the fields that add up."""
+
+    raw_bytes: int = 0
+    wire_bytes: int = 0
+    link_bytes: float = 0.0
+    compress_s: float = 0.0
+    comm_s: float = 0.0
+    decompress_s: float = 0.0
+    collectives: int = 0
+
+    def add(self, other: Traffic) -> None:
+        """Add ``other``'s counts to these."""
+        for f in fields(Traffic):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass
+class TransportStats(Traffic):
+    """What one :meth:`Transport.run` did."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Averaged = tuple[list[Tensor], "TransportStats"]
+
+
+def _bytes_of(tensors: Sequence[Tensor]) -> Tensor:
+    """Every tensor's bytes, concatenated (uint8)."""
+    if not tensors:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def count_allreduce(stats: TransportStats, buf: Tensor, world: int) -> None:
+    """Add one all-reduce of ``buf`` to ``stats``."""
+    nbytes = buf.numel() * buf.element_size()
+    stats.wire_bytes += nbytes
+    # A ring all-reduce sends 2(n-1)/n of the buffer from each rank.
+    stats.link_bytes += 2 * (world - 1) / world * nbytes
+    stats.collectives += 1
+
+
+def all_gather_flat(out: Tensor, own: Tensor, group: dist.ProcessGroup | None) -> None:
+    """All-gather equal-sized ``own`` from every rank into ``out`` (rank-major)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, own, group=group)
+
+
+def _from_bytes(buf: Tensor, like: Sequence[tuple[torch.dtype, torch.Size]]) -> list[Tensor]:
+    """Inverse of :func:`_bytes_of` for tensors of the given dtypes and shapes."""
+    out, pos = [], 0
+    for dtype, shape in like:
+        size = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        piece = buf[pos : pos + size]
+        if piece.storage_offset() % piece.new_empty(0, dtype=dtype).element_size():
+            # A byte slice can only be viewed as a wider dtype from an aligned offset.
+            piece = piece.clone()
+        out.append(piece.view(dtype).reshape(shape))
+        pos += size
+    return out
+
+
+class Transport(ABC):
+    """Moves a group of tensors across ``group`` through ``compressor`` and averages them.
+
+    Args:
+        compressor: the compressor.
+        feedback: per-key error feedback wrapping it, or None to send raw gradients.
+        group: the process group (None: the default group).
+    """
+
+    #: the name the DDP options use to ask for this transport
+    name: str = ""
+
+    def __init__(
+        self,
+        compressor: Compressor[Any],
+        feedback: ErrorFeedback | None = None,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        self.check(compressor)
+        self.compressor = compressor
+        self.feedback = feedback
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    @classmethod
+    def check(cls, compressor: Compressor[Any]) -> None:
+        """Refuse a compressor this transport cannot carry (a ValueError saying why)."""
+        if not isinstance(compressor, Compressor):
+            raise ValueError(f"compressor: expected a Compressor, got {type(compressor).__name__}")
+
+    @property
+    def current(self) -> Compressor[Any]:
+        """The compressor in use this step (error feedback's warm-up may swap it)."""
+        return self.feedback.compressor if self.feedback is not None else self.compressor
+
+    @abstractmethod
+    def run(
+        self, keys: Sequence[str], tensors: Sequence[Tensor]
+    ) -> tuple[list[Tensor], TransportStats]:
+        """Average ``tensors`` (named ``keys``) over ranks; returns them in their own dtypes."""
+
+    # -- helpers shared by the transports ----------------------------------------------------
+
+    def _all_reduce(self, buf: Tensor, op: ReduceOp, stats: TransportStats) -> None:
+        t0 = time.perf_counter()
+        dist.all_reduce(buf, op=_TORCH_OPS[op], group=self.group)
+        stats.comm_s += time.perf_counter() - t0
+        count_allreduce(stats, buf, self.world)
+
+    def _all_gather_bytes(self, own: Tensor, stats: TransportStats) -> list[Tensor]:
+        """Every rank's byte buffer, of possibly different lengths, in rank order."""
+        t0 = time.perf_counter()
+        size = torch.tensor([own.numel()], dtype=torch.int64, device=own.device)
+        sizes = torch.empty(self.world, dtype=torch.int64, device=own.device)
+        all_gather_flat(sizes, size, self.group)
+        lengths = sizes.tolist()
+        # Rounded up to 8 bytes, so that every rank's block (and its int64 header) is aligned.
+        longest = -(-max(lengths) // 8) * 8
+        padded = torch.zeros(longest, dtype=torch.uint8, device=own.device)
+        padded[: own.numel()] = own
+        out = torch.empty(self.world * longest, dtype=torch.uint8, device=own.device)
+        all_gather_flat(out, padded, self.group)
+        stats.comm_s += time.perf_counter() - t0
+        stats.wire_bytes += 8 + longest
+        # A ring all-gather forwards every other rank's block once.
+        stats.link_bytes += (self.world - 1) * (8 + longest)
+        stats.collectives += 2
+        return [out[r * longest : r * longest + n] for r, n in enumerate(lengths)]
+
+    def _all_gather_equal(self, own: Tensor, stats: TransportStats) -> list[Tensor]:
+        """Every rank's byte buffer when all have ``own``'s length: one collective."""
+        t0 = time.perf_counter()
+        out = torch.empty(self.world * own.numel(), dtype=torch.uint8, device=own.device)
+        all_gather_flat(out, own, self.group)
+        stats.comm_s += time.perf_counter() - t0
+        stats.wire_bytes += own.numel()
+        stats.link_bytes += (self.world - 1) * own.numel()
+        stats.collectives += 1
+        return list(out.view(self.world, own.numel()).unbind(0))
+
+
+class AllReduceTransport(Transport):
+    """All-reduce of a summable compressor's exchange, one packed buffer per round and dtype."""
+
+    name = "allreduce"
+
+    @classmethod
+    def check(cls, compressor: Compressor[Any]) -> None:
+        if not compressor.capabilities.summable:
+            raise ValueError(
+                f"transport 'allreduce': {compressor.config.name!r} payloads are not summable "
+                "(per-worker scales or indices); use 'allgather' or 'reducescatter'"
+            )
+
+    def run(
+        self, keys: Sequence[str], tensors: Sequence[Tensor]
+    ) -> tuple[list[Tensor], TransportStats]:
+        stats = TransportStats(raw_bytes=sum(t.numel() * t.element_size() for t in tensors))
+        t0 = time.perf_counter()
+        if self.feedback is not None:
+            ex = self.feedback.exchange(keys, tensors, self.world)
+        else:
+            ex = self.current.exchange(tensors, keys, self.world)
+        while (msg := ex.message()) is not None:
+            stats.compress_s += time.perf_counter() - t0
+            reduced = self._reduce_packed(msg.tensors, msg.op, stats)
+            t0 = time.perf_counter()
+            ex.receive(reduced)
+        sums = ex.result()
+        out = [(s / self.world).to(t.dtype) for s, t in zip(sums, tensors)]
+        stats.decompress_s += time.perf_counter() - t0
+        return out, stats
+
+    def _reduce_packed(
+        self, tensors: Sequence[Tensor], op: ReduceOp, stats: TransportStats
+    ) -> list[Tensor]:
+        """One all-reduce per dtype over the concatenation of that dtype's tensors."""
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_dtype.setdefault(t.dtype, []).append(i)
+        out: list[Tensor | None] = [None] * len(tensors)
+        for idx in by_dtype.values():
+            buf = torch.cat([tensors[i].reshape(-1) for i in idx])
+            self._all_reduce(buf, op, stats)
+            for i, piece in zip(idx, buf.split([tensors[i].numel() for i in idx])):
+                out[i] = piece.view(tensors[i].shape)
+        return out  # type: ignore[return-value]
+
+
+class AllGatherTransport(Transport):
+    """All-gather of every rank's payload bytes; every rank decodes and aggregates them all."""
+
+    name = "allgather"
+
+    def run(
+        self, keys: Sequence[str], tensors: Sequence[Tensor]
+    ) -> tuple[list[Tensor], TransportStats]:
+        stats = TransportStats(raw_bytes=sum(t.numel() * t.element_size() for t in tensors))
+        t0 = time.perf_counter()
+        c = self.current
+        device = tensors[0].device if tensors else torch.device("cpu")
+        compressed = [self._compress(k, t) for k, t in zip(keys, tensors)]
+        parts = [t for p, _ in compressed for t in p]
+        body = _bytes_of(parts).to(device)
+        static = c.capabilities.static_size
+        stats.compress_s += time.perf_counter() - t0
+        if static:
+            # Every rank's parts have our shapes: one all-gather of equal-sized buffers.
+            gathered = self._all_gather_equal(body, stats)
+            layouts = [[(t.dtype, t.shape) for t in parts]] * self.world
+        else:
+            # Sizes depend on the data: the part shapes travel in a header, after a size
+            # exchange.
+            header = torch.tensor(
+                [d for t in parts for d in (t.dim(), *t.shape)], dtype=torch.int64, device=device
+            ).view(torch.uint8)
+            gathered = self._all_gather_bytes(torch.cat([header, body]), stats)
+            layouts, cut = [], []
+            for buf in gathered:
+                shapes, pos = self._parse_header(buf, len(parts))
+                layouts.append([(t.dtype, sh) for t, sh in zip(parts, shapes)])
+                cut.append(buf[pos:])
+            gathered = cut
+        t0 = time.perf_counter()
+        per_rank: list[list[Payload]] = []
+        for buf, layout in zip(gathered, layouts):
+            it = iter(_from_bytes(buf, layout))
+            per_rank.append([tuple(next(it) for _ in p) for p, _ in compressed])
+        out = []
+        for i, ((_, ctx), t) in enumerate(zip(compressed, tensors)):
+            total = c.aggregate([payloads[i] for payloads in per_rank], ctx)
+            out.append((total / self.world).to(t.dtype))
+        stats.decompress_s += time.perf_counter() - t0
+        return out, stats
+
+    def _compress(self, key: str, t: Tensor) -> tuple[Payload, Context]:
+        if self.feedback is not None:
+            return self.feedback.compress(key, t)
+        return self.current.compress(t, key)
+
+    @staticmethod
+    def _parse_header(buf: Tensor, count: int) -> tuple[list[torch.Size], int]:
+        words = buf.view(-1)
+        shapes, pos = [], 0
+        for _ in range(count):
+            ndim = int(words[pos : pos + 8].view(torch.int64))
+            dims = words[pos + 8 : pos + 8 * (1 + ndim)].view(torch.int64).tolist()
+            shapes.append(torch.Size(dims))
+            pos += 8 * (1 + ndim)
+        return shapes, pos
+
+
+class ReduceScatterTransport(Transport):
+    """Compressed reduce-scatter, then all-gather: per-rank traffic stays flat in the world size.
+
+    Every tensor is cut into one piece per rank. Each rank compresses every piece (client error
+    feedback per parameter, as elsewhere) and an all-to-all hands rank j everyone's codes for
+    the pieces j. Rank j decodes and averages them, re-compresses the averages with its own
+    server-side error feedback, and an all-gather gives every rank every averaged piece. Each
+    rank sends about ``2(n-1)/n`` payloads where an all-gather sends ``n-1``, at the price of
+    compressing twice. Pieces are cut per tensor, not per bucket, so results do not depend on
+    how DDP buckets the parameters (which changes after its first step and on a restart).
+    """
+
+    name = "reducescatter"
+
+    def __init__(
+        self,
+        compressor: Compressor[Any],
+        feedback: ErrorFeedback | None = None,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(compressor, feedback, group)
+        # The server's memory: what its re-compression of the averaged pieces dropped.
+        self.server = ErrorFeedback(type(compressor)(compressor.config)) if feedback else None
+
+    @classmethod
+    def check(cls, compressor: Compressor[Any]) -> None:
+        caps = compressor.capabilities
+        if not caps.static_size:
+            raise ValueError(
+                f"transport 'reducescatter': {compressor.config.name!r} payload sizes depend on "
+                "the data, but the all-to-all needs equal-sized pieces; turn entropy coding off "
+                "or use 'allgather'"
+            )
+        if caps.rounds > 1:
+            raise ValueError(
+                f"transport 'reducescatter': {compressor.config.name!r} needs "
+                f"{caps.rounds} all-reduce rounds; use 'allreduce'"
+            )
+
+    def run(
+        self, keys: Sequence[str], tensors: Sequence[Tensor]
+    ) -> tuple[list[Tensor], TransportStats]:
+        stats = TransportStats(raw_bytes=sum(t.numel() * t.element_size() for t in tensors))
+        if not tensors:
+            return [], stats
+        t0 = time.perf_counter()
+        c, ef, world = self.current, self.feedback, self.world
+        client = []  # per tensor, per destination rank: (payload, ctx)
+        for k, t in zip(keys, tensors):
+            x = ef.begin(k, t) if ef is not None else t
+            rows = _pieces(x.reshape(-1).to(t.dtype), world)
+            codes = [c.compress(rows[j], f"{k}/{j}") for j in range(world)]
+            if ef is not None:
+                ef.commit(k, torch.cat([c.decompress(p, cx) for p, cx in codes])[: t.numel()])
+            client.append(codes)
+        # Static sizes: piece j of a tensor has the same payload shapes for every j.
+        send = torch.cat([_bytes_of([a for cd in client for a in cd[j][0]]) for j in range(world)])
+        layout = [(a.dtype, a.shape) for cd in client for a in cd[self.rank][0]]
+        stats.compress_s += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        stats.comm_s += time.perf_counter() - t0
+        stats.wire_bytes += send.numel()
+        stats.link_bytes += (world - 1) / world * send.numel()
+        stats.collectives += 1
+
+        t0 = time.perf_counter()
+        rows = [_split_payloads(_from_bytes(r, layout), client) for r in recv.view(world, -1)]
+        server_c = self.server.compressor if self.server is not None else c
+        mine = []
+        for i, (k, t) in enumerate(zip(keys, tensors)):
+            ctx = client[i][self.rank][1]
+            mean = (c.aggregate([r[i] for r in rows], ctx) / world).to(t.dtype)
+            skey = f"{k}/{self.rank}"
+            if self.server is not None:
+                mine.append(self.server.compress(skey, mean))
+            else:
+                mine.append(server_c.compress(mean, skey))
+        stats.compress_s += time.perf_counter() - t0
+
+        own = _bytes_of([a for p, _ in mine for a in p]).to(recv.device)
+        gathered = self._all_gather_equal(own, stats)
+        t0 = time.perf_counter()
+        slayout = [(a.dtype, a.shape) for p, _ in mine for a in p]
+        pieces = [_split_payloads(_from_bytes(b, slayout), mine) for b in gathered]
+        result = []
+        for i, t in enumerate(tensors):
+            ctx = mine[i][1]
+            full = torch.cat([server_c.decompress(pieces[j][i], ctx) for j in range(world)])
+            result.append(full[: t.numel()].view(t.shape).to(t.dtype))
+        stats.decompress_s += time.perf_counter() - t0
+        return result, stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"server": self.server.state_dict() if self.server is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.server is not None and state.get("server") is not None:
+            self.server.load_state_dict(state["server"])
+
+
+def _pieces(flat: Tensor, world: int) -> Tensor:
+    """``flat`` zero-padded and cut into ``world`` equal rows."""
+    size = -(-flat.numel() // world)
+    return torch.nn.functional.pad(flat, (0, size * world - flat.numel())).view(world, size)
+
+
+def _split_payloads(parts: list[Tensor], like: Sequence[Any]) -> list[Payload]:
+    """Regroup a flat list of payload tensors into one payload per tensor, shaped like the
+    payloads in ``like`` (a list of ``(payload, ctx)`` or of such lists, indexed by rank)."""
+    out, pos = [], 0
+    for item in like:
+        payload = item[0][0] if isinstance(item, list) else item[0]
+        out.append(tuple(parts[pos : pos + len(payload)]))
+        pos += len(payload)
+    return out
+
+
+TRANSPORTS: dict[str, type[Transport]] = {
+    t.name: t for t in (AllReduceTransport, AllGatherTransport, ReduceScatterTransport)
+}
+
+
+def build_transport(
+    compressor: Compressor[Any],
+    transport: str = "auto",
+    feedback: ErrorFeedback | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> Transport:
+    """The transport for ``compressor``: ``"auto"`` takes all-reduce for summable payloads and
+    all-gather otherwise; ``"allreduce"``, ``"allgather"`` or ``"reducescatter"`` force one,
+    and a pairing that cannot work raises a ValueError saying why."""
+    if transport == "auto":
+        transport = "allreduce" if compressor.capabilities.summable else "allgather"
+    cls = TRANSPORTS.get(transport)
+    if cls is None:
+        raise ValueError(
+            f"transport={transport!r}: must be 'auto' or one of {', '.join(sorted(TRANSPORTS))}"
+        )
+    return cls(compressor, feedback, group)

@@ -1,0 +1,191 @@
+"""The DDP communication hook, half-precision wrappers, and the one-line ``register``.
+
+No ``from __future__ import annotations`` here: torch checks at registration that a hook's
+``bucket`` parameter is annotated with the real ``dist.GradBucket`` class, not a string.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.futures import Future
+
+from commhooks.comm.transport import TransportStats, count_allreduce
+from commhooks.compressors.base import Compressor, CompressorConfig
+from commhooks.ddp.state import CompressionState
+
+__all__ = ["bf16_wrapper", "compression_hook", "fp16_wrapper", "register"]
+
+Hook = Callable[[Any, dist.GradBucket], "Future[Tensor]"]
+
+
+def _done(value: Tensor) -> Future[Tensor]:
+    fut: Future[Tensor] = Future()
+    fut.set_result(value)
+    return fut
+
+
+def _param_views(buffer: Tensor, params: list[Tensor]) -> list[Tensor]:
+    """Per-parameter views of a bucket's flat buffer, from the parameters' sizes.
+
+    Sliced from ``buffer`` itself rather than ``bucket.gradients()``, so that a wrapper that
+    swapped the buffer (``fp16_wrapper``) is honoured.
+    """
+    views, pos = [], 0
+    for p in params:
+        views.append(buffer[pos : pos + p.numel()].view(p.shape))
+        pos += p.numel()
+    return views
+
+
+def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future[Tensor]:
+    """Compress a bucket's gradients, exchange them, and return their average over ranks.
+
+    Use as ``model.register_comm_hook(state, compression_hook)`` (or through :func:`register`).
+    Before ``state.options.start_iter`` steps it is a plain dense all-reduce. Afterwards the
+    bucket's small and 1-D tensors go in one dense all-reduce and the rest through the state's
+    transport, with error feedback per parameter. All collectives are issued here, in the same
+    order on every rank; the returned future is already complete, except on dense steps.
+
+    Under compiled autograd's Python reducer DDP passes ``(grad, param)`` instead of a bucket
+    and ignores the return value; the gradient is then averaged in place. (The annotation
+    still says ``dist.GradBucket``: ``register_comm_hook`` accepts no other.)
+    """
+    if isinstance(bucket, tuple):
+        grad, param = bucket
+        state.begin_tensor(state.key_of(param))
+        flat = grad.reshape(-1) if grad.is_contiguous() else grad.contiguous().view(-1)
+        state.check_agreement(flat.device)
+        if state.iteration < state.options.start_iter:
+            _dense_step(state, flat).wait()
+        else:
+            _average(state, flat, [param])
+        if flat.data_ptr() != grad.data_ptr():
+            grad.copy_(flat.view(grad.shape))
+        return _done(grad)
+
+    buffer = bucket.buffer()
+    state.check_agreement(buffer.device)
+    if state.iteration < state.options.start_iter:
+        fut = _dense_step(state, buffer)
+        if bucket.is_last():
+            state.end_step()
+        return fut
+    _average(state, buffer, list(bucket.parameters()))
+    if bucket.is_last():
+        state.end_step()
+    return _done(buffer)
+
+
+def _dense_step(state: CompressionState, buffer: Tensor) -> Future[Tensor]:
+    """A plain asynchronous all-reduce of the whole buffer (the ``start_iter`` warm-up)."""
+    world = state.world_size
+    step = TransportStats(raw_bytes=buffer.numel() * buffer.element_size())
+    count_allreduce(step, buffer, world)
+    state.record(step)
+    fut = dist.all_reduce(buffer, group=state.process_group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0].div_(world))
+
+
+def _average(state: CompressionState, buffer: Tensor, params: list[Tensor]) -> None:
+    """Replace ``buffer`` (the concatenated gradients of ``params``) by its average over ranks."""
+    world, group, opts = state.world_size, state.process_group, state.options
+    views = _param_views(buffer, params)
+    dense, sparse = [], []
+    for i, v in enumerate(views):
+        small = v.numel() < opts.min_numel or (v.dim() <= 1 and not opts.compress_1d)
+        (dense if small else sparse).append(i)
+
+    # The small tensors' all-reduce also carries a count of ranks holding non-finite values,
+    # so every rank learns of an overflow before anything is compressed: such a step goes
+    # dense (the optimizer and GradScaler see the inf/nan) and error feedback is not touched.
+    flag = (~torch.isfinite(buffer).all()).to(buffer.dtype).reshape(1)
+    flat = torch.cat([*(views[i].reshape(-1) for i in dense), flag])
+    dist.all_reduce(flat, group=group)
+    step = TransportStats(raw_bytes=buffer.numel() * buffer.element_size())
+    count_allreduce(step, flat, world)
+    nonfinite = bool(flat[-1] != 0)
+    flat = flat[:-1].div_(world)
+    for i, piece in zip(dense, flat.split([views[i].numel() for i in dense])):
+        views[i].copy_(piece.view(views[i].shape))
+
+    if sparse and nonfinite:
+        rest = torch.cat([views[i].reshape(-1) for i in sparse])
+        dist.all_reduce(rest, group=group)
+        rest.div_(world)
+        for i, piece in zip(sparse, rest.split([views[i].numel() for i in sparse])):
+            views[i].copy_(piece.view(views[i].shape))
+        count_allreduce(step, rest, world)
+        step.extra["nonfinite"] = True
+    elif sparse:
+        keys = [state.key_of(params[i]) for i in sparse]
+        out, moved = state.transport.run(keys, [views[i] for i in sparse])
+        for i, o in zip(sparse, out):
+            views[i].copy_(o)
+        step.wire_bytes += moved.wire_bytes
+        step.link_bytes += moved.link_bytes
+        step.collectives += moved.collectives
+        step.compress_s, step.comm_s, step.decompress_s = (
+            moved.compress_s, moved.comm_s, moved.decompress_s
+        )  # fmt: skip
+    state.record(step)
+
+
+def _cast_wrapper(hook: Hook, dtype: torch.dtype) -> Hook:
+    def wrapped(state: Any, bucket: dist.GradBucket) -> Future[Tensor]:
+        original = bucket.buffer()
+        bucket.set_buffer(original.to(dtype))
+        fut = hook(state, bucket)
+
+        def back(f: Future[Tensor]) -> Tensor:
+            original.copy_(f.value())
+            return original
+
+        return fut.then(back)
+
+    wrapped.__name__ = f"{dtype}_{getattr(hook, '__name__', 'hook')}"
+    return wrapped
+
+
+def fp16_wrapper(hook: Hook) -> Hook:
+    """Run ``hook`` on an fp16 copy of each bucket, as torch's ``fp16_compress_wrapper`` does:
+    the compressor then sees (and sends values as) fp16, error feedback stays fp32."""
+    return _cast_wrapper(hook, torch.float16)
+
+
+def bf16_wrapper(hook: Hook) -> Hook:
+    """Like :func:`fp16_wrapper` with bfloat16 (fp32's range, 8 bits of mantissa)."""
+    return _cast_wrapper(hook, torch.bfloat16)
+
+
+def register(
+    model: nn.parallel.DistributedDataParallel,
+    compressor: str | CompressorConfig | Compressor[Any],
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    wrapper: str | None = None,
+    **options: Any,
+) -> CompressionState:
+    """Register a compression hook on a DDP model in one line and return its state.
+
+    Args:
+        model: the ``DistributedDataParallel`` module.
+        compressor: a spec string such as ``"topk:ratio=0.01"``, a config or a compressor.
+        process_group: defaults to the DDP model's process group.
+        wrapper: ``"fp16"`` or ``"bf16"`` to cast each bucket first (see :func:`fp16_wrapper`).
+        **options: fields of :class:`~commhooks.ddp.state.HookOptions`.
+    """
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            f"model: expected a DistributedDataParallel module, got {type(model).__name__}"
+        )
+    group = process_group if process_group is not None else model.process_group
+    state = CompressionState(compressor, model=model, process_group=group, **options)
+    wrappers = {None: None, "fp16": fp16_wrapper, "bf16": bf16_wrapper}
+    if wrapper not in wrappers:
+        raise ValueError(f"wrapper={wrapper!r}: must be None, 'fp16' or 'bf16'")
+    hook = compression_hook if wrapper is None else wrappers[wrapper](compression_hook)
+    model.register_comm_hook(state, hook)
+    return state

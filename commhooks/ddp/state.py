@@ -1,0 +1,248 @@
+"""The hook state: options, per-rank runtime state (error feedback, step counter) and stats."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from commhooks._validate import check_bool, check_choice, check_int
+from commhooks.comm.transport import (
+    TRANSPORTS,
+    Traffic,
+    Transport,
+    TransportStats,
+    all_gather_flat,
+    build_transport,
+)
+from commhooks.compressors.base import Compressor, CompressorConfig
+from commhooks.feedback import ErrorFeedback, FeedbackConfig
+from commhooks.registry import compressor as build_compressor
+
+__all__ = ["CommStats", "CompressionState", "HookOptions"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HookOptions:
+    """How the hook treats each bucket.
+
+    Tuned often:
+        error_feedback: keep per-parameter residuals (strongly advised for biased compressors:
+            top-k, sign, PowerSGD, deterministic quantizers).
+        start_iter: dense all-reduce steps before compressing; early gradients change fast and
+            compressing them hurts most (torch's PowerSGD uses 1000-10000 on large models).
+        transport: ``"auto"`` (all-reduce when the payload is summable, else all-gather),
+            ``"allreduce"``, ``"allgather"`` or ``"reducescatter"`` (flat traffic per rank as
+            the world grows, for static-size compressors).
+
+    Tuned seldom:
+        min_numel: tensors with fewer elements go uncompressed, batched into one dense
+            all-reduce per bucket: their headers and scales cost more than they save.
+        compress_1d: compress 1-D tensors (biases, norm weights) too; off by default, since
+            they are small and sensitive.
+        log_every: log the stats with the module logger every this many steps (0: never).
+        seed: seed of the rank-local randomness (stochastic rounding); the rank is mixed in.
+        check_config: on the first compressed step, check that every rank uses the same
+            compressor, options and transport, and raise instead of hanging if not.
+        feedback: error-feedback options (decay, DGC momentum correction, warm-up).
+    """
+
+    error_feedback: bool = True
+    start_iter: int = 0
+    transport: str = "auto"
+    min_numel: int = 1024
+    compress_1d: bool = False
+    log_every: int = 0
+    seed: int = 0
+    check_config: bool = True
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+
+    def __post_init__(self) -> None:
+        check_bool("error_feedback", self.error_feedback)
+        check_int("start_iter", self.start_iter, lo=0)
+        check_choice("transport", self.transport, ("auto", *sorted(TRANSPORTS)))
+        check_int("min_numel", self.min_numel, lo=0)
+        check_bool("compress_1d", self.compress_1d)
+        check_int("log_every", self.log_every, lo=0)
+        check_int("seed", self.seed)
+        check_bool("check_config", self.check_config)
+        if not isinstance(self.feedback, FeedbackConfig):
+            raise ValueError(f"feedback={self.feedback!r}: must be a FeedbackConfig")
+
+
+@dataclass
+class CommStats(Traffic):
+    """Bytes and time of this rank's communication.
+
+    ``raw_bytes``: what an uncompressed all-reduce of the same buckets would have been handed.
+    ``wire_bytes``: what this rank actually handed to collectives. ``link_bytes``: estimated
+    bytes this rank puts on its link for the collective algorithms used (ring all-reduce sends
+    ``2(n-1)/n`` of its buffer, a ring all-gather ``n-1`` payloads). ``compress_s``,
+    ``comm_s``, ``decompress_s``: seconds spent. All cumulative; the ``last_*`` fields hold the
+    last completed step. ``nonfinite_steps`` counts steps on which some rank had inf/nan
+    gradients, which were then all-reduced dense and left error feedback untouched.
+    """
+
+    steps: int = 0
+    last_raw_bytes: int = 0
+    last_wire_bytes: int = 0
+    last_link_bytes: float = 0.0
+    nonfinite_steps: int = 0
+
+    @property
+    def ratio(self) -> float:
+        """Compression ratio so far: raw bytes / wire bytes."""
+        return self.raw_bytes / self.wire_bytes if self.wire_bytes else 1.0
+
+
+class CompressionState:
+    """State of :func:`commhooks.ddp.compression_hook`: pass it to ``register_comm_hook``.
+
+    Args:
+        compressor: a spec string (``"topk:ratio=0.01"``), config or compressor.
+        model: the model (or DDP module), used to key error feedback by parameter name. Without
+            it, parameters are named by the order the hook first sees them, which is the same on
+            every rank and every run of the same script.
+        process_group: the group to communicate in (None: the default group).
+        options: a :class:`HookOptions`; or give its fields as keyword arguments.
+    """
+
+    def __init__(
+        self,
+        compressor: str | CompressorConfig | Compressor[Any],
+        *,
+        model: nn.Module | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        options: HookOptions | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if options is not None and kwargs:
+            raise ValueError("options: pass a HookOptions or keyword options, not both")
+        if not dist.is_initialized():
+            raise RuntimeError("process group: call torch.distributed.init_process_group first")
+        self.options = options if options is not None else HookOptions(**kwargs)
+        self.process_group = process_group
+        self.world_size = dist.get_world_size(process_group)
+        self.rank = dist.get_rank(process_group)
+        self.compressor = build_compressor(compressor)
+        self.compressor.set_seed(self.options.seed * 1_000_003 + self.rank)
+        self.feedback = (
+            ErrorFeedback(self.compressor, self.options.feedback)
+            if self.options.error_feedback
+            else None
+        )
+        self.transport: Transport = build_transport(
+            self.compressor, self.options.transport, self.feedback, process_group
+        )
+        self._names: dict[int, str] = (
+            {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        )
+        self.iteration = 0
+        self._stats = CommStats()
+        self._step = TransportStats()
+        self._checked = not self.options.check_config
+        self._seen: set[str] = set()
+
+    # -- used by the hook -------------------------------------------------------------------
+
+    def key_of(self, param: torch.Tensor) -> str:
+        """A stable name for ``param``."""
+        name = self._names.get(id(param))
+        if name is None:
+            name = f"param{len(self._names)}"
+            self._names[id(param)] = name
+        return name
+
+    def begin_tensor(self, key: str) -> None:
+        """Per-tensor calls (compiled autograd's Python reducer) have no ``is_last()``: a key
+        seen again means a new step began."""
+        if key in self._seen:
+            self.end_step()
+        self._seen.add(key)
+
+    def fingerprint(self) -> str:
+        """What must agree across ranks: compressor, options and transport."""
+        text = f"{self.compressor.config.spec()}|{self.options!r}|{self.transport.name}"
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+    def check_agreement(self, device: torch.device) -> None:
+        """Raise on every rank if any rank's fingerprint differs (instead of a hang later)."""
+        if self._checked:
+            return
+        mine = torch.tensor([int(self.fingerprint(), 16) - (1 << 63)], dtype=torch.int64)
+        everyone = torch.empty(self.world_size, dtype=torch.int64, device=device)
+        all_gather_flat(everyone, mine.to(device), self.process_group)
+        self._checked = True
+        if len(set(everyone.tolist())) > 1:
+            raise RuntimeError(
+                "commhooks: ranks disagree on the compressor, its options or the transport "
+                f"(rank {self.rank} uses {self.compressor.config.spec()!r} over "
+                f"{self.transport.name!r}); every rank must build the same hook"
+            )
+
+    def record(self, step: TransportStats) -> None:
+        """Add one bucket's transport stats to this step's."""
+        self._step.add(step)
+        self._step.extra.update(step.extra)
+
+    def end_step(self) -> None:
+        """Close a step (after the last bucket): fold its stats in, advance counters, log."""
+        s, st = self._stats, self._step
+        s.steps += 1
+        s.add(st)
+        s.nonfinite_steps += int(bool(st.extra.get("nonfinite")))
+        s.last_raw_bytes, s.last_wire_bytes = st.raw_bytes, st.wire_bytes
+        s.last_link_bytes = st.link_bytes
+        self._step = TransportStats()
+        self._seen.clear()
+        self.iteration += 1
+        if self.feedback is not None and self.iteration > self.options.start_iter:
+            self.feedback.step()
+        every = self.options.log_every
+        if every and s.steps % every == 0:
+            logger.info(
+                "step %d: %d raw bytes, %d wire bytes (ratio %.1f), compress %.3fs, "
+                "comm %.3fs, decompress %.3fs",
+                s.steps, s.raw_bytes, s.wire_bytes, s.ratio, s.compress_s, s.comm_s,
+                s.decompress_s,
+            )  # fmt: skip
+
+    # -- public --------------------------------------------------------------------------------
+
+    def stats(self) -> CommStats:
+        """A copy of the cumulative stats."""
+        return dataclasses.replace(self._stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Error-feedback memory, compressor state (PowerSGD's Q, RNG), step counter, stats.
+
+        The process group is not included.
+        """
+        return {
+            "iteration": self.iteration,
+            "feedback": self.feedback.state_dict() if self.feedback is not None else None,
+            "compressor": self.compressor.state_dict(),
+            "transport": getattr(self.transport, "state_dict", dict)(),
+            "stats": dataclasses.asdict(self._stats),
+            "fingerprint": self.fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("fingerprint") not in (None, self.fingerprint()):
+            raise ValueError("state: saved by a hook with another compressor, options or transport")
+        self.iteration = int(state["iteration"])
+        if self.feedback is not None and state.get("feedback") is not None:
+            self.feedback.load_state_dict(state["feedback"])
+        else:
+            self.compressor.load_state_dict(state["compressor"])
+        if hasattr(self.transport, "load_state_dict"):
+            self.transport.load_state_dict(state.get("transport") or {})
+        self._stats = CommStats(**state["stats"])

@@ -1,0 +1,135 @@
+"""Hook state and options in one process (a world of one): validation, refused pairings,
+stats logging, checkpoints; and the ``(grad, param)`` calling convention on two ranks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from _workers import batch, make_model, tuple_calls
+from torch import nn
+
+import commhooks.ddp
+from commhooks.comm import build_transport
+from commhooks.ddp import CompressionState, HookOptions
+
+
+@pytest.fixture
+def world_of_one(tmp_path: Any) -> Iterator[None]:
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"start_iter": -1}, "start_iter"),
+        ({"transport": "ring"}, "transport"),
+        ({"min_numel": 1.5}, "min_numel"),
+        ({"error_feedback": "yes"}, "error_feedback"),
+        ({"log_every": -2}, "log_every"),
+        ({"feedback": {"decay": 0.5}}, "feedback"),
+    ],
+)
+def test_bad_options_name_the_field(options: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        HookOptions(**options)
+
+
+@pytest.mark.parametrize(
+    ("spec", "transport", "why"),
+    [
+        ("topk", "allreduce", "not summable"),
+        ("sign", "allreduce", "not summable"),
+        ("powersgd", "reducescatter", "rounds"),
+        ("uniform:entropy=true", "reducescatter", "entropy"),
+        ("threshold", "reducescatter", "depend on the data"),
+    ],
+)
+def test_invalid_pairings_are_refused_when_built(
+    world_of_one: None, spec: str, transport: str, why: str
+) -> None:
+    with pytest.raises(ValueError, match=why):
+        build_transport(commhooks.compressor(spec), transport)
+    with pytest.raises(ValueError, match=why):
+        CompressionState(spec, transport=transport)
+
+
+def test_register_refuses_what_it_cannot_use(world_of_one: None) -> None:
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        commhooks.ddp.register(make_model(), "topk")
+    ddp = nn.parallel.DistributedDataParallel(make_model())
+    with pytest.raises(ValueError, match="wrapper"):
+        commhooks.ddp.register(ddp, "topk", wrapper="fp8")
+    with pytest.raises(ValueError, match="options"):
+        CompressionState("topk", options=HookOptions(), start_iter=3)
+    with pytest.raises(ValueError, match="ratio"):
+        commhooks.ddp.register(ddp, "topk:ratio=2")
+
+
+def test_state_needs_a_process_group() -> None:
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        CompressionState("topk")
+
+
+def _train(ddp: nn.Module, steps: int, first: int = 0) -> None:
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for step in range(first, first + steps):
+        x, y = batch(0, step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+
+
+def test_stats_count_bytes_and_are_logged(world_of_one: None, caplog: Any) -> None:
+    ddp = nn.parallel.DistributedDataParallel(make_model())
+    state = commhooks.ddp.register(ddp, "topk:ratio=0.01", log_every=2, min_numel=0)
+    with caplog.at_level(logging.INFO, logger="commhooks.ddp.state"):
+        _train(ddp, 4)
+    stats = state.stats()
+    n = sum(p.numel() for p in ddp.parameters())
+    assert stats.steps == 4 and stats.raw_bytes == 4 * 4 * n
+    assert stats.last_raw_bytes == 4 * n and stats.last_wire_bytes < stats.last_raw_bytes / 5
+    assert stats.ratio == stats.raw_bytes / stats.wire_bytes > 5
+    assert stats.link_bytes == 0  # a world of one puts nothing on a link
+    assert stats.compress_s > 0 and stats.decompress_s > 0
+    logged = [r.getMessage() for r in caplog.records if "wire bytes" in r.getMessage()]
+    assert len(logged) == 2 and logged[0].startswith("step 2:")
+
+
+def test_state_dict_round_trips_and_refuses_another_config(world_of_one: None, tmp_path) -> None:
+    ddp = nn.parallel.DistributedDataParallel(make_model())
+    state = commhooks.ddp.register(ddp, "powersgd:rank=2", min_numel=0)
+    _train(ddp, 3)
+    path = tmp_path / "hook.pt"
+    torch.save(state.state_dict(), path)
+    saved = torch.load(path, weights_only=False)
+    assert "process_group" not in saved and saved["iteration"] == 3
+    assert saved["feedback"]["residuals"] and saved["feedback"]["compressor"]["q"]
+
+    fresh = CompressionState("powersgd:rank=2", model=ddp, min_numel=0)
+    fresh.load_state_dict(saved)
+    assert fresh.iteration == 3 and fresh.stats() == state.stats()
+    for k, v in saved["feedback"]["residuals"].items():
+        assert torch.equal(fresh.feedback.state_dict()["residuals"][k], v)
+    other = CompressionState("powersgd:rank=1", model=ddp, min_numel=0)
+    with pytest.raises(ValueError, match="another compressor"):
+        other.load_state_dict(saved)
+
+
+def test_grad_param_tuples_average_in_place(run_ranks) -> None:
+    res = run_ranks(tuple_calls, 2)
+    for rank in res:
+        for step, g in enumerate(rank["grads"]):
+            # ranks hold rank+step: the average is step + 0.5
+            torch.testing.assert_close(g, torch.full((64, 64), step + 0.5))
+        # The third call's key repeat closed the second step.
+        assert rank["iteration"] == 2
