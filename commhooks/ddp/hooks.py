@@ -89,9 +89,29 @@ def _dense_step(state: CompressionState, buffer: Tensor) -> Future[Tensor]:
     return fut.then(lambda f: f.value()[0].div_(world))
 
 
+def _dense_average(
+    state: CompressionState,
+    views: list[Tensor],
+    idx: list[int],
+    step: TransportStats,
+    extra: Tensor | None = None,
+) -> Tensor | None:
+    """Average ``views[i]`` for ``i in idx`` in place with one all-reduce; ``extra`` rides
+    along at the end and is returned summed over ranks."""
+    tail = [extra] if extra is not None else []
+    flat = torch.cat([*(views[i].reshape(-1) for i in idx), *tail])
+    dist.all_reduce(flat, group=state.process_group)
+    count_allreduce(step, flat, state.world_size)
+    summed = flat[-1] if extra is not None else None
+    body = flat[: flat.numel() - len(tail)].div_(state.world_size)
+    for i, piece in zip(idx, body.split([views[i].numel() for i in idx])):
+        views[i].copy_(piece.view(views[i].shape))
+    return summed
+
+
 def _average(state: CompressionState, buffer: Tensor, params: list[Tensor]) -> None:
     """Replace ``buffer`` (the concatenated gradients of ``params``) by its average over ranks."""
-    world, group, opts = state.world_size, state.process_group, state.options
+    opts = state.options
     views = _param_views(buffer, params)
     dense, sparse = [], []
     for i, v in enumerate(views):
@@ -101,35 +121,19 @@ def _average(state: CompressionState, buffer: Tensor, params: list[Tensor]) -> N
     # The small tensors' all-reduce also carries a count of ranks holding non-finite values,
     # so every rank learns of an overflow before anything is compressed: such a step goes
     # dense (the optimizer and GradScaler see the inf/nan) and error feedback is not touched.
-    flag = (~torch.isfinite(buffer).all()).to(buffer.dtype).reshape(1)
-    flat = torch.cat([*(views[i].reshape(-1) for i in dense), flag])
-    dist.all_reduce(flat, group=group)
     step = TransportStats(raw_bytes=buffer.numel() * buffer.element_size())
-    count_allreduce(step, flat, world)
-    nonfinite = bool(flat[-1] != 0)
-    flat = flat[:-1].div_(world)
-    for i, piece in zip(dense, flat.split([views[i].numel() for i in dense])):
-        views[i].copy_(piece.view(views[i].shape))
-
+    flag = (~torch.isfinite(buffer).all()).to(buffer.dtype).reshape(1)
+    nonfinite = bool(_dense_average(state, views, dense, step, extra=flag) != 0)
     if sparse and nonfinite:
-        rest = torch.cat([views[i].reshape(-1) for i in sparse])
-        dist.all_reduce(rest, group=group)
-        rest.div_(world)
-        for i, piece in zip(sparse, rest.split([views[i].numel() for i in sparse])):
-            views[i].copy_(piece.view(views[i].shape))
-        count_allreduce(step, rest, world)
+        _dense_average(state, views, sparse, step)
         step.extra["nonfinite"] = True
     elif sparse:
         keys = [state.key_of(params[i]) for i in sparse]
         out, moved = state.transport.run(keys, [views[i] for i in sparse])
         for i, o in zip(sparse, out):
             views[i].copy_(o)
-        step.wire_bytes += moved.wire_bytes
-        step.link_bytes += moved.link_bytes
-        step.collectives += moved.collectives
-        step.compress_s, step.comm_s, step.decompress_s = (
-            moved.compress_s, moved.comm_s, moved.decompress_s
-        )  # fmt: skip
+        moved.raw_bytes = 0  # the bucket's raw bytes are counted once, above
+        step.add(moved)
     state.record(step)
 
 

@@ -35,8 +35,11 @@ class HookOptions:
     """How the hook treats each bucket.
 
     Tuned often:
-        error_feedback: keep per-parameter residuals (strongly advised for biased compressors:
-            top-k, sign, PowerSGD, deterministic quantizers).
+        error_feedback: keep per-parameter residuals. ``"auto"`` (the default) turns it on for
+            biased compressors (top-k, sign, PowerSGD, deterministic quantizers), which need it,
+            and off for unbiased ones (QSGD, stochastic rounding, ternary), whose noise error
+            feedback would carry over and, where it exceeds the signal (QSGD with the l2 norm),
+            amplify. ``True``/``False`` force it.
         start_iter: dense all-reduce steps before compressing; early gradients change fast and
             compressing them hurts most (torch's PowerSGD uses 1000-10000 on large models).
         transport: ``"auto"`` (all-reduce when the payload is summable, else all-gather),
@@ -55,7 +58,7 @@ class HookOptions:
         feedback: error-feedback options (decay, DGC momentum correction, warm-up).
     """
 
-    error_feedback: bool = True
+    error_feedback: bool | str = "auto"
     start_iter: int = 0
     transport: str = "auto"
     min_numel: int = 1024
@@ -66,7 +69,8 @@ class HookOptions:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
 
     def __post_init__(self) -> None:
-        check_bool("error_feedback", self.error_feedback)
+        if self.error_feedback != "auto":
+            check_bool("error_feedback", self.error_feedback)
         check_int("start_iter", self.start_iter, lo=0)
         check_choice("transport", self.transport, ("auto", *sorted(TRANSPORTS)))
         check_int("min_numel", self.min_numel, lo=0)
@@ -134,10 +138,11 @@ class CompressionState:
         self.rank = dist.get_rank(process_group)
         self.compressor = build_compressor(compressor)
         self.compressor.set_seed(self.options.seed * 1_000_003 + self.rank)
+        ef = self.options.error_feedback
+        #: whether error feedback is on (``"auto"`` resolved against the compressor)
+        self.error_feedback = (not self.compressor.capabilities.unbiased) if ef == "auto" else ef
         self.feedback = (
-            ErrorFeedback(self.compressor, self.options.feedback)
-            if self.options.error_feedback
-            else None
+            ErrorFeedback(self.compressor, self.options.feedback) if self.error_feedback else None
         )
         self.transport: Transport = build_transport(
             self.compressor, self.options.transport, self.feedback, process_group

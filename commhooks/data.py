@@ -1,0 +1,60 @@
+"""Seeded splits of a dataset among clients (ranks), identical on every rank.
+
+Each function returns one index tensor per client. They need only the dataset's length or its
+labels, so they work for any map-style dataset: wrap with ``torch.utils.data.Subset``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from commhooks._validate import check_int, check_real
+
+__all__ = ["dirichlet_split", "iid_split"]
+
+
+def iid_split(n: int, clients: int, seed: int = 0) -> list[Tensor]:
+    """A random permutation of ``range(n)`` cut into ``clients`` near-equal parts."""
+    check_int("n", n, lo=0)
+    check_int("clients", clients, lo=1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return list(perm.tensor_split(clients))
+
+
+def dirichlet_split(
+    labels: Sequence[int] | Tensor, clients: int, alpha: float, seed: int = 0
+) -> list[Tensor]:
+    """Label skew: each class is shared among clients in Dirichlet(``alpha``) proportions.
+
+    Args:
+        labels: one integer label per example.
+        clients: number of parts.
+        alpha: concentration; small values (0.1-0.5) give each client a few dominant classes,
+            large ones (100) approach an IID split.
+        seed: the same seed gives the same split on every rank.
+
+    Every client gets at least one example (taken from the largest part if need be), so that
+    every rank can draw batches.
+    """
+    check_int("clients", clients, lo=1)
+    check_real("alpha", alpha, lo=0.0, lo_open=True)
+    y = torch.as_tensor(labels).reshape(-1).cpu().numpy()
+    if y.size < clients:
+        raise ValueError(f"labels: {y.size} examples cannot give each of {clients} clients one")
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in range(clients)]
+    for cls in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == cls))
+        share = rng.dirichlet(np.full(clients, alpha))
+        cuts = (np.cumsum(share)[:-1] * idx.size).astype(int)
+        for c, piece in enumerate(np.split(idx, cuts)):
+            parts[c].extend(piece.tolist())
+    for c in range(clients):
+        if not parts[c]:
+            donor = max(range(clients), key=lambda d: len(parts[d]))
+            parts[c].append(parts[donor].pop())
+    return [torch.tensor(sorted(p), dtype=torch.int64) for p in parts]

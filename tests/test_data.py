@@ -1,0 +1,59 @@
+"""Client splits: seeded, disjoint, covering, skewed as asked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from commhooks.data import dirichlet_split, iid_split
+
+
+def _labels(n: int = 2000, classes: int = 10) -> torch.Tensor:
+    return torch.arange(n) % classes
+
+
+def test_dirichlet_split_is_a_seeded_partition() -> None:
+    y = _labels()
+    parts = dirichlet_split(y, 4, alpha=0.5, seed=3)
+    assert torch.equal(torch.sort(torch.cat(parts)).values, torch.arange(len(y)))
+    again = dirichlet_split(y, 4, alpha=0.5, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(parts, again))
+    other = dirichlet_split(y, 4, alpha=0.5, seed=4)
+    assert not all(torch.equal(a, b) for a, b in zip(parts, other))
+
+
+def test_small_alpha_skews_labels_and_large_alpha_does_not() -> None:
+    y = _labels()
+
+    def top_class_share(alpha: float) -> float:
+        shares = [torch.bincount(y[p], minlength=10).max() / len(p) for p in
+                  dirichlet_split(y, 4, alpha, seed=0)]  # fmt: skip
+        return float(torch.stack(shares).mean())
+
+    assert top_class_share(0.1) > 0.4
+    assert top_class_share(1000.0) < 0.15
+
+
+def test_every_client_gets_an_example() -> None:
+    parts = dirichlet_split(_labels(40, 2), 8, alpha=0.01, seed=0)
+    assert all(len(p) >= 1 for p in parts) and sum(len(p) for p in parts) == 40
+
+
+def test_iid_split() -> None:
+    parts = iid_split(10, 3, seed=1)
+    assert [len(p) for p in parts] == [4, 3, 3]
+    assert torch.equal(torch.sort(torch.cat(parts)).values, torch.arange(10))
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda: dirichlet_split(_labels(), 0, 0.5), "clients"),
+        (lambda: dirichlet_split(_labels(), 4, 0.0), "alpha"),
+        (lambda: dirichlet_split(_labels(3), 4, 0.5), "labels"),
+        (lambda: iid_split(-1, 2), "n"),
+    ],
+)
+def test_bad_arguments_name_the_field(call, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        call()
