@@ -131,6 +131,8 @@ def worker(rank: int, world: int, tmp: str, cfg: dict[str, Any]) -> None:
         if rank == 0:
             with open(os.path.join(tmp, "results.json"), "w") as f:
                 json.dump([asdict(r) for r in results], f)
+        # Ranks leave together: one tearing gloo down while another is mid-send aborts it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
 """Transports: how compressed payloads cross a torch.distributed process group."""
 
+from commhooks.comm.collectives import Collectives, TorchCollectives, as_collectives
 from commhooks.comm.transport import (
     AllGatherTransport,
     AllReduceTransport,
@@ -10,6 +11,9 @@ from commhooks.comm.transport import (
 )
 
 __all__ = [
+    "Collectives",
+    "TorchCollectives",
+    "as_collectives",
     "AllGatherTransport",
     "AllReduceTransport",
     "ReduceScatterTransport",

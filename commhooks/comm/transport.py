@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from commhooks.comm.collectives import Collectives, as_collectives
 from commhooks.compressors.base import Compressor, Context, Payload, ReduceOp
 from commhooks.feedback import ErrorFeedback
 
@@ -37,12 +38,9 @@ __all__ = [
     "Traffic",
     "Transport",
     "TransportStats",
-    "all_gather_flat",
     "count_allreduce",
     "build_transport",
 ]
-
-_TORCH_OPS = {ReduceOp.SUM: dist.ReduceOp.SUM, ReduceOp.MAX: dist.ReduceOp.MAX}
 
 
 @dataclass
@@ -89,12 +87,6 @@ def count_allreduce(stats: TransportStats, buf: Tensor, world: int) -> None:
     stats.collectives += 1
 
 
-def all_gather_flat(out: Tensor, own: Tensor, group: dist.ProcessGroup | None) -> None:
-    """All-gather equal-sized ``own`` from every rank into ``out`` (rank-major)."""
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, own, group=group)
-
-
 def _from_bytes(buf: Tensor, like: Sequence[tuple[torch.dtype, torch.Size]]) -> list[Tensor]:
     """Inverse of :func:`_bytes_of` for tensors of the given dtypes and shapes."""
     out, pos = [], 0
@@ -115,7 +107,7 @@ class Transport(ABC):
     Args:
         compressor: the compressor.
         feedback: per-key error feedback wrapping it, or None to send raw gradients.
-        group: the process group (None: the default group).
+        comm: a :class:`Collectives`, or a torch process group (None: the default group).
     """
 
     #: the name the DDP options use to ask for this transport
@@ -125,14 +117,14 @@ class Transport(ABC):
         self,
         compressor: Compressor[Any],
         feedback: ErrorFeedback | None = None,
-        group: dist.ProcessGroup | None = None,
+        comm: Collectives | dist.ProcessGroup | None = None,
     ) -> None:
         self.check(compressor)
         self.compressor = compressor
         self.feedback = feedback
-        self.group = group
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
+        self.comm = as_collectives(comm)
+        self.world = self.comm.world
+        self.rank = self.comm.rank
 
     @classmethod
     def check(cls, compressor: Compressor[Any]) -> None:
@@ -155,7 +147,7 @@ class Transport(ABC):
 
     def _all_reduce(self, buf: Tensor, op: ReduceOp, stats: TransportStats) -> None:
         t0 = time.perf_counter()
-        dist.all_reduce(buf, op=_TORCH_OPS[op], group=self.group)
+        self.comm.all_reduce(buf, op)
         stats.comm_s += time.perf_counter() - t0
         count_allreduce(stats, buf, self.world)
 
@@ -163,15 +155,12 @@ class Transport(ABC):
         """Every rank's byte buffer, of possibly different lengths, in rank order."""
         t0 = time.perf_counter()
         size = torch.tensor([own.numel()], dtype=torch.int64, device=own.device)
-        sizes = torch.empty(self.world, dtype=torch.int64, device=own.device)
-        all_gather_flat(sizes, size, self.group)
-        lengths = sizes.tolist()
+        lengths = self.comm.all_gather(size).tolist()
         # Rounded up to 8 bytes, so that every rank's block (and its int64 header) is aligned.
         longest = -(-max(lengths) // 8) * 8
         padded = torch.zeros(longest, dtype=torch.uint8, device=own.device)
         padded[: own.numel()] = own
-        out = torch.empty(self.world * longest, dtype=torch.uint8, device=own.device)
-        all_gather_flat(out, padded, self.group)
+        out = self.comm.all_gather(padded)
         stats.comm_s += time.perf_counter() - t0
         stats.wire_bytes += 8 + longest
         # A ring all-gather forwards every other rank's block once.
@@ -182,8 +171,7 @@ class Transport(ABC):
     def _all_gather_equal(self, own: Tensor, stats: TransportStats) -> list[Tensor]:
         """Every rank's byte buffer when all have ``own``'s length: one collective."""
         t0 = time.perf_counter()
-        out = torch.empty(self.world * own.numel(), dtype=torch.uint8, device=own.device)
-        all_gather_flat(out, own, self.group)
+        out = self.comm.all_gather(own)
         stats.comm_s += time.perf_counter() - t0
         stats.wire_bytes += own.numel()
         stats.link_bytes += (self.world - 1) * own.numel()
@@ -320,9 +308,9 @@ class ReduceScatterTransport(Transport):
         self,
         compressor: Compressor[Any],
         feedback: ErrorFeedback | None = None,
-        group: dist.ProcessGroup | None = None,
+        comm: Collectives | dist.ProcessGroup | None = None,
     ) -> None:
-        super().__init__(compressor, feedback, group)
+        super().__init__(compressor, feedback, comm)
         # The server's memory: what its re-compression of the averaged pieces dropped.
         self.server = ErrorFeedback(type(compressor)(compressor.config)) if feedback else None
 
@@ -363,8 +351,7 @@ class ReduceScatterTransport(Transport):
         stats.compress_s += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
+        recv = self.comm.all_to_all(send)
         stats.comm_s += time.perf_counter() - t0
         stats.wire_bytes += send.numel()
         stats.link_bytes += (world - 1) / world * send.numel()
@@ -431,7 +418,7 @@ def build_transport(
     compressor: Compressor[Any],
     transport: str = "auto",
     feedback: ErrorFeedback | None = None,
-    group: dist.ProcessGroup | None = None,
+    comm: Collectives | dist.ProcessGroup | None = None,
 ) -> Transport:
     """The transport for ``compressor``: ``"auto"`` takes all-reduce for summable payloads and
     all-gather otherwise; ``"allreduce"``, ``"allgather"`` or ``"reducescatter"`` force one,
@@ -443,4 +430,4 @@ def build_transport(
         raise ValueError(
             f"transport={transport!r}: must be 'auto' or one of {', '.join(sorted(TRANSPORTS))}"
         )
-    return cls(compressor, feedback, group)
+    return cls(compressor, feedback, comm)

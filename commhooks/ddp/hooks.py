@@ -100,7 +100,7 @@ def _dense_average(
     along at the end and is returned summed over ranks."""
     tail = [extra] if extra is not None else []
     flat = torch.cat([*(views[i].reshape(-1) for i in idx), *tail])
-    dist.all_reduce(flat, group=state.process_group)
+    state.comm.all_reduce(flat)
     count_allreduce(step, flat, state.world_size)
     summed = flat[-1] if extra is not None else None
     body = flat[: flat.numel() - len(tail)].div_(state.world_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,12 +14,12 @@ import torch.distributed as dist
 from torch import nn
 
 from commhooks._validate import check_bool, check_choice, check_int
+from commhooks.comm.collectives import Collectives, TorchCollectives
 from commhooks.comm.transport import (
     TRANSPORTS,
     Traffic,
     Transport,
     TransportStats,
-    all_gather_flat,
     build_transport,
 )
 from commhooks.compressors.base import Compressor, CompressorConfig
@@ -117,6 +118,10 @@ class CompressionState:
             every rank and every run of the same script.
         process_group: the group to communicate in (None: the default group).
         options: a :class:`HookOptions`; or give its fields as keyword arguments.
+        comm: other collectives to run over instead of torch.distributed (the Horovod front
+            end passes its own); ``process_group`` is then unused.
+        named_parameters: ``(name, parameter)`` pairs naming the parameters, when there is no
+            model to take them from.
     """
 
     def __init__(
@@ -126,16 +131,17 @@ class CompressionState:
         model: nn.Module | None = None,
         process_group: dist.ProcessGroup | None = None,
         options: HookOptions | None = None,
+        comm: Collectives | None = None,
+        named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
         **kwargs: Any,
     ) -> None:
         if options is not None and kwargs:
             raise ValueError("options: pass a HookOptions or keyword options, not both")
-        if not dist.is_initialized():
-            raise RuntimeError("process group: call torch.distributed.init_process_group first")
         self.options = options if options is not None else HookOptions(**kwargs)
         self.process_group = process_group
-        self.world_size = dist.get_world_size(process_group)
-        self.rank = dist.get_rank(process_group)
+        self.comm = comm if comm is not None else TorchCollectives(process_group)
+        self.world_size = self.comm.world
+        self.rank = self.comm.rank
         self.compressor = build_compressor(compressor)
         self.compressor.set_seed(self.options.seed * 1_000_003 + self.rank)
         ef = self.options.error_feedback
@@ -145,11 +151,11 @@ class CompressionState:
             ErrorFeedback(self.compressor, self.options.feedback) if self.error_feedback else None
         )
         self.transport: Transport = build_transport(
-            self.compressor, self.options.transport, self.feedback, process_group
+            self.compressor, self.options.transport, self.feedback, self.comm
         )
-        self._names: dict[int, str] = (
-            {id(p): n for n, p in model.named_parameters()} if model is not None else {}
-        )
+        if named_parameters is None and model is not None:
+            named_parameters = model.named_parameters()
+        self._names: dict[int, str] = {id(p): n for n, p in named_parameters or ()}
         self.iteration = 0
         self._stats = CommStats()
         self._step = TransportStats()
@@ -183,8 +189,7 @@ class CompressionState:
         if self._checked:
             return
         mine = torch.tensor([int(self.fingerprint(), 16) - (1 << 63)], dtype=torch.int64)
-        everyone = torch.empty(self.world_size, dtype=torch.int64, device=device)
-        all_gather_flat(everyone, mine.to(device), self.process_group)
+        everyone = self.comm.all_gather(mine.to(device))
         self._checked = True
         if len(set(everyone.tolist())) > 1:
             raise RuntimeError(
