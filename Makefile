@@ -5,20 +5,22 @@ PY := $(VENV)/bin/python
 # The CPU build of torch lies on this disk; asking PyPI instead would pull a CUDA build of several GB.
 TORCH_SPEC ?= torch==2.13.0
 WHEELS ?= /opt/wheels
-# Debian packages the tests need; installed only when missing.
-APT_PACKAGES ?=
+# Debian packages the tests need; installed only when missing. Open MPI: Horovod and mpi4py.
+APT_PACKAGES ?= openmpi-bin libopenmpi-dev
 STAMP := $(VENV)/.setup-stamp
 
 .PHONY: setup test lint clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile scripts/ensure-apt.sh
+$(STAMP): pyproject.toml Makefile scripts/ensure-apt.sh scripts/install-horovod.sh
 	bash scripts/ensure-apt.sh $(APT_PACKAGES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) -e ".[dev]"
+	$(PY) -m pip install --quiet $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) -e ".[dev,mpi]"
+	# Horovod built from its sdist against this torch; the wheel is cached outside the repo.
+	bash scripts/install-horovod.sh $(PY)
 	touch $(STAMP)
 
 test: setup

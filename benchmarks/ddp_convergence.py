@@ -36,11 +36,18 @@ from commhooks.data import dirichlet_split
 
 @dataclass(frozen=True)
 class Run:
-    """One row: ``spec`` None is dense DDP; ``options`` go to :func:`commhooks.ddp.register`."""
+    """One row: ``spec`` None is dense DDP; ``options`` go to :func:`commhooks.ddp.register`;
+    ``momentum`` is the optimizer's (0 where error feedback holds the momentum instead)."""
 
     label: str
     spec: str | None
     options: dict[str, Any] = field(default_factory=dict)
+    momentum: float = 0.9
+
+
+# DGC's momentum correction: the momentum lives in the error-feedback memory, before
+# compression, and the optimizer runs without it.
+MOMENTUM_IN_EF = {"feedback": commhooks.FeedbackConfig(momentum=0.9)}
 
 
 RUNS: list[Run] = [
@@ -50,6 +57,9 @@ RUNS: list[Run] = [
     Run("qsgd, EF forced on", "qsgd", {"error_feedback": True}),
     Run("randomk:ratio=0.1", "randomk:ratio=0.1"),
     Run("dgc:ratio=0.01", "dgc:ratio=0.01"),
+    Run("randomk, momentum in EF", "randomk", MOMENTUM_IN_EF, momentum=0.0),
+    Run("randomk:ratio=0.1, momentum in EF", "randomk:ratio=0.1", MOMENTUM_IN_EF, momentum=0.0),
+    Run("dgc, momentum in EF", "dgc", MOMENTUM_IN_EF, momentum=0.0),
 ]
 
 
@@ -95,7 +105,7 @@ def train_one(
     state = None
     if run.spec is not None:
         state = commhooks.ddp.register(ddp, run.spec, seed=seed, **run.options)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=run.momentum)
     steps_per_epoch = -(-len(y_tr) // (world * batch))
     g = torch.Generator().manual_seed(seed * 1000 + rank)
     for _ in range(epochs * steps_per_epoch):

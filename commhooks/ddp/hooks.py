@@ -16,7 +16,7 @@ from commhooks.comm.transport import TransportStats, count_allreduce
 from commhooks.compressors.base import Compressor, CompressorConfig
 from commhooks.ddp.state import CompressionState
 
-__all__ = ["bf16_wrapper", "compression_hook", "fp16_wrapper", "register"]
+__all__ = ["average_buffer", "bf16_wrapper", "compression_hook", "fp16_wrapper", "register"]
 
 Hook = Callable[[Any, dist.GradBucket], "Future[Tensor]"]
 
@@ -107,6 +107,22 @@ def _dense_average(
     for i, piece in zip(idx, body.split([views[i].numel() for i in idx])):
         views[i].copy_(piece.view(views[i].shape))
     return summed
+
+
+def average_buffer(state: CompressionState, buffer: Tensor, params: list[Tensor]) -> None:
+    """Average ``buffer`` (the concatenated gradients of ``params``) over ranks, in place and
+    synchronously, through ``state.comm``: dense before ``start_iter``, compressed after.
+
+    The front ends without a DDP reducer (Horovod's optimizer) call this once per step; it
+    does not close the step (call ``state.end_step()``).
+    """
+    state.check_agreement(buffer.device)
+    if state.iteration < state.options.start_iter:
+        step = TransportStats(raw_bytes=buffer.numel() * buffer.element_size())
+        _dense_average(state, [buffer], [0], step)
+        state.record(step)
+    else:
+        _average(state, buffer, params)
 
 
 def _average(state: CompressionState, buffer: Tensor, params: list[Tensor]) -> None:

@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from ddp_convergence import RUNS, run, table  # noqa: E402
+from ddp_convergence import RUNS, run, table
 
 KEEP = ("dense", "topk", "topk, no EF", "sign", "powersgd", "uniform")
 

@@ -1,0 +1,246 @@
+"""commhooks' own Horovod ``DistributedOptimizer``: every compressor, per-name error feedback."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from commhooks.compressors.base import Compressor, CompressorConfig
+from commhooks.ddp.hooks import average_buffer
+from commhooks.ddp.state import CommStats, CompressionState
+from commhooks.horovod.collectives import HorovodCollectives, horovod
+
+__all__ = ["DistributedOptimizer", "broadcast_initial_state"]
+
+
+class _Distributed(torch.optim.Optimizer):
+    """Methods grafted onto a subclass of the user's optimizer class (as Horovod does), so the
+    result is still an instance of that class for schedulers and checkpoints."""
+
+    _ch: CompressionState
+
+    def __init__(
+        self,
+        params: Any,
+        named_parameters: list[tuple[str, Tensor]],
+        compressor: Any,
+        backward_passes_per_step: int,
+        sum_instead: bool,
+        process_set: Any,
+        options: dict[str, Any],
+    ) -> None:
+        super(self.__class__, self).__init__(params)
+        self._ch = CompressionState(
+            compressor,
+            comm=HorovodCollectives(process_set),
+            named_parameters=named_parameters,
+            **options,
+        )
+        self._ch_params = [p for _, p in named_parameters if p.requires_grad]
+        self.backward_passes_per_step = backward_passes_per_step
+        self._sum = sum_instead
+        self._passes: dict[int, int] = {}
+        self._synchronized = False
+        self._should_synchronize = True
+        for p in self._ch_params:
+            p.register_post_accumulate_grad_hook(self._count_pass)
+
+    def _count_pass(self, p: Tensor) -> None:
+        n = self._passes.get(id(p), 0) + 1
+        if n > self.backward_passes_per_step:
+            raise RuntimeError(
+                f"backward ran {n} times before optimizer.step(), more than "
+                f"backward_passes_per_step={self.backward_passes_per_step}; raise it to "
+                "accumulate gradients locally"
+            )
+        self._passes[id(p)] = n
+
+    def synchronize(self) -> None:
+        """Average every parameter's gradient over the process set, compressed, in place.
+
+        Parameters without a gradient on this rank contribute zeros, as in Horovod, so every
+        rank issues the same collectives. Tensors are grouped by dtype and device, each group
+        going through the transport as one buffer.
+        """
+        groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for p in self._ch_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            groups.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+        for params in groups.values():
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            average_buffer(self._ch, flat, params)
+            if self._sum:
+                flat.mul_(self._ch.world_size)
+            for p, piece in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(piece.view(p.grad.shape))
+        self._ch.end_step()
+        self._passes.clear()
+        self._synchronized = True
+
+    @contextlib.contextmanager
+    def skip_synchronize(self) -> Iterator[None]:
+        """``step()`` inside this block does not synchronize (call ``synchronize()`` first,
+        e.g. to clip the averaged gradients)."""
+        self._should_synchronize = False
+        try:
+            yield
+        finally:
+            self._should_synchronize = True
+
+    def step(self, closure: Any = None) -> Any:
+        if self._should_synchronize:
+            if self._synchronized:
+                warnings.warn(
+                    "optimizer.step() called after optimizer.synchronize() outside "
+                    "optimizer.skip_synchronize(): the gradients are averaged only once",
+                    stacklevel=2,
+                )
+            else:
+                self.synchronize()
+        self._synchronized = False
+        return super(self.__class__, self).step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._passes:
+            raise RuntimeError(
+                "optimizer.zero_grad() was called after loss.backward() but before "
+                "optimizer.step() or optimizer.synchronize(); the gradients were not exchanged"
+            )
+        super(self.__class__, self).zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state plus, under ``"commhooks"``, this rank's compression
+        state: its error-feedback memory, compressor state, step counter and stats."""
+        state = super(self.__class__, self).state_dict()
+        state["commhooks"] = self._ch.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        ours = state_dict.pop("commhooks", None)
+        super(self.__class__, self).load_state_dict(state_dict)
+        if ours is not None:
+            self._ch.load_state_dict(ours)
+
+    @property
+    def compression_state(self) -> CompressionState:
+        """The compression state (options, error feedback, transport)."""
+        return self._ch
+
+    def stats(self) -> CommStats:
+        """Cumulative bytes and times, as :meth:`CompressionState.stats`."""
+        return self._ch.stats()
+
+
+def _names(
+    optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]] | None
+) -> list[tuple[str, Tensor]]:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if named_parameters is None:
+        return [(f"param.{i}", p) for i, p in enumerate(params)]
+    named = list(named_parameters)
+    if any(not isinstance(n, str) for n, _ in named):
+        raise ValueError(
+            "named_parameters: expected (str, Tensor) pairs, as model.named_parameters()"
+        )
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"named_parameters: names must be unique; repeated: {dup}")
+    ids = {id(p) for _, p in named}
+    missing = [i for i, p in enumerate(params) if id(p) not in ids]
+    if missing:
+        raise ValueError(
+            f"named_parameters: {len(missing)} of the optimizer's parameters are not named; "
+            "pass model.named_parameters() of the model the optimizer trains"
+        )
+    # Keep the optimizer's order: it fixes the order of the collectives on every rank.
+    name_of = {id(p): n for n, p in named}
+    return [(name_of[id(p)], p) for p in params]
+
+
+def DistributedOptimizer(
+    optimizer: torch.optim.Optimizer,
+    named_parameters: Iterable[tuple[str, Tensor]] | None = None,
+    compressor: str | CompressorConfig | Compressor[Any] = "identity",
+    backward_passes_per_step: int = 1,
+    op: Any = None,
+    process_set: Any = None,
+    **options: Any,
+) -> torch.optim.Optimizer:
+    """Wrap ``optimizer`` so that ``step()`` first averages the gradients over Horovod ranks,
+    compressed by ``compressor`` with per-parameter error feedback.
+
+    A drop-in for ``hvd.DistributedOptimizer``: the result is an instance of the optimizer's
+    class, with ``synchronize()``, ``skip_synchronize()`` and local accumulation over
+    ``backward_passes_per_step`` backward passes. Unlike Horovod's it serves every commhooks
+    compressor: all-reduce for summable payloads (casts, random-k, PowerSGD's two rounds,
+    shared-scale integers), all-gather for per-worker ones (top-k, sign), and the compressed
+    reduce-scatter with ``transport="reducescatter"``.
+
+    Args:
+        optimizer: the local optimizer; it is rebuilt from its ``param_groups`` (its state, if
+            any, is not carried over, as in Horovod).
+        named_parameters: ``model.named_parameters()``. Names key the error feedback and must
+            match across ranks; without them parameters are named by position.
+        compressor: a spec string (``"topk:ratio=0.01"``), config or compressor.
+        backward_passes_per_step: backward passes accumulated locally per ``step()``; more
+            raise an error, as in Horovod.
+        op: ``hvd.Average`` (default) or ``hvd.Sum``.
+        process_set: a Horovod process set (default: all ranks).
+        **options: fields of :class:`commhooks.ddp.HookOptions` (``error_feedback``,
+            ``start_iter``, ``transport``, ``min_numel``, ``log_every``, ...).
+
+    Tuning: the exchange runs when ``step()`` (or ``synchronize()``) is called, not during
+    backward, so it does not overlap with backward as Horovod's does; compression pays where
+    the link, not the compute, is the bottleneck. See docs/horovod.md.
+    """
+    hvd = horovod()
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer)}")
+    if isinstance(optimizer, _Distributed):
+        raise ValueError("optimizer: already a commhooks DistributedOptimizer")
+    if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int):
+        raise ValueError(f"backward_passes_per_step={backward_passes_per_step!r}: must be an int")
+    if backward_passes_per_step < 1:
+        raise ValueError(f"backward_passes_per_step={backward_passes_per_step}: must be >= 1")
+    op = hvd.Average if op is None else op
+    if op not in (hvd.Average, hvd.Sum):
+        raise ValueError(
+            f"op={op!r}: only hvd.Average and hvd.Sum; Adasum and the others do not combine "
+            "with compressed payloads"
+        )
+    named = _names(optimizer, named_parameters)
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_Distributed.__dict__))
+    return cls(  # type: ignore[no-any-return]
+        optimizer.param_groups,
+        named,
+        compressor,
+        backward_passes_per_step,
+        op == hvd.Sum,
+        process_set,
+        options,
+    )
+
+
+def broadcast_initial_state(
+    params: Any, optimizer: torch.optim.Optimizer, root_rank: int = 0
+) -> None:
+    """Start every rank from ``root_rank``'s parameters and optimizer state.
+
+    ``params`` is ``model.state_dict()`` or ``model.named_parameters()``. Error-feedback
+    memory is per worker and is not broadcast: at the start it is empty everywhere.
+    """
+    hvd = horovod()
+    hvd.broadcast_parameters(params, root_rank=root_rank)
+    # Horovod initialises an empty optimizer state with one step on zero gradients; skipping
+    # the synchronization keeps that step out of the exchange (and out of the step counter).
+    skip = getattr(optimizer, "skip_synchronize", contextlib.nullcontext)
+    with skip():
+        hvd.broadcast_optimizer_state(optimizer, root_rank=root_rank)

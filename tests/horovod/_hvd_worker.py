@@ -1,0 +1,234 @@
+"""Horovod scenarios, run under a real launcher (horovodrun --gloo / --mpi, mpirun) by
+test_horovod.py. Each rank writes what it observed to ``OUT/rank{r}.json``; the assertions
+live in the tests.
+
+Usage: ``python _hvd_worker.py OUT``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from typing import Any
+
+import horovod.torch as hvd
+import torch
+from torch import nn
+
+import commhooks
+from commhooks.horovod import Compression, DistributedOptimizer, broadcast_initial_state
+
+STEPS = 12
+
+
+def make_model() -> nn.Module:
+    # Two tensors above the default min_numel (compressed), the rest batched dense.
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
+    )
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + hvd.rank())
+    return torch.randn(16, 32, generator=g), torch.randn(16, 4, generator=g)
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def replicas_equal(model: nn.Module) -> bool:
+    mine = flat(model)
+    every = hvd.allgather(mine.unsqueeze(0))
+    return bool((every == mine).all())
+
+
+def train(
+    model: nn.Module, opt: torch.optim.Optimizer, steps: range, passes: int = 1
+) -> dict[str, Any]:
+    equal, losses = True, []
+    for step in steps:
+        opt.zero_grad()
+        for k in range(passes):
+            x, y = batch(step * passes + k)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        equal = equal and replicas_equal(model)
+    return {"equal": equal, "losses": losses, "finite": bool(torch.isfinite(flat(model)).all())}
+
+
+def ours(spec: str, model: nn.Module | None = None, **options: Any) -> tuple[nn.Module, Any]:
+    model = model or make_model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = DistributedOptimizer(sgd, model.named_parameters(), compressor=spec, **options)
+    return model, opt
+
+
+def horovods(compression: Any, passes: int = 1) -> tuple[nn.Module, Any]:
+    model = make_model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = hvd.DistributedOptimizer(
+        sgd, model.named_parameters(), compression=compression, backward_passes_per_step=passes
+    )
+    return model, opt
+
+
+def every_compressor() -> dict[str, Any]:
+    out = {}
+    runs = [(s, {}) for s in commhooks.available()]
+    runs += [("uniform", {"transport": "reducescatter"}), ("powersgd", {"start_iter": 3})]
+    for spec, options in runs:
+        model, opt = ours(spec, **options)
+        res = train(model, opt, range(STEPS))
+        st = opt.stats()
+        label = spec + "".join(f" {k}={v}" for k, v in options.items())
+        out[label] = {
+            **res,
+            "ratio": st.ratio,
+            "steps": st.steps,
+            "transport": opt.compression_state.transport.name,
+            "isinstance_sgd": isinstance(opt, torch.optim.SGD),
+        }
+    return out
+
+
+def lossless() -> dict[str, Any]:
+    ref_model, ref_opt = horovods(hvd.Compression.none)
+    train(ref_model, ref_opt, range(STEPS))
+    ref = flat(ref_model)
+    out = {}
+    for spec in ("identity", "topk:ratio=1.0"):
+        model, opt = ours(spec, error_feedback=False)
+        train(model, opt, range(STEPS))
+        out[spec] = (flat(model) - ref).abs().max().item()
+    # backward_passes_per_step=2 accumulates locally like Horovod's.
+    ref_model, ref_opt = horovods(hvd.Compression.none, passes=2)
+    train(ref_model, ref_opt, range(STEPS), passes=2)
+    model, opt = ours("identity", backward_passes_per_step=2)
+    train(model, opt, range(STEPS), passes=2)
+    out["identity, 2 passes"] = (flat(model) - flat(ref_model)).abs().max().item()
+    return out
+
+
+def adapters() -> dict[str, Any]:
+    out = {}
+    pairs = {
+        "fp16": (Compression.fp16, hvd.Compression.fp16),
+        "none": (Compression.none, hvd.Compression.none),
+        "randomk:ratio=1.0": (Compression.randomk(ratio=1.0), hvd.Compression.none),
+    }
+    for label, (mine, theirs) in pairs.items():
+        a, a_opt = horovods(mine)
+        train(a, a_opt, range(STEPS))
+        b, b_opt = horovods(theirs)
+        train(b, b_opt, range(STEPS))
+        out[label] = (flat(a) - flat(b)).abs().max().item()
+    model, opt = horovods(Compression.randomk(ratio=0.25))
+    out["randomk:ratio=0.25"] = train(model, opt, range(STEPS))
+    return out
+
+
+def checkpoint() -> dict[str, Any]:
+    model, opt = ours("topk:ratio=0.05")
+    train(model, opt, range(STEPS))
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    train(model, opt, range(STEPS, 2 * STEPS))
+    fresh = make_model()
+    fresh.load_state_dict(saved_model)
+    fresh, fresh_opt = ours("topk:ratio=0.05", model=fresh)
+    fresh_opt.load_state_dict(saved_opt)
+    train(fresh, fresh_opt, range(STEPS, 2 * STEPS))
+    memory = saved_opt["commhooks"]["feedback"]
+    return {
+        "resumed_equal": bool(torch.equal(flat(model), flat(fresh))),
+        "has_feedback": memory is not None and len(memory.get("memory", memory)) > 0,
+        "iteration": saved_opt["commhooks"]["iteration"],
+    }
+
+
+def api() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    # synchronize() then step() under skip_synchronize() (gradient clipping) equals step().
+    a, a_opt = ours("sign")
+    train(a, a_opt, range(3))
+    b, b_opt = ours("sign")
+    for step in range(3):
+        b_opt.zero_grad()
+        x, y = batch(step)
+        nn.functional.mse_loss(b(x), y).backward()
+        b_opt.synchronize()
+        torch.nn.utils.clip_grad_norm_(b.parameters(), 1e9)
+        with b_opt.skip_synchronize():
+            b_opt.step()
+    out["skip_synchronize_equal"] = bool(torch.equal(flat(a), flat(b)))
+    # zero_grad() between backward and step() would drop the exchange: refused.
+    c, c_opt = ours("topk")
+    x, y = batch(0)
+    nn.functional.mse_loss(c(x), y).backward()
+    try:
+        c_opt.zero_grad()
+        out["zero_grad_error"] = ""
+    except RuntimeError as e:
+        out["zero_grad_error"] = str(e)
+    c_opt.step()
+    # Initial state from rank 0, whatever each rank started with.
+    torch.manual_seed(hvd.rank())
+    d = nn.Linear(8, 8)
+    d_opt = DistributedOptimizer(torch.optim.Adam(d.parameters()), d.named_parameters())
+    broadcast_initial_state(d.state_dict(), d_opt)
+    out["broadcast_equal"] = replicas_equal(d)
+    out["broadcast_iteration"] = d_opt.compression_state.iteration
+    # Bad arguments are refused before any collective, naming the field.
+    bad = {
+        "op": {"op": hvd.Adasum},
+        "backward_passes_per_step": {"backward_passes_per_step": 0},
+        "named_parameters": {"named_parameters": list(d.named_parameters())[:1]},
+        "ratio": {"compressor": "topk:ratio=2"},
+    }
+    out["bad"] = {}
+    for field, kwargs in bad.items():
+        e_model = nn.Linear(8, 8)
+        kwargs.setdefault("named_parameters", e_model.named_parameters())
+        try:
+            DistributedOptimizer(torch.optim.SGD(e_model.parameters(), lr=0.1), **kwargs)
+            out["bad"][field] = ""
+        except ValueError as e:
+            out["bad"][field] = str(e)
+    return out
+
+
+def mismatch() -> str:
+    ratio = 0.01 if hvd.rank() == 0 else 0.02
+    model, opt = ours(f"topk:ratio={ratio}")
+    try:
+        train(model, opt, range(2))
+    except RuntimeError as e:
+        return str(e)
+    return ""
+
+
+def main() -> None:
+    out_dir = sys.argv[1]
+    hvd.init()
+    torch.set_num_threads(1)
+    result = {
+        "size": hvd.size(),
+        "every_compressor": every_compressor(),
+        "lossless": lossless(),
+        "adapters": adapters(),
+        "checkpoint": checkpoint(),
+        "api": api(),
+        "mismatch": mismatch(),
+    }
+    with open(os.path.join(out_dir, f"rank{hvd.rank()}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
