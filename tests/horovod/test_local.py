@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import pathlib
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -46,3 +51,12 @@ def test_optimizer_needs_horovod_initialised() -> None:
         commhooks.horovod.DistributedOptimizer(
             torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters()
         )
+
+
+def test_horovod_build_has_pytorch_gloo_and_mpi() -> None:
+    horovodrun = pathlib.Path(sys.executable).with_name("horovodrun")
+    out = subprocess.run(
+        [str(horovodrun), "--check-build"], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    for what in ("PyTorch", "Gloo", "MPI"):
+        assert re.search(rf"\[X\] {what}\b", out), f"{what} missing from:\n{out}"
