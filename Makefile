@@ -9,7 +9,7 @@ WHEELS ?= /opt/wheels
 APT_PACKAGES ?= openmpi-bin libopenmpi-dev
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup test lint clean
+.PHONY: setup demo test lint clean
 
 setup: $(STAMP)
 
@@ -18,17 +18,23 @@ $(STAMP): pyproject.toml Makefile scripts/ensure-apt.sh scripts/install-horovod.
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) -e ".[dev,mpi]"
+	$(PY) -m pip install --quiet $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) -e ".[dev,mpi,demo]"
 	# Horovod built from its sdist against this torch; the wheel is cached outside the repo.
 	bash scripts/install-horovod.sh $(PY)
 	touch $(STAMP)
+
+# The main job: 4 torchrun workers on digits, dense against the featured compressors.
+# DEMO_ARGS="--rate 20mbit --hidden 1024" runs it over shaped links (root).
+DEMO_ARGS ?=
+demo: setup
+	$(VENV)/bin/commhooks-demo --out demo-out $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check commhooks tests benchmarks
-	$(VENV)/bin/ruff format --check commhooks tests benchmarks
+	$(VENV)/bin/ruff check commhooks tests benchmarks examples
+	$(VENV)/bin/ruff format --check commhooks tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo-out

@@ -31,7 +31,7 @@ from torch import nn
 
 import commhooks
 import commhooks.ddp
-from commhooks.data import dirichlet_split
+from commhooks.data import dirichlet_split, load_digits
 
 
 @dataclass(frozen=True)
@@ -71,19 +71,6 @@ class Result:
     ratio: float
     wire_bytes_per_step: float
     seconds: float
-
-
-def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Digits as float features in [0, 1]: (x_train, y_train, x_test, y_test), 80/20."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.int64)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.8 * len(y))
-    tr, te = perm[:cut], perm[cut:]
-    return x[tr], y[tr], x[te], y[te]
 
 
 def train_one(
@@ -129,7 +116,7 @@ def worker(rank: int, world: int, tmp: str, cfg: dict[str, Any]) -> None:
         "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
     )
     try:
-        data = load_digits_split()
+        data = load_digits()
         results = []
         for r in cfg["runs"]:
             for seed in cfg["seeds"]:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from commhooks._validate import check_int, check_real
 
-__all__ = ["dirichlet_split", "iid_split"]
+__all__ = ["dirichlet_split", "iid_split", "load_digits"]
 
 
 def iid_split(n: int, clients: int, seed: int = 0) -> list[Tensor]:
@@ -58,3 +58,18 @@ def dirichlet_split(
             donor = max(range(clients), key=lambda d: len(parts[d]))
             parts[c].append(parts[donor].pop())
     return [torch.tensor(sorted(p), dtype=torch.int64) for p in parts]
+
+
+def load_digits(seed: int = 0, test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Scikit-learn's bundled digits (no download) as ``(x_train, y_train, x_test, y_test)``:
+    8x8 images flattened to 64 features in [0, 1], a seeded train/test cut."""
+    check_real("test_fraction", test_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+    from sklearn.datasets import load_digits as sk_digits
+
+    data = sk_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    cut = int((1 - test_fraction) * len(y))
+    tr, te = perm[:cut], perm[cut:]
+    return x[tr], y[tr], x[te], y[te]

@@ -40,6 +40,7 @@ __all__ = [
     "TransportStats",
     "count_allreduce",
     "build_transport",
+    "transport_class",
 ]
 
 
@@ -414,15 +415,11 @@ TRANSPORTS: dict[str, type[Transport]] = {
 }
 
 
-def build_transport(
-    compressor: Compressor[Any],
-    transport: str = "auto",
-    feedback: ErrorFeedback | None = None,
-    comm: Collectives | dist.ProcessGroup | None = None,
-) -> Transport:
-    """The transport for ``compressor``: ``"auto"`` takes all-reduce for summable payloads and
-    all-gather otherwise; ``"allreduce"``, ``"allgather"`` or ``"reducescatter"`` force one,
-    and a pairing that cannot work raises a ValueError saying why."""
+def transport_class(compressor: Compressor[Any], transport: str = "auto") -> type[Transport]:
+    """The transport class for ``compressor``: ``"auto"`` takes all-reduce for summable
+    payloads and all-gather otherwise; ``"allreduce"``, ``"allgather"`` or ``"reducescatter"``
+    force one, and a pairing that cannot work raises a ValueError saying why. Needs no
+    process group, so configs are checked before one exists."""
     if transport == "auto":
         transport = "allreduce" if compressor.capabilities.summable else "allgather"
     cls = TRANSPORTS.get(transport)
@@ -430,4 +427,15 @@ def build_transport(
         raise ValueError(
             f"transport={transport!r}: must be 'auto' or one of {', '.join(sorted(TRANSPORTS))}"
         )
-    return cls(compressor, feedback, comm)
+    cls.check(compressor)
+    return cls
+
+
+def build_transport(
+    compressor: Compressor[Any],
+    transport: str = "auto",
+    feedback: ErrorFeedback | None = None,
+    comm: Collectives | dist.ProcessGroup | None = None,
+) -> Transport:
+    """The transport :func:`transport_class` picks, over ``comm``."""
+    return transport_class(compressor, transport)(compressor, feedback, comm)

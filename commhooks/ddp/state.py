@@ -20,7 +20,7 @@ from commhooks.comm.transport import (
     Traffic,
     Transport,
     TransportStats,
-    build_transport,
+    transport_class,
 )
 from commhooks.compressors.base import Compressor, CompressorConfig
 from commhooks.feedback import ErrorFeedback, FeedbackConfig
@@ -139,20 +139,18 @@ class CompressionState:
             raise ValueError("options: pass a HookOptions or keyword options, not both")
         self.options = options if options is not None else HookOptions(**kwargs)
         self.process_group = process_group
-        self.comm = comm if comm is not None else TorchCollectives(process_group)
-        self.world_size = self.comm.world
-        self.rank = self.comm.rank
+        self._comm = comm
+        self._transport: Transport | None = None
         self.compressor = build_compressor(compressor)
-        self.compressor.set_seed(self.options.seed * 1_000_003 + self.rank)
         ef = self.options.error_feedback
         #: whether error feedback is on (``"auto"`` resolved against the compressor)
         self.error_feedback = (not self.compressor.capabilities.unbiased) if ef == "auto" else ef
         self.feedback = (
             ErrorFeedback(self.compressor, self.options.feedback) if self.error_feedback else None
         )
-        self.transport: Transport = build_transport(
-            self.compressor, self.options.transport, self.feedback, self.comm
-        )
+        # Checked now; built over the process group on first use, since Lightning builds the
+        # state before it initialises torch.distributed.
+        self._transport_cls = transport_class(self.compressor, self.options.transport)
         if named_parameters is None and model is not None:
             named_parameters = model.named_parameters()
         self._names: dict[int, str] = {id(p): n for n, p in named_parameters or ()}
@@ -161,6 +159,31 @@ class CompressionState:
         self._step = TransportStats()
         self._checked = not self.options.check_config
         self._seen: set[str] = set()
+
+    # -- bound to the process group on first use ------------------------------------------
+
+    @property
+    def comm(self) -> Collectives:
+        """The collectives: torch.distributed over ``process_group`` unless others were given."""
+        if self._comm is None:
+            self._comm = TorchCollectives(self.process_group)
+        return self._comm
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            # Rank-local randomness (stochastic rounding) differs per rank, so it averages out.
+            self.compressor.set_seed(self.options.seed * 1_000_003 + self.rank)
+            self._transport = self._transport_cls(self.compressor, self.feedback, self.comm)
+        return self._transport
 
     # -- used by the hook -------------------------------------------------------------------
 
@@ -181,7 +204,7 @@ class CompressionState:
 
     def fingerprint(self) -> str:
         """What must agree across ranks: compressor, options and transport."""
-        text = f"{self.compressor.config.spec()}|{self.options!r}|{self.transport.name}"
+        text = f"{self.compressor.config.spec()}|{self.options!r}|{self._transport_cls.name}"
         return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
     def check_agreement(self, device: torch.device) -> None:
@@ -195,7 +218,7 @@ class CompressionState:
             raise RuntimeError(
                 "commhooks: ranks disagree on the compressor, its options or the transport "
                 f"(rank {self.rank} uses {self.compressor.config.spec()!r} over "
-                f"{self.transport.name!r}); every rank must build the same hook"
+                f"{self._transport_cls.name!r}); every rank must build the same hook"
             )
 
     def record(self, step: TransportStats) -> None:
@@ -248,11 +271,12 @@ class CompressionState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("fingerprint") not in (None, self.fingerprint()):
             raise ValueError("state: saved by a hook with another compressor, options or transport")
+        transport = self.transport  # bind (and seed) first, so what is loaded is not reseeded
         self.iteration = int(state["iteration"])
         if self.feedback is not None and state.get("feedback") is not None:
             self.feedback.load_state_dict(state["feedback"])
         else:
             self.compressor.load_state_dict(state["compressor"])
-        if hasattr(self.transport, "load_state_dict"):
-            self.transport.load_state_dict(state.get("transport") or {})
+        if hasattr(transport, "load_state_dict"):
+            transport.load_state_dict(state.get("transport") or {})
         self._stats = CommStats(**state["stats"])

@@ -227,6 +227,8 @@ def run_cases(rank: int, world: int, store_path: str, out: str, cases: list[dict
                     raise
                 results.append({"error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()})
         torch.save(results, out)
+        # Ranks leave together: one tearing gloo down while another still sends aborts it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -249,5 +251,6 @@ def tuple_calls(rank: int, world: int, store_path: str, out: str) -> None:
             assert fut.value() is grad
             grads.append(grad)
         torch.save({"grads": grads, "iteration": state.iteration}, out)
+        dist.barrier()
     finally:
         dist.destroy_process_group()

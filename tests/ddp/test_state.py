@@ -75,9 +75,14 @@ def test_register_refuses_what_it_cannot_use(world_of_one: None) -> None:
         commhooks.ddp.register(ddp, "topk:ratio=2")
 
 
-def test_state_needs_a_process_group() -> None:
+def test_state_binds_to_the_process_group_on_first_use() -> None:
+    # Lightning builds DDPStrategy(ddp_comm_state=...) before torch.distributed starts.
+    state = CompressionState("topk")
+    assert state.fingerprint()  # config is checked and usable without a group
     with pytest.raises(RuntimeError, match="init_process_group"):
-        CompressionState("topk")
+        state.transport  # noqa: B018 - the first use needs one
+    with pytest.raises(ValueError, match="transport"):
+        CompressionState("topk", transport="allreduce")  # refused before any group exists
 
 
 def _train(ddp: nn.Module, steps: int, first: int = 0) -> None:

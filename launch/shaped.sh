@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Thin entry point: `commhooks-launch shaped` (see commhooks/launch/cli.py). It prints the exact
+# command it runs; --dry-run prints it only.   launch/shaped.sh [options] -- script.py [args]
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+py=${PYTHON:-$here/.venv/bin/python}
+exec "$py" -m commhooks.launch.cli shaped "$@"
