@@ -131,7 +131,11 @@ def _average(state: CompressionState, buffer: Tensor, params: list[Tensor]) -> N
     views = _param_views(buffer, params)
     dense, sparse = [], []
     for i, v in enumerate(views):
-        small = v.numel() < opts.min_numel or (v.dim() <= 1 and not opts.compress_1d)
+        small = (
+            v.numel() < opts.min_numel
+            or (v.dim() <= 1 and not opts.compress_1d)
+            or not state.pays(v)
+        )
         (dense if small else sparse).append(i)
 
     # The small tensors' all-reduce also carries a count of ranks holding non-finite values,

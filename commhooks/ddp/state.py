@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from commhooks._validate import check_bool, check_choice, check_int
+from commhooks._validate import check_bool, check_choice, check_int, check_real
 from commhooks.comm.collectives import Collectives, TorchCollectives
 from commhooks.comm.transport import (
     TRANSPORTS,
@@ -52,6 +52,13 @@ class HookOptions:
             all-reduce per bucket: their headers and scales cost more than they save.
         compress_1d: compress 1-D tensors (biases, norm weights) too; off by default, since
             they are small and sensitive.
+        min_ratio: tensors whose compression ratio is below this go dense with the small
+            ones. The ratio is measured once per shape and dtype, on a seeded random probe, so
+            every rank decides alike; compressors whose size depends on the data (threshold,
+            DGC) always compress. 1.0 (the default) only drops compression where it would
+            inflate a tensor (top-k near ratio 1 with its indices, PowerSGD at a rank near a
+            small matrix's side); raise it (say to 4) where the codec time is not worth less.
+            0 compresses every tensor past ``min_numel``.
         log_every: log the stats with the module logger every this many steps (0: never).
         seed: seed of the rank-local randomness (stochastic rounding); the rank is mixed in.
         check_config: on the first compressed step, check that every rank uses the same
@@ -64,6 +71,7 @@ class HookOptions:
     transport: str = "auto"
     min_numel: int = 1024
     compress_1d: bool = False
+    min_ratio: float = 1.0
     log_every: int = 0
     seed: int = 0
     check_config: bool = True
@@ -76,6 +84,7 @@ class HookOptions:
         check_choice("transport", self.transport, ("auto", *sorted(TRANSPORTS)))
         check_int("min_numel", self.min_numel, lo=0)
         check_bool("compress_1d", self.compress_1d)
+        check_real("min_ratio", self.min_ratio, lo=0.0)
         check_int("log_every", self.log_every, lo=0)
         check_int("seed", self.seed)
         check_bool("check_config", self.check_config)
@@ -159,6 +168,7 @@ class CompressionState:
         self._step = TransportStats()
         self._checked = not self.options.check_config
         self._seen: set[str] = set()
+        self._pays: dict[tuple[tuple[int, ...], torch.dtype], bool] = {}
 
     # -- bound to the process group on first use ------------------------------------------
 
@@ -194,6 +204,27 @@ class CompressionState:
             name = f"param{len(self._names)}"
             self._names[id(param)] = name
         return name
+
+    def pays(self, tensor: torch.Tensor) -> bool:
+        """Whether compressing a tensor of this shape and dtype reaches ``min_ratio``.
+
+        Measured on a seeded random probe with a fresh compressor of the same config, so the
+        answer is the same on every rank and leaves this state's compressor untouched. Only
+        for static-size compressors: the others' size depends on the data (a threshold keeps
+        much more of a random probe than of a gradient), so they always compress.
+        """
+        if self.options.min_ratio <= 0 or not self.compressor.capabilities.static_size:
+            return True
+        shape = tuple(tensor.shape)
+        hit = self._pays.get((shape, tensor.dtype))
+        if hit is None:
+            g = torch.Generator().manual_seed(0)
+            probe = torch.randn(shape, generator=g).to(tensor.dtype)
+            payload, _ = build_compressor(self.compressor.config).compress(probe, key="probe")
+            sent = max(1, Compressor.nbytes(payload))
+            hit = probe.numel() * probe.element_size() / sent >= self.options.min_ratio
+            self._pays[(shape, tensor.dtype)] = hit
+        return hit
 
     def begin_tensor(self, key: str) -> None:
         """Per-tensor calls (compiled autograd's Python reducer) have no ``is_last()``: a key

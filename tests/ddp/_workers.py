@@ -243,7 +243,9 @@ def tuple_calls(rank: int, world: int, store_path: str, out: str) -> None:
     init(rank, world, store_path)
     try:
         param = nn.Parameter(torch.zeros(64, 64))
-        state = commhooks.ddp.CompressionState("topk:ratio=1.0", min_numel=0, start_iter=1)
+        state = commhooks.ddp.CompressionState(
+            "topk:ratio=1.0", min_numel=0, min_ratio=0.0, start_iter=1
+        )
         grads = []
         for step in range(3):
             grad = torch.full((64, 64), float(rank + step))

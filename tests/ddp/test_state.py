@@ -138,3 +138,33 @@ def test_grad_param_tuples_average_in_place(run_ranks) -> None:
             torch.testing.assert_close(g, torch.full((64, 64), step + 0.5))
         # The third call's key repeat closed the second step.
         assert rank["iteration"] == 2
+
+
+@pytest.mark.parametrize(
+    ("spec", "shape", "options", "pays"),
+    [
+        ("topk:ratio=0.01", (64, 64), {}, True),
+        ("topk:ratio=1.0", (64, 64), {}, False),  # values plus indices: more than dense
+        ("topk:ratio=1.0", (64, 64), {"min_ratio": 0.0}, True),
+        ("powersgd:rank=4", (64, 64), {}, True),
+        # P and Q would outweigh the matrix: PowerSGD sends it as it is (ratio 1), which only
+        # a min_ratio above 1 moves to the dense batch.
+        ("powersgd:rank=64", (64, 64), {}, True),
+        ("powersgd:rank=64", (64, 64), {"min_ratio": 1.5}, False),
+        ("fp16", (64, 64), {"min_ratio": 1.9}, True),
+        ("fp16", (64, 64), {"min_ratio": 3.0}, False),
+        ("threshold", (64, 64), {"min_ratio": 100.0}, True),  # data-dependent size: no probe
+    ],
+)
+def test_min_ratio_decides_per_shape_from_a_probe(
+    spec: str, shape: tuple[int, ...], options: dict, pays: bool
+) -> None:
+    state = CompressionState(spec, **options)
+    before = state.compressor.state_dict()
+    assert state.pays(torch.zeros(shape)) is pays
+    assert state.compressor.state_dict() == before  # the probe used its own compressor
+
+
+def test_bad_min_ratio_names_the_field() -> None:
+    with pytest.raises(ValueError, match="min_ratio"):
+        CompressionState("topk", min_ratio=-1.0)
