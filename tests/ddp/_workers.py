@@ -16,31 +16,16 @@ processes once. A case is a dict:
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import os
 import traceback
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from _spawn import init
 from torch import nn
 
 import commhooks.ddp
-
-TIMEOUT = datetime.timedelta(seconds=60)
-
-
-def entry(rank: int, fn: Any, world: int, tmp: str, args: tuple) -> None:
-    """What a spawned process runs: ``fn(rank, world, store_path, out_path, *args)``."""
-    fn(rank, world, os.path.join(tmp, "store"), os.path.join(tmp, f"out{rank}.pt"), *args)
-
-
-def init(rank: int, world: int, store_path: str) -> None:
-    # One thread per rank: the ranks share this machine's two cores.
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=TIMEOUT)
 
 
 def make_model(kind: str = "mlp", seed: int = 0) -> nn.Module:

@@ -1,0 +1,309 @@
+"""Federated rounds over torch.distributed: local SGD with compressed model deltas.
+
+Every rank is a client. Each round, the sampled clients run ``local_steps`` optimizer steps,
+then every rank sends its (error-compensated, compressed) model delta through the same
+transports as the DDP hook; the aggregated delta is applied alike on every rank, so replicas
+stay identical. Clients left out of a round send zeros, with weight 0, and their
+error-feedback memory waits for their next round.
+
+    fed = FederatedAverager(model, "topk:ratio=0.01", local_steps=10, participation=0.5)
+    for r in range(rounds):
+        if fed.begin_round():                 # this client was sampled
+            for x, y in local_batches(10):
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                fed.correct_gradients()       # FedProx / SCAFFOLD terms, if enabled
+                opt.step()
+        fed.end_round()                       # every rank calls it: it is collective
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from commhooks._validate import check_bool, check_int, check_real
+from commhooks.comm.transport import Traffic
+from commhooks.compressors.base import Compressor, CompressorConfig
+from commhooks.ddp.hooks import average_buffer
+from commhooks.ddp.state import CommStats, CompressionState
+
+__all__ = ["FedConfig", "FedStats", "FederatedAverager"]
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """How rounds run.
+
+    Tuned often:
+        local_steps: H, the optimizer steps each sampled client takes per round. More steps
+            mean fewer, larger messages, and more client drift on non-IID data.
+        participation: fraction of clients sampled per round, in (0, 1]; at least one. The
+            sample comes from ``(seed, round)``, so every rank draws the same.
+        server_lr: scales the aggregated delta (1.0: FedAvg).
+        server_momentum: FedAvgM's server momentum on the aggregated delta (0: none).
+
+    Drift control:
+        prox_mu: FedProx: :meth:`FederatedAverager.correct_gradients` adds
+            ``prox_mu * (w - w_round_start)`` to each gradient. 0.01-1.0.
+        scaffold: SCAFFOLD control variates (option II): gradients get ``c - c_i`` added,
+            and the variates' changes are compressed and exchanged like the deltas. Needs
+            ``local_lr``.
+        local_lr: the clients' learning rate, for SCAFFOLD's variate update.
+
+    Tuned seldom:
+        error_feedback: ``"auto"`` (on for biased compressors), True or False; per client.
+        weighted: weight each client's delta by its sample count (give ``num_samples``).
+        transport, min_numel, min_ratio: as in :class:`commhooks.ddp.HookOptions`.
+        seed: seeds the client sampling and the compressors' rank-local randomness.
+    """
+
+    local_steps: int = 1
+    participation: float = 1.0
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    prox_mu: float = 0.0
+    scaffold: bool = False
+    local_lr: float | None = None
+    error_feedback: bool | str = "auto"
+    weighted: bool = False
+    transport: str = "auto"
+    min_numel: int = 1024
+    min_ratio: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("local_steps", self.local_steps, lo=1)
+        check_real("participation", self.participation, 0.0, 1.0, lo_open=True)
+        check_real("server_lr", self.server_lr, lo=0.0, lo_open=True)
+        check_real("server_momentum", self.server_momentum, 0.0, 1.0, hi_open=True)
+        check_real("prox_mu", self.prox_mu, lo=0.0)
+        check_bool("scaffold", self.scaffold)
+        if self.scaffold and self.local_lr is None:
+            raise ValueError("local_lr: SCAFFOLD needs the clients' learning rate")
+        if self.local_lr is not None:
+            check_real("local_lr", self.local_lr, lo=0.0, lo_open=True)
+        check_bool("weighted", self.weighted)
+        check_int("seed", self.seed)
+
+
+@dataclass
+class FedStats(CommStats):
+    """:class:`CommStats` of this client, plus its rounds. ``uplink_bytes`` counts only the
+    rounds it took part in (absent clients still join the collectives with empty deltas,
+    which a deployment would not send); ``wire_bytes`` counts everything handed over."""
+
+    rounds: int = 0
+    participated: int = 0
+    uplink_bytes: int = 0
+
+
+class FederatedAverager:
+    """Round-based compressed averaging of a model's parameters; see the module docstring.
+
+    Args:
+        model: the model every rank trains (not wrapped in DDP).
+        compressor: a spec string, config or compressor, as everywhere in commhooks.
+        config: a :class:`FedConfig`; or give its fields as keyword arguments.
+        num_samples: this client's sample count, for ``weighted``.
+        process_group: the group (None: the default group).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        compressor: str | CompressorConfig | Compressor[Any],
+        config: FedConfig | None = None,
+        *,
+        num_samples: int | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if config is not None and kwargs:
+            raise ValueError("config: pass a FedConfig or keyword options, not both")
+        self.config = cfg = config if config is not None else FedConfig(**kwargs)
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        options = {
+            "error_feedback": cfg.error_feedback, "transport": cfg.transport,
+            "min_numel": cfg.min_numel, "min_ratio": cfg.min_ratio, "seed": cfg.seed,
+        }  # fmt: skip
+        self.state = CompressionState(
+            compressor, named_parameters=self.params, process_group=process_group, **options
+        )
+        # SCAFFOLD's variates travel through their own state: their own memory, same keys.
+        self.cstate = (
+            CompressionState(
+                compressor, named_parameters=self.params, process_group=process_group, **options
+            )
+            if cfg.scaffold
+            else None
+        )
+        self.world = self.state.world_size
+        self.rank = self.state.rank
+        if cfg.weighted:
+            if num_samples is None or num_samples < 0:
+                raise ValueError("num_samples: weighted averaging needs this client's count")
+            mine = torch.tensor([int(num_samples)], dtype=torch.int64)
+            self._weights = self.state.comm.all_gather(mine).double()
+        else:
+            self._weights = torch.ones(self.world, dtype=torch.float64)
+        self.round = 0
+        self._start: list[Tensor] | None = None
+        self._participating = False
+        self._momentum = [torch.zeros_like(p, dtype=torch.float32) for _, p in self.params]
+        self._c = [torch.zeros_like(p, dtype=torch.float32) for _, p in self.params]
+        self._ci = [torch.zeros_like(p, dtype=torch.float32) for _, p in self.params]
+        self._stats = FedStats()
+
+    # -- the round ----------------------------------------------------------------------------
+
+    def participants(self, round_: int | None = None) -> list[int]:
+        """The ranks sampled in a round (default: the current one); the same on every rank."""
+        r = self.round if round_ is None else round_
+        k = max(1, round(self.config.participation * self.world))
+        return sorted(random.Random(f"{self.config.seed}:{r}").sample(range(self.world), k))
+
+    def begin_round(self) -> bool:
+        """Remember the round's starting point; return whether this client trains this round."""
+        self._start = [p.detach().clone() for _, p in self.params]
+        self._participating = self.rank in self.participants()
+        return self._participating
+
+    def correct_gradients(self) -> None:
+        """Add the FedProx and SCAFFOLD terms to the gradients (call after ``backward()``)."""
+        if self._start is None:
+            raise RuntimeError("correct_gradients: call begin_round() first")
+        cfg = self.config
+        with torch.no_grad():
+            for i, (_, p) in enumerate(self.params):
+                if p.grad is None:
+                    continue
+                if cfg.prox_mu:
+                    p.grad.add_(p - self._start[i], alpha=cfg.prox_mu)
+                if cfg.scaffold:
+                    p.grad.add_((self._c[i] - self._ci[i]).to(p.grad.dtype))
+
+    def end_round(self) -> FedStats:
+        """Exchange the deltas and apply their weighted average on every rank (collective)."""
+        if self._start is None:
+            raise RuntimeError("end_round: call begin_round() first")
+        cfg, start = self.config, self._start
+        who = self.participants()
+        weight = self._weights[who].sum()
+        mine = float(self._weights[self.rank] / weight * self.world) if self._participating else 0.0
+        with torch.no_grad():
+            # The pseudo-gradient w_start - w, scaled so the transport's mean is the weighted
+            # mean over the participants.
+            deltas = [(s - p.detach()).float() * mine for (_, p), s in zip(self.params, start)]
+            update = self._exchange(self.state, deltas)
+            for i, (_, p) in enumerate(self.params):
+                m = self._momentum[i].mul_(cfg.server_momentum).add_(update[i])
+                p.copy_((start[i].float() - cfg.server_lr * m).to(p.dtype))
+            if cfg.scaffold:
+                self._scaffold(deltas, mine, len(who))
+        wire_before = self._stats.wire_bytes
+        self._fold(self.state)
+        if self.cstate is not None:
+            self._fold(self.cstate)
+        s = self._stats
+        s.steps = s.rounds = s.rounds + 1
+        if self._participating:
+            s.participated += 1
+            s.uplink_bytes += s.wire_bytes - wire_before
+        self.round += 1
+        self._start = None
+        return self.stats()
+
+    def _scaffold(self, deltas: list[Tensor], mine: float, sampled: int) -> None:
+        """Option II: c_i+ = c_i - c + delta_i / (H lr); c += (1/N) sum over sampled of the
+        change in c_i, exchanged compressed like the deltas."""
+        lr, h = self.config.local_lr, self.config.local_steps
+        assert lr is not None and self.cstate is not None
+        changes = []
+        for i, d in enumerate(deltas):
+            if self._participating:
+                raw = d / mine  # undo the weighting: this client's own delta
+                new = self._ci[i] - self._c[i] + raw / (h * lr)
+                changes.append(new - self._ci[i])
+                self._ci[i] = new
+            else:
+                changes.append(torch.zeros_like(d))
+        mean = self._exchange(self.cstate, changes)
+        for i in range(len(self._c)):
+            self._c[i].add_(mean[i])
+
+    @contextlib.contextmanager
+    def _absent(self, state: CompressionState) -> Iterator[None]:
+        """An absent client joins the collectives with a zero delta but must not touch its
+        error-feedback memory: its residual waits for its next round."""
+        transport = state.transport
+        saved = transport.feedback
+        if not self._participating:
+            transport.feedback = None
+        try:
+            yield
+        finally:
+            transport.feedback = saved
+
+    def _exchange(self, state: CompressionState, tensors: list[Tensor]) -> list[Tensor]:
+        """The mean over ranks of ``tensors`` (one per parameter), compressed."""
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        with self._absent(state):
+            average_buffer(state, flat, [p for _, p in self.params])
+        return [
+            piece.view(t.shape)
+            for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)
+        ]
+
+    def _fold(self, state: CompressionState) -> None:
+        """Close the state's step and add its bytes and times to this client's stats."""
+        before = state.stats()
+        state.end_step()
+        after = state.stats()
+        moved = Traffic(
+            **{f.name: getattr(after, f.name) - getattr(before, f.name) for f in fields(Traffic)}
+        )
+        self._stats.add(moved)
+        self._stats.nonfinite_steps += after.nonfinite_steps - before.nonfinite_steps
+
+    # -- public state ---------------------------------------------------------------------------
+
+    def stats(self) -> FedStats:
+        """A copy of this client's cumulative stats."""
+        return dataclasses.replace(self._stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Per-client error feedback (deltas and variates), control variates, server momentum,
+        the round counter (which drives the sampling) and stats. Save at a round boundary."""
+        return {
+            "round": self.round,
+            "state": self.state.state_dict(),
+            "cstate": self.cstate.state_dict() if self.cstate is not None else None,
+            "momentum": [t.clone() for t in self._momentum],
+            "c": [t.clone() for t in self._c],
+            "ci": [t.clone() for t in self._ci],
+            "stats": dataclasses.asdict(self._stats),
+            "config": dataclasses.asdict(self.config),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["config"] != dataclasses.asdict(self.config):
+            raise ValueError("state: saved by an averager with another FedConfig")
+        self.round = int(state["round"])
+        self.state.load_state_dict(state["state"])
+        if self.cstate is not None:
+            self.cstate.load_state_dict(state["cstate"])
+        for mine, saved in (
+            (self._momentum, state["momentum"]), (self._c, state["c"]), (self._ci, state["ci"])
+        ):  # fmt: skip
+            for t, s in zip(mine, saved):
+                t.copy_(s)
+        self._stats = FedStats(**state["stats"])

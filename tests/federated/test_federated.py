@@ -1,0 +1,116 @@
+"""FederatedAverager on 4 real gloo processes: replicas, the H = 1 equivalence, partial
+participation, checkpoints, bad configs."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+from _fed_workers import dense_sgd, rounds
+
+from commhooks.federated import FedConfig
+
+WORLD = 4
+
+
+def test_replicas_stay_identical_after_every_round(run_ranks) -> None:
+    cases = [
+        {"spec": "topk:ratio=0.05", "rounds": 4, "config": {"local_steps": 2, "participation": 0.5}},
+        {"spec": "sign", "rounds": 3, "config": {"local_steps": 2, "server_momentum": 0.5}},
+        {"spec": "powersgd:rank=2", "rounds": 3, "config": {"local_steps": 2, "min_numel": 0}},
+        {"spec": "uniform:bits=4", "rounds": 3, "config": {"transport": "reducescatter"}},
+        {"spec": "qsgd", "rounds": 3, "config": {"prox_mu": 0.1, "participation": 0.75}},
+        {
+            "spec": "topk:ratio=0.1", "rounds": 3,
+            "config": {"local_steps": 2, "scaffold": True, "local_lr": 0.05, "participation": 0.5},
+        },
+    ]  # fmt: skip
+    per_rank = run_ranks(rounds, WORLD, cases)
+    for c, case in enumerate(cases):
+        for r in range(case["rounds"]):
+            mine = per_rank[0][c]["params"][r]
+            assert torch.isfinite(mine).all(), case
+            for other in per_rank[1:]:
+                assert torch.equal(mine, other[c]["params"][r]), (case["spec"], r)
+        stats = per_rank[0][c]["stats"]
+        assert stats.rounds == case["rounds"] and stats.ratio > 1.5, (case["spec"], stats)
+
+
+def test_one_local_step_lossless_full_participation_is_synchronous_sgd(run_ranks) -> None:
+    case = {"spec": "identity", "rounds": 5, "lr": 0.1, "config": {"error_feedback": False}}
+    fed = run_ranks(rounds, WORLD, [case])[0][0]["params"][-1]
+    ref = run_ranks(dense_sgd, WORLD, 5, 0.1)[0]
+    torch.testing.assert_close(fed, ref)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_partial_participation_averages_the_sampled_clients_with_their_weights(
+    run_ranks, weighted: bool
+) -> None:
+    samples = [10, 30, 20, 40]
+    case = {
+        "spec": "identity", "rounds": 4, "samples": samples,
+        "config": {"participation": 0.5, "error_feedback": False, "weighted": weighted,
+                   "local_steps": 2},
+    }  # fmt: skip
+    res = run_ranks(rounds, WORLD, [case])[0][0]
+    w = torch.tensor(samples if weighted else [1] * WORLD, dtype=torch.float64)
+    seen = set()
+    for r in range(4):
+        who = res["participants"][r]
+        assert len(who) == 2
+        seen.update(who)
+        deltas = res["deltas"][r].double()
+        expected = res["starts"][r].double() - (w[who, None] * deltas[who]).sum(0) / w[who].sum()
+        torch.testing.assert_close(res["params"][r].double(), expected, rtol=1e-5, atol=1e-6)
+        # Absent clients trained nothing this round.
+        for rank in set(range(WORLD)) - set(who):
+            assert not deltas[rank].any()
+    assert len(seen) > 2  # the sample changes from round to round
+
+
+def test_absent_clients_keep_their_error_feedback(run_ranks) -> None:
+    case = {"spec": "topk:ratio=0.05", "rounds": 6,
+            "config": {"participation": 0.5, "local_steps": 2}}  # fmt: skip
+    per_rank = run_ranks(rounds, WORLD, [case])
+    checked = 0
+    for rank, res in enumerate(r[0] for r in per_rank):
+        for r in range(1, 6):
+            if rank not in res["participants"][r] and res["residuals"][r - 1]:
+                before, after = res["residuals"][r - 1], res["residuals"][r]
+                assert before.keys() == after.keys()
+                for k in before:
+                    assert torch.equal(before[k], after[k]), (rank, r, k)
+                checked += 1
+            elif rank in res["participants"][r]:
+                assert any(v.any() for v in res["residuals"][r].values())
+    assert checked > 0
+
+
+def test_resumed_run_equals_an_uninterrupted_one(run_ranks, tmp_path: pathlib.Path) -> None:
+    config = {"participation": 0.5, "local_steps": 2, "scaffold": True, "local_lr": 0.05,
+              "server_momentum": 0.5}  # fmt: skip
+    base = {"spec": "topk:ratio=0.05", "config": config}
+    full = run_ranks(rounds, WORLD, [{**base, "rounds": 6}])
+    prefix = str(tmp_path / "ckpt")
+    run_ranks(rounds, WORLD, [{**base, "rounds": 3, "save_at": 3, "save": prefix}])
+    resumed = run_ranks(rounds, WORLD, [{**base, "first": 3, "rounds": 6, "load": prefix}])
+    for a, b in zip(full, resumed):
+        assert torch.equal(a[0]["params"][-1], b[0]["params"][-1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"local_steps": 0}, "local_steps"),
+        ({"participation": 0.0}, "participation"),
+        ({"participation": 1.5}, "participation"),
+        ({"server_momentum": 1.0}, "server_momentum"),
+        ({"scaffold": True}, "local_lr"),
+        ({"prox_mu": -1.0}, "prox_mu"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        FedConfig(**kwargs)
