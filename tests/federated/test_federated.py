@@ -16,7 +16,8 @@ WORLD = 4
 
 def test_replicas_stay_identical_after_every_round(run_ranks) -> None:
     cases = [
-        {"spec": "topk:ratio=0.05", "rounds": 4, "config": {"local_steps": 2, "participation": 0.5}},
+        {"spec": "topk:ratio=0.05", "rounds": 4,
+         "config": {"local_steps": 2, "participation": 0.5}},
         {"spec": "sign", "rounds": 3, "config": {"local_steps": 2, "server_momentum": 0.5}},
         {"spec": "powersgd:rank=2", "rounds": 3, "config": {"local_steps": 2, "min_numel": 0}},
         {"spec": "uniform:bits=4", "rounds": 3, "config": {"transport": "reducescatter"}},
