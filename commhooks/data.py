@@ -14,7 +14,7 @@ from torch import Tensor
 
 from commhooks._validate import check_int, check_real
 
-__all__ = ["dirichlet_split", "iid_split", "load_digits"]
+__all__ = ["dirichlet_split", "iid_split", "load_digits", "shard_split"]
 
 
 def iid_split(n: int, clients: int, seed: int = 0) -> list[Tensor]:
@@ -58,6 +58,28 @@ def dirichlet_split(
             donor = max(range(clients), key=lambda d: len(parts[d]))
             parts[c].append(parts[donor].pop())
     return [torch.tensor(sorted(p), dtype=torch.int64) for p in parts]
+
+
+def shard_split(
+    labels: Sequence[int] | Tensor, clients: int, shards_per_client: int = 2, seed: int = 0
+) -> list[Tensor]:
+    """Pathological label skew (McMahan et al.): sort by label, cut into
+    ``clients * shards_per_client`` equal shards, and deal each client ``shards_per_client``
+    of them at random; with 2 shards a client sees about two classes.
+    """
+    check_int("clients", clients, lo=1)
+    check_int("shards_per_client", shards_per_client, lo=1)
+    y = torch.as_tensor(labels).reshape(-1).cpu()
+    n_shards = clients * shards_per_client
+    if y.numel() < n_shards:
+        raise ValueError(f"labels: {y.numel()} examples cannot fill {n_shards} shards")
+    g = torch.Generator().manual_seed(seed)
+    # Ties broken at random, so equal labels do not always go in index order.
+    order = torch.randperm(y.numel(), generator=g)
+    order = order[torch.sort(y[order], stable=True).indices]
+    shards = order.tensor_split(n_shards)
+    deal = torch.randperm(n_shards, generator=g).view(clients, shards_per_client)
+    return [torch.sort(torch.cat([shards[i] for i in row.tolist()])).values for row in deal]
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:

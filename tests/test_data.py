@@ -57,3 +57,19 @@ def test_iid_split() -> None:
 def test_bad_arguments_name_the_field(call, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         call()
+
+
+def test_shard_split_is_a_seeded_partition_with_few_labels_per_client() -> None:
+    from commhooks.data import shard_split
+
+    labels = torch.arange(10).repeat_interleave(40)
+    parts = shard_split(labels, clients=5, shards_per_client=2, seed=3)
+    assert torch.equal(torch.sort(torch.cat(parts)).values, torch.arange(400))
+    assert all(len(p) == 80 for p in parts)
+    assert all(labels[p].unique().numel() <= 2 for p in parts)
+    again = shard_split(labels, clients=5, shards_per_client=2, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(parts, again))
+    with pytest.raises(ValueError, match="shards_per_client"):
+        shard_split(labels, 5, 0)
+    with pytest.raises(ValueError, match="labels"):
+        shard_split(labels[:5], 5, 2)
