@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _report import accuracy_cells, by_label
 from torch import nn
 
 import commhooks
@@ -151,24 +152,19 @@ def run(
 
 def table(results: list[Result]) -> str:
     """Markdown: accuracy mean, spread and gap to dense per run, with bytes."""
-    labels = list(dict.fromkeys(r.label for r in results))
-    by = {lab: [r for r in results if r.label == lab] for lab in labels}
+    by = by_label(results)
     dense = statistics.mean(r.accuracy for r in by["dense"]) if "dense" in by else None
     lines = [
         "| run | test accuracy % (mean) | min / max | vs dense (points) | wire bytes / step "
         "| ratio |",
         "|---|---|---|---|---|---|",
     ]
-    for lab in labels:
-        accs = [r.accuracy for r in by[lab]]
-        mean = statistics.mean(accs)
+    for lab, rows in by.items():
+        mean = statistics.mean(r.accuracy for r in rows)
         gap = f"{mean - dense:+.2f}" if dense is not None else "n/a"
-        wire = statistics.mean(r.wire_bytes_per_step for r in by[lab])
-        ratio = statistics.mean(r.ratio for r in by[lab])
-        lines.append(
-            f"| {lab} | {mean:.2f} | {min(accs):.2f} / {max(accs):.2f} | {gap} | "
-            f"{wire:,.0f} | {ratio:.1f} |"
-        )
+        wire = statistics.mean(r.wire_bytes_per_step for r in rows)
+        ratio = statistics.mean(r.ratio for r in rows)
+        lines.append(f"| {lab} | {accuracy_cells(rows)} | {gap} | {wire:,.0f} | {ratio:.1f} |")
     return "\n".join(lines)
 
 

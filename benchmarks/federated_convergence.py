@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _report import accuracy_cells, by_label
 from torch import nn
 
 from commhooks.data import dirichlet_split, load_digits
@@ -165,20 +166,15 @@ def run(runs: list[Run], seeds: list[int], world: int = 4, alpha: float = 0.3) -
 
 
 def table(results: list[Result]) -> str:
-    labels = list(dict.fromkeys(r.label for r in results))
+    """Markdown: accuracy mean and spread per run, uplink bytes and their saving."""
     lines = [
         "| run | test accuracy % (mean) | min / max | uplink MB (all clients) | fewer bytes |",
         "|---|---|---|---|---|",
     ]
-    for lab in labels:
-        rs = [r for r in results if r.label == lab]
-        accs = [r.accuracy for r in rs]
-        up = statistics.mean(r.uplink_bytes for r in rs)
-        dense = statistics.mean(r.dense_bytes for r in rs)
-        lines.append(
-            f"| {lab} | {statistics.mean(accs):.2f} | {min(accs):.2f} / {max(accs):.2f} | "
-            f"{up / 1e6:.2f} | {dense / up:.1f}x |"
-        )
+    for lab, rows in by_label(results).items():
+        up = statistics.mean(r.uplink_bytes for r in rows)
+        dense = statistics.mean(r.dense_bytes for r in rows)
+        lines.append(f"| {lab} | {accuracy_cells(rows)} | {up / 1e6:.2f} | {dense / up:.1f}x |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,21 @@
+"""Shared helpers of the convergence benchmarks' Markdown tables."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+
+def by_label(results: Sequence[Any]) -> dict[str, list[Any]]:
+    """Results grouped by ``label``, in first-seen order (one entry per seed)."""
+    groups: dict[str, list[Any]] = {}
+    for r in results:
+        groups.setdefault(r.label, []).append(r)
+    return groups
+
+
+def accuracy_cells(rows: Sequence[Any]) -> str:
+    """``mean | min / max`` of the rows' accuracies, for a table row."""
+    accs = [r.accuracy for r in rows]
+    return f"{statistics.mean(accs):.2f} | {min(accs):.2f} / {max(accs):.2f}"
