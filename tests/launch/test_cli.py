@@ -87,3 +87,13 @@ def test_shaped_launcher_runs_a_real_job() -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "compressor=sign test accuracy" in res.stdout
+
+
+@pytest.mark.parametrize("name", ["torchrun.sbatch", "horovod.sbatch"])
+def test_slurm_templates_parse_and_use_the_launchers(name: str) -> None:
+    path = ROOT / "launch" / "slurm" / name
+    subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
+    text = path.read_text()
+    assert "#SBATCH" in text and "srun " in text
+    if name.startswith("torchrun"):
+        assert "commhooks.launch.cli torchrun" in text and "--rdzv-endpoint" in text
