@@ -9,7 +9,7 @@ WHEELS ?= /opt/wheels
 APT_PACKAGES ?= openmpi-bin libopenmpi-dev
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test bench-kernels lint clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ DEMO_ARGS ?=
 demo: setup
 	$(VENV)/bin/commhooks-demo --out demo-out $(DEMO_ARGS)
 
+# Codec speed of every compressor against memcpy (4M, 16M, 64M elements); see docs/benchmarks.md.
+bench-kernels: setup
+	$(PY) benchmarks/kernels.py --out bench-kernels.json --markdown bench-kernels.md
+
 test: setup
 	$(PY) -m pytest -q
 
@@ -37,4 +41,4 @@ lint: setup
 	$(VENV)/bin/ruff format --check commhooks tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo-out
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo-out bench-kernels.*
