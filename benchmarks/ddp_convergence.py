@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -132,6 +133,7 @@ def worker(rank: int, world: int, tmp: str, cfg: dict[str, Any]) -> None:
         # Ranks leave together: one tearing gloo down while another is mid-send aborts it.
         dist.barrier()
     finally:
+        gc.collect()  # free DDP/gloo objects while the group lives (see ddp_step.py)
         dist.destroy_process_group()
 
 

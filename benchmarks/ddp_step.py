@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import itertools
 import json
 import os
@@ -222,6 +223,9 @@ def worker(rank: int, tmp: str, cfg: Config) -> None:
     )
     try:
         rows = measure(rank, cfg)
+        # DDP models sit in reference cycles (model -> hook -> state); free them now, while
+        # the process group lives: freed at exit instead, gloo can abort the process.
+        gc.collect()
         if rank == 0:
             with open(os.path.join(tmp, "rows.json"), "w") as f:
                 json.dump([asdict(r) for r in rows], f)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -146,6 +147,7 @@ def worker(rank: int, world: int, tmp: str, cfg: dict[str, Any]) -> None:
                 json.dump(everyone, f)
         dist.barrier()
     finally:
+        gc.collect()  # free DDP/gloo objects while the group lives (see ddp_step.py)
         dist.destroy_process_group()
 
 

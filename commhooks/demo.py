@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import random
@@ -141,6 +142,7 @@ def worker(args: argparse.Namespace) -> None:
                 json.dump([dataclasses.asdict(c) for c in curves], f, indent=1)
         dist.barrier()
     finally:
+        gc.collect()  # free DDP/gloo objects while the group lives (see ddp_step.py)
         dist.destroy_process_group()
 
 

@@ -8,6 +8,8 @@ accelerate is not a commhooks dependency: pip install accelerate.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 from accelerate import Accelerator
 from torch import nn
@@ -30,6 +32,11 @@ def main() -> None:
         accelerator.backward(nn.functional.cross_entropy(model(x), y))
         opt.step()
     accelerator.print(f"accelerate + commhooks: ratio {state.stats().ratio:.1f}x")
+    # Leave cleanly: free the DDP model (it sits in a reference cycle with its hook's state)
+    # while the process group lives, then end it; freed at exit instead, gloo can abort.
+    del model, opt, state
+    gc.collect()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ user tunes often is a flag here.
 from __future__ import annotations
 
 import argparse
+import gc
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,10 @@ def main() -> None:
         if state is not None:
             s = state.stats()
             print(f"raw {s.raw_bytes:,} B, wire {s.wire_bytes:,} B, ratio {s.ratio:.1f}x")
+    # Free the DDP model (a reference cycle with its hook's state) while the group lives:
+    # freed at exit instead, gloo can abort the process.
+    del model, opt, state
+    gc.collect()
     dist.destroy_process_group()
 
 

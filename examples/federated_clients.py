@@ -8,6 +8,7 @@ client.
 from __future__ import annotations
 
 import argparse
+import gc
 
 import torch
 import torch.distributed as dist
@@ -60,6 +61,10 @@ def main() -> None:
         for c, t in enumerate(every):
             wire, raw, n, *held = t.tolist()
             print(f"| {c} | {n} | {' '.join(map(str, held))} | {wire:,} | {raw:,} |")
+    # Free the DDP model (a reference cycle with its hook's state) while the group lives:
+    # freed at exit instead, gloo can abort the process.
+    del model, opt, state
+    gc.collect()
     dist.destroy_process_group()
 
 

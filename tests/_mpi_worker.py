@@ -6,6 +6,7 @@ Usage: ``mpirun -np 2 python _mpi_worker.py OUT``.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -50,6 +51,7 @@ def main() -> None:
         "sign_replicas_equal": bool((every.view(world.world_size, -1) == sign).all()),
     }
     dist.barrier()
+    gc.collect()  # free DDP/gloo objects while the group lives (see ddp_step.py)
     dist.destroy_process_group()
     with open(os.path.join(sys.argv[1], f"rank{world.rank}.json"), "w") as f:
         json.dump(result, f)

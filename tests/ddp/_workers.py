@@ -16,6 +16,7 @@ processes once. A case is a dict:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import traceback
 from typing import Any
@@ -215,6 +216,7 @@ def run_cases(rank: int, world: int, store_path: str, out: str, cases: list[dict
         # Ranks leave together: one tearing gloo down while another still sends aborts it.
         dist.barrier()
     finally:
+        gc.collect()  # free DDP/gloo objects while the group lives (see ddp_step.py)
         dist.destroy_process_group()
 
 
@@ -240,4 +242,5 @@ def tuple_calls(rank: int, world: int, store_path: str, out: str) -> None:
         torch.save({"grads": grads, "iteration": state.iteration}, out)
         dist.barrier()
     finally:
+        gc.collect()  # free DDP/gloo objects while the group lives (see ddp_step.py)
         dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import torch
@@ -80,6 +81,7 @@ def rounds(rank: int, world: int, store: str, out: str, cases: list[dict]) -> No
         results.append(res)
     torch.save(results, out)
     dist.barrier()
+    gc.collect()  # free DDP/gloo objects while the group lives (see ddp_step.py)
     dist.destroy_process_group()
 
 
@@ -96,4 +98,5 @@ def dense_sgd(rank: int, world: int, store: str, out: str, steps: int, lr: float
         opt.step()
     torch.save(flat(model), out)
     dist.barrier()
+    gc.collect()  # free DDP/gloo objects while the group lives (see ddp_step.py)
     dist.destroy_process_group()
