@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from commhooks._validate import check_bool, check_int, check_ratio, check_real
@@ -35,6 +34,7 @@ from commhooks.compressors.base import (
     Kind,
     Message,
     Payload,
+    all_finite,
     compute_dtype,
 )
 from commhooks.registry import compressor as build_compressor
@@ -165,7 +165,7 @@ class ErrorFeedback:
 
     def _update(self, key: str, compensated: Tensor, momentum: Tensor | None, sent: Tensor) -> None:
         residual = compensated - sent.to(compensated.dtype)
-        if not bool(torch.isfinite(residual).all()):
+        if not all_finite(residual):
             return
         if momentum is not None:
             if self.config.momentum_masking:

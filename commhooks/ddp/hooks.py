@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.futures import Future
 
 from commhooks.comm.transport import TransportStats, count_allreduce
-from commhooks.compressors.base import Compressor, CompressorConfig
+from commhooks.compressors.base import Compressor, CompressorConfig, all_finite
 from commhooks.ddp.state import CompressionState
 
 __all__ = ["average_buffer", "bf16_wrapper", "compression_hook", "fp16_wrapper", "register"]
@@ -142,7 +142,7 @@ def _average(state: CompressionState, buffer: Tensor, params: list[Tensor]) -> N
     # so every rank learns of an overflow before anything is compressed: such a step goes
     # dense (the optimizer and GradScaler see the inf/nan) and error feedback is not touched.
     step = TransportStats(raw_bytes=buffer.numel() * buffer.element_size())
-    flag = (~torch.isfinite(buffer).all()).to(buffer.dtype).reshape(1)
+    flag = buffer.new_full((1,), 0.0 if all_finite(buffer) else 1.0)
     nonfinite = bool(_dense_average(state, views, dense, step, extra=flag) != 0)
     if sparse and nonfinite:
         _dense_average(state, views, sparse, step)
