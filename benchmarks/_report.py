@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -19,3 +20,14 @@ def accuracy_cells(rows: Sequence[Any]) -> str:
     """``mean | min / max`` of the rows' accuracies, for a table row."""
     accs = [r.accuracy for r in rows]
     return f"{statistics.mean(accs):.2f} | {min(accs):.2f} / {max(accs):.2f}"
+
+
+def write(md: str, data: object, markdown_path: str = "", json_path: str = "") -> None:
+    """Print the Markdown report and save it and its data where asked (empty: not saved)."""
+    print(md)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(md + "\n")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(data, f, indent=1)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _report import accuracy_cells, by_label
+from _report import accuracy_cells, by_label, write
 from torch import nn
 
 import commhooks
@@ -183,14 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
     results = run(runs, seeds, args.epochs, args.world, args.alpha)
-    print(table(results))
-    print(
-        f"\n{args.world} ranks, Dirichlet alpha={args.alpha}, {args.epochs} epochs, seeds {seeds}; "
-        f"{time.perf_counter() - t0:.0f} s"
+    md = table(results) + (
+        f"\n\n{args.world} ranks, Dirichlet alpha={args.alpha}, {args.epochs} epochs, "
+        f"seeds {seeds}; {time.perf_counter() - t0:.0f} s"
     )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
+    write(md, [asdict(r) for r in results], json_path=args.out)
     return 0
 
 

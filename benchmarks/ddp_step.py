@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _report import write
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -305,24 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(cfg)
     wall = time.perf_counter() - t0
     md = table(rows, cfg) + f"\nTotal wall time {wall:.0f} s."
-    print(md)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(md + "\n")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(
-                {
-                    "config": asdict(cfg),
-                    "n_params": n_params(cfg.widths),
-                    "world": WORLD,
-                    "torch": torch.__version__,
-                    "wall_s": wall,
-                    "rows": [asdict(r) for r in rows],
-                },
-                f,
-                indent=1,
-            )
+    data = {
+        "config": asdict(cfg), "n_params": n_params(cfg.widths), "world": WORLD,
+        "torch": torch.__version__, "wall_s": wall, "rows": [asdict(r) for r in rows],
+    }  # fmt: skip
+    write(md, data, args.markdown, args.out)
     return 0
 
 

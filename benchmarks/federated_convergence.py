@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _report import accuracy_cells, by_label
+from _report import accuracy_cells, by_label, write
 from torch import nn
 
 from commhooks.data import dirichlet_split, load_digits
@@ -191,12 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
     results = run(runs, seeds, alpha=args.alpha)
-    print(table(results))
-    print(f"\n4 clients, Dirichlet alpha={args.alpha}, seeds {seeds}; "
-          f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
+    md = table(results) + (
+        f"\n\n4 clients, Dirichlet alpha={args.alpha}, seeds {seeds}; "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
+    write(md, [asdict(r) for r in results], json_path=args.out)
     return 0
 
 

@@ -21,7 +21,6 @@ to exact top-k's. CUDA runs too with ``--device cuda`` (synchronised timings).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from _report import write
 
 import commhooks
 
@@ -208,16 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         "reps": reps, "sizes": sizes,
     }  # fmt: skip
     md = markdown(rows, topk, meta)
-    print(md)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(md + "\n")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(
-                {**meta, "rows": [asdict(r) | r.summary() for r in rows], "topk": topk},
-                f, indent=1,
-            )  # fmt: skip
+    data = {**meta, "rows": [asdict(r) | r.summary() for r in rows], "topk": topk}
+    write(md, data, args.markdown, args.out)
     return 0
 
 
