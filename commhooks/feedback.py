@@ -143,8 +143,19 @@ class ErrorFeedback:
     # -- compensation ---------------------------------------------------------------------------
 
     def residual(self, key: str) -> Tensor | None:
-        """The residual stored for ``key`` (fp32, or fp64 for fp64 gradients), if any."""
+        """The residual stored for ``key`` (fp32, or fp64 for fp64 gradients), if any.
+
+        Fused kernels update it in place: clone it to keep one step's value."""
         return self._residuals.get(key)
+
+    def _stored(self, key: str, tensor: Tensor) -> Tensor | None:
+        e = self._residuals.get(key)
+        if e is not None and e.shape != tensor.shape:
+            raise RuntimeError(
+                f"key {key!r}: residual has shape {tuple(e.shape)} but the tensor has "
+                f"{tuple(tensor.shape)}; keys must name the same tensor every step"
+            )
+        return e
 
     def _compensate(self, key: str, tensor: Tensor) -> tuple[Tensor, Tensor | None]:
         """Return ``u + e`` and, with momentum correction, the new momentum ``u``."""
@@ -153,15 +164,8 @@ class ErrorFeedback:
         if self.config.momentum > 0:
             old = self._momenta.get(key)
             momentum = u = u if old is None else old * self.config.momentum + u
-        e = self._residuals.get(key)
-        if e is None:
-            return u, momentum
-        if e.shape != tensor.shape:
-            raise RuntimeError(
-                f"key {key!r}: residual has shape {tuple(e.shape)} but the tensor has "
-                f"{tuple(tensor.shape)}; keys must name the same tensor every step"
-            )
-        return u + e, momentum
+        e = self._stored(key, tensor)
+        return (u, momentum) if e is None else (u + e, momentum)
 
     def _update(self, key: str, compensated: Tensor, momentum: Tensor | None, sent: Tensor) -> None:
         residual = compensated - sent.to(compensated.dtype)
@@ -171,16 +175,40 @@ class ErrorFeedback:
             if self.config.momentum_masking:
                 momentum = momentum.masked_fill(sent != 0, 0.0)
             self._momenta[key] = momentum
+        self._store(key, residual)
+
+    def _store(self, key: str, residual: Tensor) -> None:
+        """Keep a finite new residual; after a non-finite one the old stays in place."""
+        if not all_finite(residual):
+            return
         if self.config.decay != 1.0:
             residual.mul_(self.config.decay)
         self._residuals[key] = residual
 
     def compress(self, key: str, tensor: Tensor) -> tuple[Payload, Context]:
-        """Compensate ``tensor`` with ``key``'s residual, compress, and store the new residual."""
-        compensated = self.begin(key, tensor)
+        """Compensate ``tensor`` with ``key``'s residual, compress, and store the new residual.
+
+        Three ways, fastest first: the compressor's fused kernel (the residual is updated in
+        place, see :meth:`Compressor.compress_feedback`); else op by op, with the new residual
+        computed in the compensated tensor's own memory (sparsifiers touch only what they
+        sent); else, with momentum correction or a payload that is a view of the compensated
+        tensor, the textbook ``c - decompress(payload)`` into new memory.
+        """
         c = self._current
+        if self.config.momentum == 0:
+            e = self._stored(key, tensor)
+            if e is None:
+                e = tensor.new_zeros(tensor.shape, dtype=compute_dtype(tensor.dtype))
+            fused = c.compress_feedback(tensor, e, key)
+            if fused is not None:
+                self._store(key, e)
+                return fused
+        compensated, momentum = self._compensate(key, tensor)
         payload, ctx = c.compress(compensated.to(tensor.dtype), key)
-        self.commit(key, c.decompress(payload, ctx))
+        if momentum is None and not any(_shares(t, compensated) for t in (tensor, *payload)):
+            self._store(key, c.subtract_sent_(compensated, payload, ctx))
+        else:
+            self._update(key, compensated, momentum, c.decompress(payload, ctx))
         return payload, ctx
 
     def begin(self, key: str, tensor: Tensor) -> Tensor:
@@ -210,18 +238,24 @@ class ErrorFeedback:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "residuals": dict(self._residuals),
-            "momenta": dict(self._momenta),
+            # Copies: the fused kernels update residuals in place.
+            "residuals": {k: v.clone() for k, v in self._residuals.items()},
+            "momenta": {k: v.clone() for k, v in self._momenta.items()},
             "step": self._step,
             "compressor": self._base.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._residuals = dict(state["residuals"])
-        self._momenta = dict(state["momenta"])
+        self._residuals = {k: v.clone() for k, v in state["residuals"].items()}
+        self._momenta = {k: v.clone() for k, v in state["momenta"].items()}
         self._step = int(state["step"])
         self._base.load_state_dict(state["compressor"])
         self._current = self._compressor_for(self._step)
+
+
+def _shares(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors share memory (a payload may be a view of its input)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class _FeedbackExchange(Exchange):

@@ -94,6 +94,16 @@ class Sparsifier(Compressor[C]):
     def _decompress(self, payload: Payload, ctx: Context) -> Tensor:
         return self.scatter(payload[0], self.indices(payload[1:], ctx), ctx)
 
+    def subtract_sent_(self, target: Tensor, payload: Payload, ctx: Context) -> Tensor:
+        """Only the sent elements change: ``c[i] - v[i]`` there (exactly 0 for values sent in
+        the target's dtype), ``c`` elsewhere; no dense decode."""
+        if not payload:
+            return target
+        flat = target.view(-1)
+        idx = self.indices(payload[1:], ctx)
+        flat[idx] = flat[idx] - payload[0].to(flat.dtype)
+        return target
+
     def aggregate(self, payloads: Any, ctx: Context) -> Tensor:
         """Sum of sparse payloads, accumulated in place rather than densified one by one."""
         acc = torch.zeros(ctx.numel, dtype=compute_dtype(ctx.dtype), device=ctx.device)

@@ -229,6 +229,38 @@ class Compressor(ABC, Generic[C]):
             self._active = outer
         return payload, Context(tensor.shape, tensor.dtype, tensor.device, extra)
 
+    def compress_feedback(
+        self, tensor: Tensor, residual: Tensor, key: str | None = None
+    ) -> tuple[Payload, Context] | None:
+        """Error feedback's step in one go, where the compressor has a fused kernel for it:
+        compress ``c = tensor + residual`` and overwrite ``residual`` with
+        ``c - decompress(payload)``. Returns None, with ``residual`` untouched, where it has no
+        fused kernel for these tensors or ``c`` is not safely finite; the caller then takes the
+        op-by-op path, which also handles non-finite input."""
+        check_tensor(tensor)
+        if tensor.numel() == 0 or residual.shape != tensor.shape:
+            return None
+        outer, self._active = self._active, key
+        try:
+            out = self._compress_feedback(tensor, residual, key)
+        finally:
+            self._active = outer
+        if out is None:
+            return None
+        payload, extra = out
+        return payload, Context(tensor.shape, tensor.dtype, tensor.device, extra)
+
+    def _compress_feedback(
+        self, tensor: Tensor, residual: Tensor, key: str | None
+    ) -> tuple[Payload, Any] | None:
+        """Fused kernel behind :meth:`compress_feedback`; None where there is none."""
+        return None
+
+    def subtract_sent_(self, target: Tensor, payload: Payload, ctx: Context) -> Tensor:
+        """``target -= decompress(payload)`` in place (error feedback's new residual).
+        Sparsifiers override it to touch only the elements they sent."""
+        return target.sub_(self.decompress(payload, ctx).reshape(target.shape).to(target.dtype))
+
     def decompress(self, payload: Payload, ctx: Context) -> Tensor:
         """Decode a payload (this rank's or any other's) to a dense tensor."""
         if ctx.numel == 0:

@@ -8,6 +8,7 @@ Aggregation is either the plain sum of the decoded tensors or signSGD's majority
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -15,10 +16,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from commhooks import native
 from commhooks._validate import check_bool, check_choice, check_int
 from commhooks.coding.bitpack import pack_symbols, unpack_symbols
 from commhooks.coding.symbols import decode_symbols, encode_symbols
-from commhooks.compressors._quant import chunked, unchunk
+from commhooks.compressors._quant import NativeKernels, chunked, unchunk
 from commhooks.compressors.base import (
     Capabilities,
     Compressor,
@@ -70,7 +72,7 @@ class SignConfig(CompressorConfig):
 
 
 @register(SignConfig)
-class Sign(Compressor[SignConfig]):
+class Sign(NativeKernels, Compressor[SignConfig]):
     """Scaled sign compressor; see :class:`SignConfig`."""
 
     @property
@@ -82,7 +84,33 @@ class Sign(Compressor[SignConfig]):
             unbiased=False,
         )
 
+    def _native_ok(self, *tensors: Tensor, numel: int | None = None) -> bool:
+        return not self.config.entropy and native.usable(*tensors, numel=numel)
+
+    def _chunk_for(self, n: int) -> int:
+        chunk = self.config.chunk
+        return n if chunk is None or chunk >= n else chunk
+
+    def _native_compress(self, tensor: Tensor, residual: Tensor | None) -> Payload | None:
+        """Bits and scales by the fused kernel; None (nothing written) unless safely finite."""
+        g = tensor.reshape(-1)
+        e = None if residual is None else residual.view(-1)
+        n = g.numel()
+        chunk = self._chunk_for(n)
+        sums, _, _, total, amax = native.chunk_stats(g, e, chunk, minmax=False)
+        # Finite with |c| < 1e38: c - (+-scale) cannot overflow, so the in-place residual
+        # update needs no undo. Anything else goes the torch way, which carries NaN/inf out.
+        if not math.isfinite(total) or amax >= 1e38:
+            return None
+        counts = torch.full_like(sums, chunk)
+        counts[-1] = n - (sums.numel() - 1) * chunk
+        scale = (sums / counts).float()
+        return native.sign_encode(g, e, chunk, scale), scale
+
     def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
+        payload = self._compress_native(tensor)
+        if payload is not None:
+            return payload, None
         flat = tensor.reshape(-1).to(compute_dtype(tensor.dtype))
         n = flat.numel()
         mag = flat.abs()
@@ -100,13 +128,30 @@ class Sign(Compressor[SignConfig]):
             bits = encode_symbols(bits, 256, use_entropy=True)
         return (bits, scale.float()), None
 
+    def _native_decodes(self, payload: Payload, ctx: Context) -> bool:
+        data, scale = payload
+        n = ctx.numel
+        # Sizes are checked here because the kernel trusts them; a malformed payload goes to
+        # the torch path, which says what is wrong with it.
+        sized = data.numel() == (n + 7) // 8 and scale.numel() == -(-n // self._chunk_for(n))
+        return sized and ctx.dtype == torch.float32 and self._native_ok(data, scale, numel=n)
+
     def _decompress(self, payload: Payload, ctx: Context) -> Tensor:
         data, scale = payload
+        if self._native_decodes(payload, ctx):
+            return native.sign_decode(data, ctx.numel, self._chunk_for(ctx.numel), scale, None)
         return self._scaled(self._signs(data, ctx.numel), scale.to(compute_dtype(ctx.dtype)))
 
     def aggregate(self, payloads: Sequence[Payload], ctx: Context) -> Tensor:
         """``"mean"``: the sum of decoded payloads. ``"majority"``: the vote direction times the
         sum of the ranks' scales (the transport divides by the world size, as for a sum)."""
+        mean = self.config.aggregation == "mean"
+        if mean and payloads and self._native_decodes(payloads[0], ctx):
+            # Every rank's payload has the same form; decoding adds straight into the sum.
+            acc = torch.zeros(ctx.numel, dtype=torch.float32)
+            for data, scale in payloads:
+                native.sign_decode(data, ctx.numel, self._chunk_for(ctx.numel), scale, acc)
+            return acc.view(ctx.shape)
         if self.config.aggregation == "mean" or ctx.numel == 0 or not payloads:
             return super().aggregate(payloads, ctx)
         cd = compute_dtype(ctx.dtype)

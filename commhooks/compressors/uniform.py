@@ -11,6 +11,7 @@ maxima), so integer codes from all ranks can be added by a SUM all-reduce and de
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -18,9 +19,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from commhooks import native
 from commhooks._validate import check_bool, check_int
 from commhooks.coding.symbols import decode_symbols, encode_symbols
-from commhooks.compressors._quant import chunked, unchunk
+from commhooks.compressors._quant import NativeKernels, chunked, unchunk
 from commhooks.compressors.base import (
     Capabilities,
     Compressor,
@@ -41,6 +43,8 @@ __all__ = ["SharedScaleExchange", "Uniform", "UniformConfig", "shared_levels"]
 # Code widths tried in turn for shared-scale codes: the narrowest whose headroom leaves >= 1
 # level per side once world_size codes are added up.
 _CODE_DTYPES = (torch.int8, torch.int16, torch.int32)
+# Bit widths the fused native kernels pack (whole codes per byte).
+_NATIVE = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ def shared_levels(bits: int, world_size: int) -> tuple[int, torch.dtype]:
 
 
 @register(UniformConfig)
-class Uniform(Compressor[UniformConfig]):
+class Uniform(NativeKernels, Compressor[UniformConfig]):
     """Uniform min-max quantizer; see :class:`UniformConfig`."""
 
     @property
@@ -129,8 +133,45 @@ class Uniform(Compressor[UniformConfig]):
 
     # -- normal (min-max) mode ----------------------------------------------------------------
 
+    def _native_ok(self, *tensors: Tensor, numel: int | None = None) -> bool:
+        """The fused kernels serve deterministic min-max codes of 1, 2, 4 or 8 bits."""
+        cfg = self.config
+        plain = not (cfg.shared_scale or cfg.stochastic or cfg.entropy) and cfg.bits in _NATIVE
+        return plain and native.usable(*tensors, numel=numel)
+
+    def _native_compress(self, tensor: Tensor, residual: Tensor | None) -> Payload | None:
+        """Codes and scales by the fused kernel; None (nothing written) unless safely finite."""
+        cfg = self.config
+        g = tensor.reshape(-1)
+        e = None if residual is None else residual.view(-1)
+        n = g.numel()
+        _, lo, hi, total, amax = native.chunk_stats(g, e, cfg.chunk, minmax=True)
+        # |c| < 1e38 keeps c - decode(code) finite, so the residual needs no undo.
+        if not math.isfinite(total) or amax >= 1e38:
+            return None
+        assert lo is not None and hi is not None
+        if n % cfg.chunk:  # the torch path's zero padding is part of the last chunk's range
+            lo[-1].clamp_(max=0.0)
+            hi[-1].clamp_(min=0.0)
+        step = (hi - lo) / ((1 << cfg.bits) - 1)
+        data = native.uniform_encode(g, e, cfg.chunk, lo, step, cfg.bits)
+        return data, torch.stack([lo, step], 1).reshape(-1)
+
+    def _native_decodes(self, payload: Payload, ctx: Context) -> bool:
+        if len(payload) != 2 or ctx.dtype != torch.float32:
+            return False
+        data, scales = payload
+        n, cfg = ctx.numel, self.config
+        # The kernel trusts these sizes; a malformed payload goes to the torch path, which
+        # says what is wrong with it.
+        sized = data.numel() == (n * cfg.bits + 7) // 8 and scales.numel() == 2 * -(-n // cfg.chunk)
+        return sized and self._native_ok(data, scales, numel=n)
+
     def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
         cfg = self.config
+        payload = self._compress_native(tensor)
+        if payload is not None:
+            return payload, None
         flat = tensor.reshape(-1).to(compute_dtype(tensor.dtype))
         if cfg.shared_scale:
             level, dtype = shared_levels(cfg.bits, 1)
@@ -156,11 +197,30 @@ class Uniform(Compressor[UniformConfig]):
             codes, step = payload
             return _decode_codes(codes, step, cfg.chunk, ctx.numel)
         data, scales = payload
+        if self._native_decodes(payload, ctx):
+            lo, step = scales.view(-1, 2).unbind(1)
+            return native.uniform_decode(
+                data, ctx.numel, cfg.chunk, lo.contiguous(), step.contiguous(), cfg.bits, None
+            )
         top = (1 << cfg.bits) - 1
         symbols = decode_symbols(data, top + 1, ctx.numel, use_entropy=cfg.entropy)
         lo, step = scales.view(-1, 2).unbind(1)
         rows = chunked(symbols.to(scales.dtype), cfg.chunk)
-        return unchunk(torch.addcmul(lo[:, None], rows, step[:, None]), ctx.numel)
+        # Multiply, then add (no fused multiply-add): the native kernel rounds the same way.
+        return unchunk(rows * step[:, None] + lo[:, None], ctx.numel)
+
+    def aggregate(self, payloads: Sequence[Payload], ctx: Context) -> Tensor:
+        """The sum of decoded payloads; the native kernel decodes straight into it."""
+        if not payloads or not self._native_decodes(payloads[0], ctx):
+            return super().aggregate(payloads, ctx)
+        acc = torch.zeros(ctx.numel, dtype=torch.float32)
+        for data, scales in payloads:
+            lo, step = scales.view(-1, 2).unbind(1)
+            native.uniform_decode(
+                data, ctx.numel, self.config.chunk, lo.contiguous(), step.contiguous(),
+                self.config.bits, acc,
+            )  # fmt: skip
+        return acc.view(ctx.shape)
 
     def _round(self, q: Tensor, key: str | None = None) -> Tensor:
         """Nearest level, or (stochastic) floor(q + u): level l+1 with probability q - l."""

@@ -1,0 +1,225 @@
+"""Fused CPU kernels for the quantizers, compiled from C on first use and called via ctypes.
+
+The torch code in each compressor makes one pass over memory per op (add the residual, abs,
+mean, compare, pack each bit plane, decode, subtract...), so a quantizer with error feedback
+ran at 1-2% of memcpy speed. ``codecs.c`` does compensation, quantization, packing and the
+new residual in two passes and decodes straight to fp32 (see docs/benchmarks.md for numbers).
+
+The library is built with the system C compiler (``$CC``, else ``cc``/``gcc``) into
+``$COMMHOOKS_CACHE`` (default ``~/.cache/commhooks``), keyed by a hash of the source, the
+flags, the compiler and the CPU, and renamed into place atomically, so concurrent ranks can
+race to build it safely. Without a compiler, or with ``COMMHOOKS_NATIVE=0``, :func:`lib`
+returns None and every compressor keeps its torch path (tested to give the same bytes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["enabled", "lib", "usable"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("codecs.c")
+# -ffp-contract=off: no fused multiply-adds, so float results match torch's op-by-op rounding.
+# The two -fno-* let loops with float compares vectorize; neither changes a result.
+_FLAGS = [
+    "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
+    "-fPIC", "-shared", "-pthread",
+]  # fmt: skip
+# Below this many elements the ctypes call and the scratch allocation cost more than they save.
+MIN_NUMEL = 1 << 14
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+_i64, _int, _ptr, _dbl = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_double
+_SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
+    "ch_chunk_stats": (_dbl, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int]),
+    "ch_stats_items": (_i64, [_i64, _i64]),
+    "ch_sign_encode": (None, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _int]),
+    "ch_sign_decode": (None, [_ptr, _i64, _i64, _ptr, _ptr, _int, _int]),
+    "ch_uniform_encode": (None, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _int, _ptr, _int]),
+    "ch_uniform_decode": (None, [_ptr, _i64, _i64, _ptr, _ptr, _int, _ptr, _int, _int]),
+}
+
+
+def enabled() -> bool:
+    """Whether native kernels may be used (``COMMHOOKS_NATIVE=0`` turns them off)."""
+    return os.environ.get("COMMHOOKS_NATIVE", "1") != "0"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("COMMHOOKS_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "commhooks"
+
+
+def _cpu_id() -> str:
+    # -march=native code must not be loaded on another CPU model sharing the cache directory.
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return platform.machine() + "".join(lines)
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(
+        b"\0".join(s.encode() for s in (_SOURCE.read_text(), " ".join(_FLAGS), version, _cpu_id()))
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"codecs-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run(
+            [cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if res.returncode:
+            raise RuntimeError(f"{cc} failed: {res.stderr.strip()[:2000]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def lib() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first use; None if unavailable or disabled."""
+    global _lib, _tried
+    if not enabled():
+        return None
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        try:
+            if cc is None:
+                raise RuntimeError("no C compiler found (set CC)")
+            handle = ctypes.CDLL(str(_build(cc)))
+            for name, (res, args) in _SIGNATURES.items():
+                fn = getattr(handle, name)
+                fn.restype, fn.argtypes = res, args
+            _lib = handle
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            logger.warning("native kernels unavailable, using the torch path: %s", e)
+            _lib = None
+        _tried = True
+    return _lib
+
+
+def usable(*tensors: Tensor, numel: int | None = None) -> bool:
+    """Whether the native kernels can take these tensors: on the CPU, contiguous, floating ones
+    fp32, ``numel`` (default: the first tensor's) large enough to pay for the call, and the
+    library loads."""
+    if not tensors:
+        return False
+    for t in tensors:
+        if t.device.type != "cpu" or not t.is_contiguous():
+            return False
+        if t.is_floating_point() and t.dtype != torch.float32:
+            return False
+    size = tensors[0].numel() if numel is None else numel
+    return size >= MIN_NUMEL and lib() is not None
+
+
+def threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+# -- the kernels, on tensors ------------------------------------------------------------------
+# Callers check usable() first; these take fp32 contiguous CPU tensors and trust their shapes.
+
+
+def chunk_stats(
+    g: Tensor, e: Tensor | None, chunk: int, minmax: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None, float, float]:
+    """Per-chunk sum of |c| (fp64) and, with ``minmax``, min and max of ``c = g + e``; also the
+    total sum of |c| (non-finite iff some c is) and max |c|."""
+    h = lib()
+    assert h is not None
+    n = g.numel()
+    nchunks = -(-n // chunk)
+    sums = torch.empty(nchunks, dtype=torch.float64)
+    lo = torch.empty(nchunks, dtype=torch.float32) if minmax else None
+    hi = torch.empty(nchunks, dtype=torch.float32) if minmax else None
+    scratch = torch.empty(int(h.ch_stats_items(n, chunk)), dtype=torch.float64)
+    amax = ctypes.c_float()
+    total = h.ch_chunk_stats(
+        ptr(g), ptr(e), n, chunk, ptr(sums), ptr(lo), ptr(hi), ctypes.addressof(amax),
+        ptr(scratch), threads(),
+    )  # fmt: skip
+    return sums, lo, hi, float(total), float(amax.value)
+
+
+def sign_encode(g: Tensor, e: Tensor | None, chunk: int, scale: Tensor) -> Tensor:
+    """Sign bits of ``g + e`` packed as ``pack_bits(.., 1)``; updates ``e`` to the residual."""
+    h = lib()
+    assert h is not None
+    n = g.numel()
+    bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    h.ch_sign_encode(ptr(g), ptr(e), n, chunk, ptr(scale), ptr(bits), threads())
+    return bits
+
+
+def sign_decode(bits: Tensor, n: int, chunk: int, scale: Tensor, out: Tensor | None) -> Tensor:
+    """``+-scale`` per element; added into ``out`` when given."""
+    h = lib()
+    assert h is not None
+    acc = out is not None
+    out = out if out is not None else torch.empty(n, dtype=torch.float32)
+    h.ch_sign_decode(ptr(bits), n, chunk, ptr(scale), ptr(out), int(acc), threads())
+    return out
+
+
+def uniform_encode(
+    g: Tensor, e: Tensor | None, chunk: int, lo: Tensor, step: Tensor, bits: int
+) -> Tensor:
+    """Min-max codes of ``g + e`` packed as ``pack_bits(.., bits)``; updates ``e``."""
+    h = lib()
+    assert h is not None
+    n = g.numel()
+    data = torch.empty((n * bits + 7) // 8, dtype=torch.uint8)
+    h.ch_uniform_encode(ptr(g), ptr(e), n, chunk, ptr(lo), ptr(step), bits, ptr(data), threads())
+    return data
+
+
+def uniform_decode(
+    data: Tensor, n: int, chunk: int, lo: Tensor, step: Tensor, bits: int, out: Tensor | None
+) -> Tensor:
+    """``code * step + lo`` per element; added into ``out`` when given."""
+    h = lib()
+    assert h is not None
+    acc = out is not None
+    out = out if out is not None else torch.empty(n, dtype=torch.float32)
+    h.ch_uniform_decode(
+        ptr(data), n, chunk, ptr(lo), ptr(step), bits, ptr(out), int(acc), threads()
+    )
+    return out

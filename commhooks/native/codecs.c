@@ -1,0 +1,480 @@
+/* Fused CPU kernels for the quantizers: error-feedback compensation, quantization, bit
+ * packing and the new residual in two passes over the gradient, and decoding straight to
+ * fp32 (optionally accumulating, for all-gather aggregation).
+ *
+ * Compiled on first use by commhooks/native/__init__.py (plain C, no torch headers) and called
+ * through ctypes. Built with -ffp-contract=off so that every float expression rounds exactly
+ * as the equivalent torch ops do: payloads are byte-identical to the torch path's (scales from
+ * reductions aside, which sum in double here), and the residual is exactly c - decode(code).
+ *
+ * Threads: plain pthreads over contiguous ranges; reductions go through fixed work items, so
+ * results do not depend on the thread count.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_THREADS 64
+#define BLOCK 65536 /* elements per reduction work item */
+
+typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
+
+typedef struct {
+    range_fn fn;
+    void *ctx;
+    int64_t begin, end;
+} job_t;
+
+static void *run_job(void *arg) {
+    job_t *j = (job_t *)arg;
+    j->fn(j->ctx, j->begin, j->end);
+    return NULL;
+}
+
+/* Split [0, n) into at most nthreads ranges whose starts are multiples of align. */
+static void parallel_for(int64_t n, int64_t align, int nthreads, range_fn fn, void *ctx) {
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (nthreads < 1 || n < (int64_t)1 << 17) nthreads = 1;
+    if (nthreads == 1) {
+        fn(ctx, 0, n);
+        return;
+    }
+    job_t jobs[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS];
+    int64_t per = (n + nthreads - 1) / nthreads;
+    per = (per + align - 1) / align * align;
+    int k = 0;
+    for (int64_t b = 0; b < n && k < nthreads; b += per, k++) {
+        jobs[k].fn = fn;
+        jobs[k].ctx = ctx;
+        jobs[k].begin = b;
+        jobs[k].end = b + per < n ? b + per : n;
+    }
+    for (int t = 1; t < k; t++) started[t] = pthread_create(&tids[t], NULL, run_job, &jobs[t]) == 0;
+    run_job(&jobs[0]);
+    for (int t = 1; t < k; t++) {
+        if (started[t])
+            pthread_join(tids[t], NULL);
+        else
+            run_job(&jobs[t]); /* no thread to be had: do it here */
+    }
+}
+
+/* ---- pass 1: per-chunk statistics of c = g + e ------------------------------------------ */
+
+typedef struct {
+    const float *g, *e;
+    int64_t n, chunk, sub; /* sub: work items per chunk */
+    double *sum;           /* per item: sum |c| */
+    float *lo, *hi;        /* per item: min c, max c (NULL: not wanted) */
+    float *amax;           /* per item: max |c| */
+} stats_t;
+
+#define LANES 16
+#define SUB 4096 /* float partial sums stay within a few ulps over this many elements */
+
+static void stats_range(void *arg, int64_t i0, int64_t i1) {
+    stats_t *s = (stats_t *)arg;
+    const float *g = s->g, *e = s->e;
+    for (int64_t it = i0; it < i1; it++) {
+        int64_t c = it / s->sub, b = it % s->sub;
+        int64_t start = c * s->chunk + b * BLOCK;
+        int64_t stop = c * s->chunk + (b + 1) * BLOCK;
+        int64_t cend = (c + 1) * s->chunk;
+        if (stop > cend) stop = cend;
+        if (stop > s->n) stop = s->n;
+        double sum = 0.0;
+        float am[LANES], lo[LANES], hi[LANES];
+        for (int l = 0; l < LANES; l++) {
+            am[l] = 0.0f;
+            lo[l] = INFINITY;
+            hi[l] = -INFINITY;
+        }
+        /* Independent lanes let the compiler vectorize without reassociating anything. */
+        for (int64_t a = start; a < stop; a += SUB) {
+            int64_t z = a + SUB < stop ? a + SUB : stop;
+            float ps[LANES] = {0};
+            int64_t i = a;
+            for (; i + LANES <= z; i += LANES)
+                for (int l = 0; l < LANES; l++) {
+                    float v = e ? g[i + l] + e[i + l] : g[i + l];
+                    float m = fabsf(v);
+                    ps[l] += m;
+                    am[l] = m > am[l] ? m : am[l];
+                    lo[l] = v < lo[l] ? v : lo[l];
+                    hi[l] = v > hi[l] ? v : hi[l];
+                }
+            for (; i < z; i++) {
+                float v = e ? g[i] + e[i] : g[i];
+                float m = fabsf(v);
+                ps[0] += m;
+                am[0] = m > am[0] ? m : am[0];
+                lo[0] = v < lo[0] ? v : lo[0];
+                hi[0] = v > hi[0] ? v : hi[0];
+            }
+            for (int l = 0; l < LANES; l++) sum += (double)ps[l];
+        }
+        float amax = 0.0f, l0 = INFINITY, h0 = -INFINITY;
+        for (int l = 0; l < LANES; l++) {
+            amax = am[l] > amax ? am[l] : amax;
+            l0 = lo[l] < l0 ? lo[l] : l0;
+            h0 = hi[l] > h0 ? hi[l] : h0;
+        }
+        /* A NaN never wins a comparison, so the sum is what reveals it. */
+        s->sum[it] = sum;
+        s->amax[it] = amax;
+        if (s->lo) {
+            s->lo[it] = l0;
+            s->hi[it] = h0;
+        }
+    }
+}
+
+/* Per-chunk sum |c| (as double) and, when lo/hi are given, min and max of c; scratch holds
+ * 2 doubles' worth per work item (see ch_stats_items). Returns the sum of |c| over the whole
+ * tensor (non-finite iff some c is) and writes max |c| to *amax_out. */
+double ch_chunk_stats(const float *g, const float *e, int64_t n, int64_t chunk, double *sums,
+                      float *lo, float *hi, float *amax_out, double *scratch, int nthreads) {
+    int64_t nchunks = (n + chunk - 1) / chunk;
+    int64_t sub = (chunk + BLOCK - 1) / BLOCK;
+    int64_t items = nchunks * sub;
+    stats_t s = {g, e, n, chunk, sub, scratch, NULL, NULL, (float *)(scratch + items)};
+    float *ilo = NULL, *ihi = NULL;
+    if (lo) {
+        /* item min/max share the scratch after the amax floats */
+        ilo = s.amax + items;
+        ihi = ilo + items;
+        s.lo = ilo;
+        s.hi = ihi;
+    }
+    parallel_for(items, 1, nthreads, stats_range, &s);
+    double total = 0.0;
+    float amax = 0.0f;
+    for (int64_t c = 0; c < nchunks; c++) {
+        double cs = 0.0;
+        float clo = INFINITY, chi = -INFINITY;
+        for (int64_t b = 0; b < sub; b++) {
+            int64_t it = c * sub + b;
+            if (c * chunk + b * BLOCK >= n) break;
+            cs += s.sum[it];
+            amax = s.amax[it] > amax ? s.amax[it] : amax;
+            if (lo) {
+                clo = ilo[it] < clo ? ilo[it] : clo;
+                chi = ihi[it] > chi ? ihi[it] : chi;
+            }
+        }
+        sums[c] = cs;
+        if (lo) {
+            lo[c] = clo;
+            hi[c] = chi;
+        }
+        total += cs;
+    }
+    *amax_out = amax;
+    return total;
+}
+
+/* Scratch doubles ch_chunk_stats needs. */
+int64_t ch_stats_items(int64_t n, int64_t chunk) {
+    int64_t nchunks = (n + chunk - 1) / chunk;
+    int64_t items = nchunks * ((chunk + BLOCK - 1) / BLOCK);
+    return 3 * items; /* sums (double) + amax, lo, hi (floats, two per double) */
+}
+
+/* ---- bit packing helpers ------------------------------------------------------------------ */
+
+/* Codes beyond the last multiple of 8 go as a bit matrix (commhooks.coding.bitpack). */
+static void pack_tail(const uint8_t *codes, int count, int bits, uint8_t *out) {
+    memset(out, 0, (size_t)((count * bits + 7) / 8));
+    for (int t = 0; t < count; t++)
+        for (int b = 0; b < bits; b++) {
+            int pos = t * bits + b;
+            out[pos / 8] |= (uint8_t)(((codes[t] >> b) & 1) << (pos % 8));
+        }
+}
+
+static int unpack_tail_code(const uint8_t *in, int t, int bits) {
+    int code = 0;
+    for (int b = 0; b < bits; b++) {
+        int pos = t * bits + b;
+        code |= ((in[pos / 8] >> (pos % 8)) & 1) << b;
+    }
+    return code;
+}
+
+/* ---- shared by the codecs ---------------------------------------------------------------- */
+
+/* Elements go in blocks: a vectorizable loop computes codes (one byte each) and the residual,
+ * then the codes are packed. A block lies inside one chunk, so it has one scale; chunk sizes
+ * that are not multiples of 8 fall back to per-element packing (see *_slow). */
+#define BLK 512
+#define PACK8 0x0102040810204080ULL   /* eight 0/1 bytes -> one byte, byte j -> bit j */
+#define SPREAD8 0x0101010101010101ULL /* one byte -> eight copies */
+#define BITSEL 0x8040201008040201ULL  /* byte lane j keeps bit j */
+
+typedef struct {
+    const float *g;
+    float *e; /* residual, updated in place (NULL: no error feedback) */
+    int64_t n, chunk;
+    const float *scale, *step; /* sign: scale; uniform: lo (as scale) and step */
+    int bits;
+    uint8_t *data;
+    float *out;
+    int accumulate;
+} codec_t;
+
+static void pack_codes(const uint8_t *codes, int64_t m, int bits, uint8_t *dst) {
+    switch (bits) {
+    case 8:
+        memcpy(dst, codes, (size_t)m);
+        break;
+    case 4:
+        for (int64_t k = 0; k < m / 2; k++) dst[k] = (uint8_t)(codes[2 * k] | codes[2 * k + 1] << 4);
+        break;
+    case 2:
+        for (int64_t k = 0; k < m / 4; k++)
+            dst[k] = (uint8_t)(codes[4 * k] | codes[4 * k + 1] << 2 | codes[4 * k + 2] << 4 |
+                               codes[4 * k + 3] << 6);
+        break;
+    default:
+        for (int64_t k = 0; k < m / 8; k++) {
+            uint64_t x;
+            memcpy(&x, codes + 8 * k, 8);
+            dst[k] = (uint8_t)((x * PACK8) >> 56);
+        }
+    }
+}
+
+static void unpack_codes(const uint8_t *src, int64_t m, int bits, uint8_t *codes) {
+    switch (bits) {
+    case 8:
+        memcpy(codes, src, (size_t)m);
+        break;
+    case 4:
+        for (int64_t k = 0; k < m / 2; k++) {
+            codes[2 * k] = src[k] & 15;
+            codes[2 * k + 1] = src[k] >> 4;
+        }
+        break;
+    case 2:
+        for (int64_t k = 0; k < m / 4; k++)
+            for (int j = 0; j < 4; j++) codes[4 * k + j] = (src[k] >> (2 * j)) & 3;
+        break;
+    default:
+        for (int64_t k = 0; k < m / 8; k++) {
+            uint64_t x = ((src[k] * SPREAD8) & BITSEL);
+            for (int j = 0; j < 8; j++) codes[8 * k + j] = ((x >> (8 * j)) & 0xff) != 0;
+        }
+    }
+}
+
+/* Calls seg(ctx, a, b, chunk index) for the pieces of [i0, min(i1, body)) that share a chunk,
+ * when every chunk boundary is a multiple of 8; returns 0 (nothing done) otherwise. */
+typedef void (*seg_fn)(codec_t *c, int64_t a, int64_t b, int64_t chunk_index);
+
+static int for_segments(codec_t *c, int64_t i0, int64_t i1, seg_fn seg) {
+    int64_t n = c->n, chunk = c->chunk, body = n - n % 8;
+    if (!(chunk % 8 == 0 || chunk >= n)) return 0;
+    int64_t end = i1 < body ? i1 : body;
+    for (int64_t a = i0; a < end;) {
+        int64_t ci = a / chunk;
+        int64_t b = (ci + 1) * chunk < end ? (ci + 1) * chunk : end;
+        for (int64_t s = a; s < b; s += BLK) seg(c, s, s + BLK < b ? s + BLK : b, ci);
+        a = b;
+    }
+    return 1;
+}
+
+/* ---- sign ------------------------------------------------------------------------------- */
+
+static inline float sign_value(float v, float sc) { return v >= 0.0f ? sc : -sc; }
+
+static void sign_enc_seg(codec_t *c, int64_t a, int64_t b, int64_t ci) {
+    uint8_t codes[BLK];
+    const float *g = c->g + a;
+    float *e = c->e ? c->e + a : NULL;
+    float sc = c->scale[ci];
+    int64_t m = b - a;
+    if (e) {
+        for (int64_t j = 0; j < m; j++) {
+            float v = g[j] + e[j];
+            codes[j] = v >= 0.0f;
+            e[j] = v - sign_value(v, sc);
+        }
+    } else {
+        for (int64_t j = 0; j < m; j++) codes[j] = g[j] >= 0.0f;
+    }
+    pack_codes(codes, m, 1, c->data + a / 8);
+}
+
+static void sign_encode_range(void *arg, int64_t i0, int64_t i1) {
+    codec_t *s = (codec_t *)arg;
+    const float *g = s->g;
+    float *e = s->e;
+    int64_t n = s->n, chunk = s->chunk, body = n - n % 8;
+    int64_t from = i1; /* where the per-element loop starts */
+    if (for_segments(s, i0, i1, sign_enc_seg))
+        from = i1 < body ? i1 : body;
+    else
+        from = i0;
+    /* per element: chunks not aligned to bytes, and the tail (a bit matrix, which for one bit
+     * is laid out as plain bytes) */
+    for (int64_t k = from; k < i1; k++) {
+        float sc = s->scale[k / chunk];
+        float v = e ? g[k] + e[k] : g[k];
+        uint8_t bit = v >= 0.0f;
+        if (e) e[k] = v - sign_value(v, sc);
+        if (k % 8 == 0) s->data[k / 8] = 0;
+        s->data[k / 8] |= (uint8_t)(bit << (k % 8));
+    }
+}
+
+/* Sign bits of c = g + e (1 for c >= 0) and, with e, the residual e = c - (+-scale). */
+void ch_sign_encode(const float *g, float *e, int64_t n, int64_t chunk, const float *scale,
+                    uint8_t *bits, int nthreads) {
+    codec_t s = {g, e, n, chunk, scale, NULL, 1, bits, NULL, 0};
+    parallel_for(n, 8, nthreads, sign_encode_range, &s);
+}
+
+static void sign_dec_seg(codec_t *c, int64_t a, int64_t b, int64_t ci) {
+    uint8_t codes[BLK];
+    int64_t m = b - a;
+    float sc = c->scale[ci], *out = c->out + a;
+    unpack_codes(c->data + a / 8, m, 1, codes);
+    if (c->accumulate)
+        for (int64_t j = 0; j < m; j++) out[j] += codes[j] ? sc : -sc;
+    else
+        for (int64_t j = 0; j < m; j++) out[j] = codes[j] ? sc : -sc;
+}
+
+static void sign_decode_range(void *arg, int64_t i0, int64_t i1) {
+    codec_t *s = (codec_t *)arg;
+    int64_t n = s->n, chunk = s->chunk, body = n - n % 8;
+    int64_t from = i0;
+    if (for_segments(s, i0, i1, sign_dec_seg)) from = i1 < body ? i1 : body;
+    for (int64_t k = from; k < i1; k++) {
+        float sc = s->scale[k / chunk];
+        float v = (s->data[k / 8] >> (k % 8)) & 1 ? sc : -sc;
+        s->out[k] = s->accumulate ? s->out[k] + v : v;
+    }
+}
+
+/* Decode sign bits to +-scale. */
+void ch_sign_decode(const uint8_t *bits, int64_t n, int64_t chunk, const float *scale, float *out,
+                    int accumulate, int nthreads) {
+    codec_t s = {NULL, NULL, n, chunk, scale, NULL, 1, (uint8_t *)bits, out, accumulate};
+    parallel_for(n, 8, nthreads, sign_decode_range, &s);
+}
+
+/* ---- uniform (min-max) ------------------------------------------------------------------ */
+
+static inline float unif_level(float v, float lo, float step, float top) {
+    float q = (v - lo) / step;
+    q = q == q ? q : 0.0f; /* 0/0 in a constant chunk */
+    q = nearbyintf(q);
+    return q < 0.0f ? 0.0f : (q > top ? top : q);
+}
+
+static void unif_enc_seg(codec_t *c, int64_t a, int64_t b, int64_t ci) {
+    uint8_t codes[BLK];
+    const float *g = c->g + a;
+    float *e = c->e ? c->e + a : NULL;
+    float lo = c->scale[ci], step = c->step[ci], top = (float)((1 << c->bits) - 1);
+    int64_t m = b - a;
+    if (e) {
+        for (int64_t j = 0; j < m; j++) {
+            float v = g[j] + e[j];
+            float q = unif_level(v, lo, step, top);
+            codes[j] = (uint8_t)q;
+            e[j] = v - (q * step + lo);
+        }
+    } else {
+        for (int64_t j = 0; j < m; j++) codes[j] = (uint8_t)unif_level(g[j], lo, step, top);
+    }
+    pack_codes(codes, m, c->bits, c->data + a / 8 * c->bits);
+}
+
+static void unif_encode_range(void *arg, int64_t i0, int64_t i1) {
+    codec_t *u = (codec_t *)arg;
+    const float *g = u->g;
+    float *e = u->e;
+    int bits = u->bits;
+    float top = (float)((1 << bits) - 1);
+    int64_t n = u->n, chunk = u->chunk, body = n - n % 8;
+    int64_t end = i1 < body ? i1 : body;
+    if (!for_segments(u, i0, i1, unif_enc_seg)) {
+        uint8_t codes[8];
+        for (int64_t i = i0; i < end; i += 8) {
+            for (int j = 0; j < 8; j++) {
+                int64_t ci = (i + j) / chunk;
+                float lo = u->scale[ci], step = u->step[ci];
+                float v = e ? g[i + j] + e[i + j] : g[i + j];
+                float q = unif_level(v, lo, step, top);
+                codes[j] = (uint8_t)q;
+                if (e) e[i + j] = v - (q * step + lo);
+            }
+            pack_codes(codes, 8, bits, u->data + i / 8 * bits);
+        }
+    }
+    if (i1 == n && body < n) {
+        uint8_t codes[8];
+        for (int64_t k = body; k < n; k++) {
+            int64_t ci = k / chunk;
+            float lo = u->scale[ci], step = u->step[ci];
+            float v = e ? g[k] + e[k] : g[k];
+            float q = unif_level(v, lo, step, top);
+            codes[k - body] = (uint8_t)q;
+            if (e) e[k] = v - (q * step + lo);
+        }
+        pack_tail(codes, (int)(n - body), bits, u->data + body / 8 * bits);
+    }
+}
+
+/* Codes of c = g + e on 2**bits levels per chunk (bits 1, 2, 4 or 8), packed as
+ * commhooks.coding.bitpack.pack_bits does; with e, the residual e = c - (code*step + lo). */
+void ch_uniform_encode(const float *g, float *e, int64_t n, int64_t chunk, const float *lo,
+                       const float *step, int bits, uint8_t *data, int nthreads) {
+    codec_t u = {g, e, n, chunk, lo, step, bits, data, NULL, 0};
+    parallel_for(n, 8, nthreads, unif_encode_range, &u);
+}
+
+static void unif_dec_seg(codec_t *c, int64_t a, int64_t b, int64_t ci) {
+    uint8_t codes[BLK];
+    int64_t m = b - a;
+    float lo = c->scale[ci], step = c->step[ci], *out = c->out + a;
+    unpack_codes(c->data + a / 8 * c->bits, m, c->bits, codes);
+    if (c->accumulate)
+        for (int64_t j = 0; j < m; j++) out[j] += (float)codes[j] * step + lo;
+    else
+        for (int64_t j = 0; j < m; j++) out[j] = (float)codes[j] * step + lo;
+}
+
+static void unif_decode_range(void *arg, int64_t i0, int64_t i1) {
+    codec_t *u = (codec_t *)arg;
+    int bits = u->bits;
+    int64_t n = u->n, chunk = u->chunk, body = n - n % 8;
+    int64_t end = i1 < body ? i1 : body;
+    int64_t from = for_segments(u, i0, i1, unif_dec_seg) ? (end > i0 ? end : i0) : i0;
+    uint8_t codes[8];
+    for (int64_t i = from; i < i1; i++) {
+        int64_t ci = i / chunk;
+        int code;
+        if (i < body) {
+            unpack_codes(u->data + i / 8 * bits, 8, bits, codes);
+            code = codes[i % 8];
+        } else {
+            code = unpack_tail_code(u->data + body / 8 * bits, (int)(i - body), bits);
+        }
+        float v = (float)code * u->step[ci] + u->scale[ci];
+        u->out[i] = u->accumulate ? u->out[i] + v : v;
+    }
+}
+
+/* Decode min-max codes to code*step + lo per chunk. */
+void ch_uniform_decode(const uint8_t *data, int64_t n, int64_t chunk, const float *lo,
+                       const float *step, int bits, float *out, int accumulate, int nthreads) {
+    codec_t u = {NULL, NULL, n, chunk, lo, step, bits, (uint8_t *)data, out, accumulate};
+    parallel_for(n, 8, nthreads, unif_decode_range, &u);
+}

@@ -1,0 +1,155 @@
+"""The fused native kernels against the torch path they replace: same bytes, same decodes,
+the exact error-feedback residual, and the torch path's handling of non-finite input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import commhooks
+from commhooks import native
+from commhooks.compressors.base import Compressor
+
+pytestmark = pytest.mark.skipif(native.lib() is None, reason="no C compiler on this machine")
+
+SIZES = [native.MIN_NUMEL, native.MIN_NUMEL + 5, 100_003]
+SPECS = [
+    "sign",
+    "sign:chunk=2048",
+    "sign:chunk=1000",  # chunks that end inside a byte of sign bits
+    "uniform",
+    "uniform:bits=4",
+    "uniform:bits=2",
+    "uniform:bits=1",
+    "uniform:bits=4,chunk=1000",
+    "uniform:bits=8,chunk=1000000",  # one padded chunk larger than the tensor
+]
+
+
+def _torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMMHOOKS_NATIVE", "0")
+
+
+def _data(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * torch.logspace(-3, 1, n)  # magnitudes vary along it
+    x[:7] = 0.0  # zeros (sign: +) and a constant run
+    return x
+
+
+def _payload_equal(c: Compressor, a: tuple, b: tuple) -> None:
+    # Bits/codes must match exactly; scales that come from a mean may differ in the last place
+    # (the kernel sums in double).
+    assert torch.equal(a[0], b[0])
+    if c.config.name == "sign":
+        assert_close(a[1], b[1], rtol=1e-6, atol=0)
+    else:
+        assert torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("spec", SPECS)
+def test_compress_and_decompress_match_torch(spec, n, monkeypatch):
+    x = _data(n, 0)
+    c = commhooks.compressor(spec)
+    fast, ctx = c.compress(x)
+    fast_out = c.decompress(fast, ctx)
+    with monkeypatch.context() as m:
+        _torch_path(m)
+        slow, _ = c.compress(x)
+        slow_out = c.decompress(slow, ctx)
+        cross = c.decompress(fast, ctx)  # the torch decoder reads the kernel's bytes
+    _payload_equal(c, fast, slow)
+    assert torch.equal(fast_out, cross)
+    assert_close(fast_out, slow_out, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_aggregate_adds_decodes(spec):
+    c = commhooks.compressor(spec)
+    payloads, ctx = [], None
+    for seed in range(3):
+        p, ctx = c.compress(_data(50_000, seed))
+        payloads.append(p)
+    expect = sum(c.decompress(p, ctx) for p in payloads)
+    assert torch.equal(c.aggregate(payloads, ctx), expect)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_fused_feedback_residual_is_exact(spec, monkeypatch):
+    """c = g + e; the fused step's new residual is exactly c - decode(payload), as the torch
+    path computes it, and the payload matches the torch path's for the same c."""
+    n = 70_001
+    g, e0 = _data(n, 1), _data(n, 2) * 0.01
+    c = commhooks.compressor(spec)
+    e = e0.clone()
+    payload, ctx = c.compress_feedback(g, e)
+    comp = g + e0
+    assert torch.equal(e, comp - c.decompress(payload, ctx))
+    with monkeypatch.context() as m:
+        _torch_path(m)
+        assert c.compress_feedback(g, e0.clone()) is None  # no kernel: the caller's way
+        slow, _ = c.compress(comp)
+    _payload_equal(c, payload, slow)
+
+
+@pytest.mark.parametrize("spec", ["sign", "uniform:bits=4"])
+def test_error_feedback_same_with_and_without_kernels(spec, monkeypatch):
+    fast = commhooks.ErrorFeedback(spec)
+    with monkeypatch.context() as m:
+        _torch_path(m)
+        slow = commhooks.ErrorFeedback(spec)
+        slow_steps = [slow.compress("w", _data(40_000, s))[0] for s in range(4)]
+        slow_res = slow.residual("w")
+    for s, ref in enumerate(slow_steps):
+        got, _ = fast.compress("w", _data(40_000, s))
+        _payload_equal(commhooks.compressor(spec), got, ref)
+    assert_close(fast.residual("w"), slow_res, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
+@pytest.mark.parametrize("spec", ["sign", "uniform:bits=8"])
+def test_non_finite_or_huge_input_takes_the_torch_path(spec, bad):
+    """The kernel refuses (residual untouched) and error feedback's torch path sends the NaN/inf
+    on to GradScaler while keeping the old residual."""
+    g = _data(30_000, 3)
+    g[123] = bad
+    c = commhooks.compressor(spec)
+    e = torch.full_like(g, 0.5)
+    assert c.compress_feedback(g, e) is None
+    assert torch.equal(e, torch.full_like(g, 0.5))
+    ef = commhooks.ErrorFeedback(spec)
+    ef.compress("w", _data(30_000, 4))
+    kept = ef.residual("w").clone()
+    payload, ctx = ef.compress("w", g)
+    if bad != 3e38:
+        assert not torch.isfinite(c.decompress(payload, ctx)).all()
+        assert torch.equal(ef.residual("w"), kept)
+
+
+def test_state_dict_is_a_snapshot():
+    """Fused kernels update residuals in place; a saved state must not change afterwards, and
+    a loaded one must not be written through."""
+    ef = commhooks.ErrorFeedback("sign")
+    ef.compress("w", _data(30_000, 5))
+    state = ef.state_dict()
+    saved = state["residuals"]["w"].clone()
+    ef.compress("w", _data(30_000, 6))
+    assert torch.equal(state["residuals"]["w"], saved)
+    other = commhooks.ErrorFeedback("sign")
+    other.load_state_dict(state)
+    other.compress("w", _data(30_000, 7))
+    assert torch.equal(state["residuals"]["w"], saved)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("COMMHOOKS_NATIVE", "0")
+    assert native.lib() is None
+    assert not native.usable(torch.zeros(native.MIN_NUMEL))
+
+
+def test_small_tensors_stay_on_the_torch_path():
+    assert not native.usable(torch.zeros(native.MIN_NUMEL - 1))
+    assert not native.usable(torch.zeros(native.MIN_NUMEL, dtype=torch.float64))
+    assert native.usable(torch.zeros(native.MIN_NUMEL))
