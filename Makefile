@@ -9,7 +9,7 @@ WHEELS ?= /opt/wheels
 APT_PACKAGES ?= openmpi-bin libopenmpi-dev
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test bench-kernels lint clean
+.PHONY: setup demo test bench-kernels bench lint clean
 
 setup: $(STAMP)
 
@@ -30,8 +30,16 @@ demo: setup
 	$(VENV)/bin/commhooks-demo --out demo-out $(DEMO_ARGS)
 
 # Codec speed of every compressor against memcpy (4M, 16M, 64M elements); see docs/benchmarks.md.
+# THP_MEM_ALLOC_ENABLE=1: torch backs large tensors with huge pages; fresh 256 MB outputs
+# otherwise spend more time in page faults than in the codec (measured there).
 bench-kernels: setup
-	$(PY) benchmarks/kernels.py --out bench-kernels.json --markdown bench-kernels.md
+	THP_MEM_ALLOC_ENABLE=1 $(PY) benchmarks/kernels.py --out bench-kernels.json --markdown bench-kernels.md
+
+# End to end over shaped links (root: network namespaces): step time against dense and torch's
+# hooks, wire bytes against the interfaces' counters, time to accuracy on digits; about 30-40
+# minutes here. Tables and plots in bench-out/; see benchmarks/e2e.py.
+bench: setup
+	THP_MEM_ALLOC_ENABLE=1 $(PY) benchmarks/e2e.py --out bench-out
 
 test: setup
 	$(PY) -m pytest -q
@@ -41,4 +49,4 @@ lint: setup
 	$(VENV)/bin/ruff format --check commhooks tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo-out bench-kernels.*
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo-out bench-kernels.* bench-out
