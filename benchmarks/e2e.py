@@ -202,6 +202,7 @@ class Row:
     max_s: float | None = None
     vs_dense: float | None = None
     vs_torch_powersgd: float | None = None
+    fallback: str | None = None  # fallback="auto": "<dense buckets>/<buckets> dense"
 
 
 @dataclass
@@ -297,6 +298,20 @@ def make_batches(name: str, cfg: Config, rank: int) -> tuple[list[tuple[Tensor, 
     return data, nn.functional.cross_entropy
 
 
+FALLBACK = "+fallback"
+# Our hook with HookOptions(fallback="auto") too: the unshaped target's remedy, and on shaped
+# links the check that it keeps compressing where that pays.
+FALLBACK_SPECS = ("topk", "sign", "ternary", "qsgd", "powersgd", INT8)
+
+
+def our_spec(label: str) -> tuple[str, dict[str, Any]]:
+    """Our variant's compressor spec and hook options: ``"<spec>+fallback"`` adds
+    ``fallback="auto"``."""
+    if label.endswith(FALLBACK):
+        return label[: -len(FALLBACK)], {"fallback": "auto"}
+    return label, {}
+
+
 def one_bucket_mb(module: nn.Module) -> float:
     """A ``bucket_cap_mb`` that puts every gradient in one DDP bucket."""
     return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20 + 1.0
@@ -306,7 +321,7 @@ def our_powersgd_rank(labels: Sequence[str]) -> int:
     """The rank of the first of our PowerSGD variants (its default if there is none)."""
     for label in [*labels, "powersgd"]:
         if label not in BASELINES:
-            config = commhooks.parse_spec(label)
+            config = commhooks.parse_spec(our_spec(label)[0])
             if config.name == "powersgd":
                 return int(config.rank)  # type: ignore[attr-defined]
     raise AssertionError("unreachable: 'powersgd' is a registered compressor")
@@ -351,7 +366,12 @@ class Variant:
             self.model.register_comm_hook(psgd, powerSGD_hook.powerSGD_hook)
             self.dense_steps = TORCH_PSGD_START
         elif label != DENSE:
-            self.state = commhooks.ddp.register(self.model, label)
+            spec, options = our_spec(label)
+            self.state = commhooks.ddp.register(self.model, spec, **options)
+            if options:
+                # Probe calls of every bucket, after DDP's rebuild of its buckets at step 1,
+                # fall in the build steps; the timed steps see the settled paths.
+                self.dense_steps = 2 * self.state.options.fallback_probes + 2
         # torch's PowerSGD keeps error feedback (use_error_feedback=True); the casts have none.
         self.error_feedback: bool | None = None
         if self.state is not None:
@@ -507,6 +527,10 @@ def measure_model(name: str, cfg: Config, link: str, marks: Marks) -> list[dict[
             wire, link_b = _mean_over_ranks([after[0] - before[0], after[1] - before[1]])
             row.wire_bytes, row.link_est_bytes = wire / row.steps, link_b / row.steps
             row.wire_source = "hook"
+            settled = [b for b in v.state.fallback_report() if b.choice is not None]
+            if v.state.fallback is not None:
+                dense = sum(b.choice == "dense" for b in settled)
+                row.fallback = f"{dense}/{len(settled)} dense"
         else:
             row.wire_bytes = v.analytic_bytes(psgd_rank)
             row.link_est_bytes = 2 * (world - 1) / world * row.wire_bytes
@@ -807,6 +831,8 @@ def row_targets(r: Row, int8: str | None) -> list[tuple[str, float, float | None
             out.append(("our powersgd step / torch's at 1gbit", 0.8, r.vs_torch_powersgd))
     if r.link == NONE and r.label in commhooks.available():
         out.append(("every compressor at its defaults, unshaped: step / dense", 1.10, r.vs_dense))
+    if r.link == NONE and r.label.endswith(FALLBACK):
+        out.append(("with fallback=auto, unshaped: step / dense", 1.10, r.vs_dense))
     return out
 
 
@@ -941,6 +967,8 @@ def markdown(
             f"≤{limit:g}: {_met(None if v is None else v <= limit)}"
             for _, limit, v in row_targets(r, int8)
         )
+        if r.fallback:
+            tcell = f"{tcell} ({r.fallback})" if tcell else f"({r.fallback})"
         lines.append(
             f"| {r.model} | {r.ranks} | {r.link} | {r.label} | {_ms(r.median_s)} | "
             f"{_ms(r.min_s)} / {_ms(r.max_s)} | "
@@ -1029,7 +1057,7 @@ def default_variants() -> list[str]:
     labels = [DENSE, TORCH_FP16, TORCH_BF16, TORCH_PSGD, *commhooks.available()]
     if int8_label(labels) is None:  # uniform's default is not 8 bits: int8 is a variant of its own
         labels.append(INT8)
-    return labels
+    return labels + [spec + FALLBACK for spec in FALLBACK_SPECS]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -1080,7 +1108,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         variants.insert(0, DENSE)
     for label in variants:
         if label not in BASELINES:
-            commhooks.parse_spec(label)  # a bad spec fails here, before any namespace exists
+            commhooks.parse_spec(our_spec(label)[0])  # a bad spec fails before any namespace
     for link in cfg.links:
         if link != NONE:
             Link(link)

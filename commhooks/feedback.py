@@ -148,6 +148,12 @@ class ErrorFeedback:
         Fused kernels update it in place: clone it to keep one step's value."""
         return self._residuals.get(key)
 
+    def pop(self, key: str) -> Tensor | None:
+        """Remove and return ``key``'s residual (and forget its momentum): for a caller that
+        sends what is left uncompressed and stops compressing the tensor."""
+        self._momenta.pop(key, None)
+        return self._residuals.pop(key, None)
+
     def _stored(self, key: str, tensor: Tensor) -> Tensor | None:
         e = self._residuals.get(key)
         if e is not None and e.shape != tensor.shape:

@@ -4,6 +4,7 @@ No ``from __future__ import annotations`` here: torch checks at registration tha
 ``bucket`` parameter is annotated with the real ``dist.GradBucket`` class, not a string.
 """
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch.futures import Future
 
 from commhooks.comm.transport import TransportStats, count_allreduce
 from commhooks.compressors.base import Compressor, CompressorConfig, all_finite
+from commhooks.ddp.fallback import COMPRESSED
 from commhooks.ddp.state import CompressionState
 
 __all__ = ["average_buffer", "bf16_wrapper", "compression_hook", "fp16_wrapper", "register"]
@@ -68,15 +70,41 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
 
     buffer = bucket.buffer()
     state.check_agreement(buffer.device)
+    params = list(bucket.parameters())
     if state.iteration < state.options.start_iter:
         fut = _dense_step(state, buffer)
-        if bucket.is_last():
-            state.end_step()
-        return fut
-    _average(state, buffer, list(bucket.parameters()))
+    elif state.fallback is not None:
+        fut = _measured_step(state, buffer, params)
+    else:
+        _average(state, buffer, params)
+        fut = _done(buffer)
     if bucket.is_last():
         state.end_step()
-    return _done(buffer)
+    return fut
+
+
+def _measured_step(state: CompressionState, buffer: Tensor, params: list[Tensor]) -> Future[Tensor]:
+    """``fallback="auto"``: probe both paths, then keep the faster (see ``ddp/fallback.py``)."""
+    assert state.fallback is not None
+    keys = tuple(state.key_of(p) for p in params)
+    path, probe = state.fallback.plan(keys, state.comm, buffer.device)
+    t0 = time.perf_counter()
+    if path == COMPRESSED:
+        _average(state, buffer, params)
+        fut = _done(buffer)
+    else:
+        if not probe and state.feedback is not None:
+            # Settled dense: what error feedback still holds for these tensors goes now.
+            for view, key in zip(_param_views(buffer, params), keys):
+                residual = state.feedback.pop(key)
+                if residual is not None:
+                    view.add_(residual.to(view.dtype))
+        fut = _dense_step(state, buffer)
+        if probe:
+            fut.wait()
+    if probe:
+        state.fallback.record(keys, path, time.perf_counter() - t0)
+    return fut
 
 
 def _dense_step(state: CompressionState, buffer: Tensor) -> Future[Tensor]:

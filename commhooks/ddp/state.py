@@ -23,6 +23,7 @@ from commhooks.comm.transport import (
     transport_class,
 )
 from commhooks.compressors.base import Compressor, CompressorConfig
+from commhooks.ddp.fallback import BucketChoice, Fallback
 from commhooks.feedback import ErrorFeedback, FeedbackConfig
 from commhooks.registry import compressor as build_compressor
 
@@ -59,6 +60,13 @@ class HookOptions:
             inflate a tensor (top-k near ratio 1 with its indices, PowerSGD at a rank near a
             small matrix's side); raise it (say to 4) where the codec time is not worth less.
             0 compresses every tensor past ``min_numel``.
+        fallback: ``"off"`` (the default) or ``"auto"``: time each bucket's compressed path
+            against a dense all-reduce for ``fallback_probes`` calls each, and send the bucket
+            dense from then on where compression took longer (decided alike on every rank; see
+            :mod:`commhooks.ddp.fallback`). For links whose speed you do not know in advance;
+            a dense bucket's error-feedback residual is sent with its first dense step.
+        fallback_probes: timed calls per path before a bucket is settled (>= 1); the median
+            is compared, so 3 tolerates one disturbed call.
         log_every: log the stats with the module logger every this many steps (0: never).
         seed: seed of the rank-local randomness (stochastic rounding); the rank is mixed in.
         check_config: on the first compressed step, check that every rank uses the same
@@ -72,6 +80,8 @@ class HookOptions:
     min_numel: int = 1024
     compress_1d: bool = False
     min_ratio: float = 1.0
+    fallback: str = "off"
+    fallback_probes: int = 3
     log_every: int = 0
     seed: int = 0
     check_config: bool = True
@@ -85,6 +95,8 @@ class HookOptions:
         check_int("min_numel", self.min_numel, lo=0)
         check_bool("compress_1d", self.compress_1d)
         check_real("min_ratio", self.min_ratio, lo=0.0)
+        check_choice("fallback", self.fallback, ("off", "auto"))
+        check_int("fallback_probes", self.fallback_probes, lo=1)
         check_int("log_every", self.log_every, lo=0)
         check_int("seed", self.seed)
         check_bool("check_config", self.check_config)
@@ -169,6 +181,9 @@ class CompressionState:
         self._checked = not self.options.check_config
         self._seen: set[str] = set()
         self._pays: dict[tuple[tuple[int, ...], torch.dtype], bool] = {}
+        self.fallback = (
+            Fallback(self.options.fallback_probes) if self.options.fallback == "auto" else None
+        )
 
     # -- bound to the process group on first use ------------------------------------------
 
@@ -284,6 +299,10 @@ class CompressionState:
     def stats(self) -> CommStats:
         """A copy of the cumulative stats."""
         return dataclasses.replace(self._stats)
+
+    def fallback_report(self) -> list[BucketChoice]:
+        """With ``fallback="auto"``: each bucket's probe times and the path chosen."""
+        return self.fallback.report() if self.fallback is not None else []
 
     def state_dict(self) -> dict[str, Any]:
         """Error-feedback memory, compressor state (PowerSGD's Q, RNG), step counter, stats.

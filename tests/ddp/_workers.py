@@ -244,3 +244,42 @@ def tuple_calls(rank: int, world: int, store_path: str, out: str) -> None:
     finally:
         gc.collect()  # free DDP/gloo objects while the group lives (see ddp_step.py)
         dist.destroy_process_group()
+
+
+def fallback_run(rank: int, world: int, store_path: str, out: str, spec: str, steps: int) -> None:
+    """Train a DDP MLP with ``fallback="auto"`` (2 probes a path) next to plain DDP; record
+    each bucket's probe report, the parameters' digest, and the residuals left after it."""
+    init(rank, world, store_path)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                              nn.Linear(512, 10))  # fmt: skip
+        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.5)
+        state = commhooks.ddp.register(ddp, spec, fallback="auto", fallback_probes=2)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        wire = []
+        for step in range(steps):
+            opt.zero_grad()
+            x, y = batch(rank, step)
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+            wire.append(state.stats().last_wire_bytes)
+        report = [
+            (b.params, b.choice, b.compressed_ms, b.dense_ms, len(b.compressed_s), len(b.dense_s))
+            for b in state.fallback_report()
+        ]
+        fb = state.feedback.state_dict()["residuals"] if state.feedback is not None else {}
+        torch.save(
+            {
+                "report": report,
+                "params": digest(list(ddp.parameters())),
+                "residual_keys": sorted(fb),
+                "wire": wire,
+                "raw": sum(p.numel() * 4 for p in ddp.parameters()),
+            },
+            out,
+        )
+        dist.barrier()
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
