@@ -17,9 +17,11 @@ our PowerSGD, ``start_powerSGD_iter=2``; should it raise with DDP's default buck
 is a row of its own and ``torch-powersgd-1bucket`` reruns it with the whole model in one
 bucket); and our hook (:func:`commhooks.ddp.register`, default hook options) with every
 compressor of :func:`commhooks.available` at its defaults, plus ``uniform:bits=8`` unless that
-is ``uniform``'s default. ``dense`` is always run: the ratios need it. A hook that fails on
-every rank alike is an error row, not a failed run: torch 2.13 refuses ``bf16_compress_hook``
-at registration without CUDA and NCCL, so on CPU ``torch-bf16`` is always one.
+is ``uniform``'s default, and ``<spec>+fallback`` (our hook with ``fallback="auto"``) for a
+few of them. ``dense`` is always run: the ratios need it. A hook that fails on every rank alike
+is an error row, not a failed run. torch 2.13 refuses ``bf16_compress_hook`` by its name at
+registration without CUDA and NCCL, though gloo reduces bf16 on the CPU, so it is registered
+through a function of another name.
 
 Models, on seeded synthetic batches of 32 per rank, plain SGD: ``mlp`` is ddp_step.py's MLP
 1024-2048-2048-1024 (8.4M parameters, MSE); ``conv`` has three 3x3 conv + ReLU + max-pool
@@ -356,7 +358,12 @@ class Variant:
         if label == TORCH_FP16:
             self.model.register_comm_hook(dist.group.WORLD, default_hooks.fp16_compress_hook)
         elif label == TORCH_BF16:
-            self.model.register_comm_hook(dist.group.WORLD, default_hooks.bf16_compress_hook)
+            # DDP refuses this hook by its name unless CUDA and NCCL are present, though gloo
+            # reduces bf16 on the CPU: register the same function under another name.
+            def torch_bf16(state: Any, bucket: dist.GradBucket) -> Any:
+                return default_hooks.bf16_compress_hook(state, bucket)
+
+            self.model.register_comm_hook(dist.group.WORLD, torch_bf16)
         elif label in (TORCH_PSGD, TORCH_PSGD_1B):
             psgd = powerSGD_hook.PowerSGDState(
                 process_group=None,
