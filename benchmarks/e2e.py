@@ -359,8 +359,9 @@ class Variant:
             self.model.register_comm_hook(dist.group.WORLD, default_hooks.fp16_compress_hook)
         elif label == TORCH_BF16:
             # DDP refuses this hook by its name unless CUDA and NCCL are present, though gloo
-            # reduces bf16 on the CPU: register the same function under another name.
-            def torch_bf16(state: Any, bucket: dist.GradBucket) -> Any:
+            # reduces bf16 on the CPU: register the same function under another name. (No
+            # annotations: under postponed evaluation DDP would read the string "GradBucket".)
+            def torch_bf16(state, bucket):  # type: ignore[no-untyped-def]
                 return default_hooks.bf16_compress_hook(state, bucket)
 
             self.model.register_comm_hook(dist.group.WORLD, torch_bf16)
