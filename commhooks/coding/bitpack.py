@@ -20,6 +20,7 @@ __all__ = [
     "bits_for",
     "pack_bits",
     "pack_symbols",
+    "symbol_layout",
     "symbols_nbytes",
     "unpack_bits",
     "unpack_symbols",
@@ -143,6 +144,14 @@ def _radix_per_byte(alphabet: int) -> int:
 def _use_radix(alphabet: int) -> bool:
     m = _radix_per_byte(alphabet)
     return m > 0 and 8 / m < bits_for(alphabet)
+
+
+def symbol_layout(alphabet: int) -> tuple[str, int]:
+    """How :func:`pack_symbols` packs this alphabet: ``("radix", symbols per byte)`` or
+    ``("bits", bits per symbol)``."""
+    if _use_radix(alphabet):
+        return "radix", _radix_per_byte(alphabet)
+    return "bits", bits_for(alphabet)
 
 
 def symbols_nbytes(count: int, alphabet: int) -> int:

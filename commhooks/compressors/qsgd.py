@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from commhooks import native
 from commhooks._validate import check_bool, check_choice, check_int
+from commhooks.coding.bitpack import symbols_nbytes
 from commhooks.coding.symbols import decode_symbols, encode_symbols
-from commhooks.compressors._quant import chunked, unchunk
+from commhooks.compressors._quant import NativeKernels, chunked, unchunk
 from commhooks.compressors.base import (
     Capabilities,
     Compressor,
@@ -65,7 +68,7 @@ class QSGDConfig(CompressorConfig):
 
 
 @register(QSGDConfig)
-class QSGD(Compressor[QSGDConfig]):
+class QSGD(NativeKernels, Compressor[QSGDConfig]):
     """QSGD quantizer; see :class:`QSGDConfig`."""
 
     @property
@@ -77,7 +80,59 @@ class QSGD(Compressor[QSGDConfig]):
             unbiased=True,
         )
 
+    # -- fused native kernels (fp32 on the CPU; the rounding noise is the kernel's own) -------
+
+    @property
+    def _alphabet(self) -> int:
+        return 2 * self.config.levels + 1
+
+    def _native_ok(self, *tensors: Tensor, numel: int | None = None) -> bool:
+        return not self.config.entropy and native.usable(*tensors, numel=numel)
+
+    def _native_compress(self, tensor: Tensor, residual: Tensor | None) -> Payload | None:
+        cfg = self.config
+        g = tensor.reshape(-1)
+        e = None if residual is None else residual.view(-1)
+        l2 = cfg.norm == "l2"
+        st = native.chunk_stats(g, e, cfg.chunk, minmax=not l2, squares=l2)
+        if not math.isfinite(st.total) or st.amax >= 1e18:  # squares overflow fp32 past ~1.8e19
+            return None
+        if l2:
+            assert st.sumsq is not None
+            norm = st.sumsq.sqrt().float()
+        else:
+            assert st.lo is not None and st.hi is not None
+            norm = torch.maximum(st.lo.abs(), st.hi.abs())
+        packing = native.symbol_packing(self._alphabet)
+        data = native.stochastic_encode(
+            0, g, e, cfg.chunk, norm, cfg.levels, self._alphabet, packing, self._native_seed()
+        )
+        return data, norm
+
+    def _native_decodes(self, payload: Payload, ctx: Context) -> bool:
+        if len(payload) != 2 or ctx.dtype != torch.float32:
+            return False
+        data, norm = payload
+        n, cfg = ctx.numel, self.config
+        sized = data.numel() == symbols_nbytes(n, self._alphabet) and norm.numel() == -(
+            -n // cfg.chunk
+        )
+        return sized and self._native_ok(data, norm, numel=n)
+
+    def _native_decode(self, payload: Payload, ctx: Context, out: Tensor | None) -> Tensor:
+        data, norm = payload
+        packing = native.symbol_packing(self._alphabet)
+        cfg = self.config
+        return native.stochastic_decode(
+            data, ctx.numel, cfg.chunk, norm, cfg.levels, self._alphabet, packing, out
+        )
+
+    # -- the torch path ----------------------------------------------------------------------
+
     def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
+        payload = self._compress_native(tensor)
+        if payload is not None:
+            return payload, None
         cfg = self.config
         s = cfg.levels
         flat = tensor.reshape(-1).to(compute_dtype(tensor.dtype))
@@ -104,6 +159,9 @@ class QSGD(Compressor[QSGDConfig]):
         return (data, wire_norm), None
 
     def _decompress(self, payload: Payload, ctx: Context) -> Tensor:
+        fast = self._decompress_native(payload, ctx)
+        if fast is not None:
+            return fast
         cfg = self.config
         s = cfg.levels
         data, norm = payload

@@ -97,11 +97,12 @@ class Sign(NativeKernels, Compressor[SignConfig]):
         e = None if residual is None else residual.view(-1)
         n = g.numel()
         chunk = self._chunk_for(n)
-        sums, _, _, total, amax = native.chunk_stats(g, e, chunk, minmax=False)
+        st = native.chunk_stats(g, e, chunk)
         # Finite with |c| < 1e38: c - (+-scale) cannot overflow, so the in-place residual
         # update needs no undo. Anything else goes the torch way, which carries NaN/inf out.
-        if not math.isfinite(total) or amax >= 1e38:
+        if not math.isfinite(st.total) or st.amax >= 1e38:
             return None
+        sums = st.sums
         counts = torch.full_like(sums, chunk)
         counts[-1] = n - (sums.numel() - 1) * chunk
         scale = (sums / counts).float()
@@ -129,29 +130,27 @@ class Sign(NativeKernels, Compressor[SignConfig]):
         return (bits, scale.float()), None
 
     def _native_decodes(self, payload: Payload, ctx: Context) -> bool:
+        if len(payload) != 2 or ctx.dtype != torch.float32:
+            return False
         data, scale = payload
         n = ctx.numel
-        # Sizes are checked here because the kernel trusts them; a malformed payload goes to
-        # the torch path, which says what is wrong with it.
         sized = data.numel() == (n + 7) // 8 and scale.numel() == -(-n // self._chunk_for(n))
-        return sized and ctx.dtype == torch.float32 and self._native_ok(data, scale, numel=n)
+        return sized and self._native_ok(data, scale, numel=n)
+
+    def _native_decode(self, payload: Payload, ctx: Context, out: Tensor | None) -> Tensor:
+        data, scale = payload
+        return native.sign_decode(data, ctx.numel, self._chunk_for(ctx.numel), scale, out)
 
     def _decompress(self, payload: Payload, ctx: Context) -> Tensor:
+        fast = self._decompress_native(payload, ctx)
+        if fast is not None:
+            return fast
         data, scale = payload
-        if self._native_decodes(payload, ctx):
-            return native.sign_decode(data, ctx.numel, self._chunk_for(ctx.numel), scale, None)
         return self._scaled(self._signs(data, ctx.numel), scale.to(compute_dtype(ctx.dtype)))
 
     def aggregate(self, payloads: Sequence[Payload], ctx: Context) -> Tensor:
         """``"mean"``: the sum of decoded payloads. ``"majority"``: the vote direction times the
         sum of the ranks' scales (the transport divides by the world size, as for a sum)."""
-        mean = self.config.aggregation == "mean"
-        if mean and payloads and self._native_decodes(payloads[0], ctx):
-            # Every rank's payload has the same form; decoding adds straight into the sum.
-            acc = torch.zeros(ctx.numel, dtype=torch.float32)
-            for data, scale in payloads:
-                native.sign_decode(data, ctx.numel, self._chunk_for(ctx.numel), scale, acc)
-            return acc.view(ctx.shape)
         if self.config.aggregation == "mean" or ctx.numel == 0 or not payloads:
             return super().aggregate(payloads, ctx)
         cd = compute_dtype(ctx.dtype)

@@ -145,10 +145,11 @@ class Uniform(NativeKernels, Compressor[UniformConfig]):
         g = tensor.reshape(-1)
         e = None if residual is None else residual.view(-1)
         n = g.numel()
-        _, lo, hi, total, amax = native.chunk_stats(g, e, cfg.chunk, minmax=True)
+        st = native.chunk_stats(g, e, cfg.chunk, minmax=True)
         # |c| < 1e38 keeps c - decode(code) finite, so the residual needs no undo.
-        if not math.isfinite(total) or amax >= 1e38:
+        if not math.isfinite(st.total) or st.amax >= 1e38:
             return None
+        lo, hi = st.lo, st.hi
         assert lo is not None and hi is not None
         if n % cfg.chunk:  # the torch path's zero padding is part of the last chunk's range
             lo[-1].clamp_(max=0.0)
@@ -162,10 +163,16 @@ class Uniform(NativeKernels, Compressor[UniformConfig]):
             return False
         data, scales = payload
         n, cfg = ctx.numel, self.config
-        # The kernel trusts these sizes; a malformed payload goes to the torch path, which
-        # says what is wrong with it.
         sized = data.numel() == (n * cfg.bits + 7) // 8 and scales.numel() == 2 * -(-n // cfg.chunk)
         return sized and self._native_ok(data, scales, numel=n)
+
+    def _native_decode(self, payload: Payload, ctx: Context, out: Tensor | None) -> Tensor:
+        data, scales = payload
+        lo, step = scales.view(-1, 2).unbind(1)
+        cfg = self.config
+        return native.uniform_decode(
+            data, ctx.numel, cfg.chunk, lo.contiguous(), step.contiguous(), cfg.bits, out
+        )
 
     def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
         cfg = self.config
@@ -196,31 +203,16 @@ class Uniform(NativeKernels, Compressor[UniformConfig]):
         if cfg.shared_scale:
             codes, step = payload
             return _decode_codes(codes, step, cfg.chunk, ctx.numel)
+        fast = self._decompress_native(payload, ctx)
+        if fast is not None:
+            return fast
         data, scales = payload
-        if self._native_decodes(payload, ctx):
-            lo, step = scales.view(-1, 2).unbind(1)
-            return native.uniform_decode(
-                data, ctx.numel, cfg.chunk, lo.contiguous(), step.contiguous(), cfg.bits, None
-            )
         top = (1 << cfg.bits) - 1
         symbols = decode_symbols(data, top + 1, ctx.numel, use_entropy=cfg.entropy)
         lo, step = scales.view(-1, 2).unbind(1)
         rows = chunked(symbols.to(scales.dtype), cfg.chunk)
         # Multiply, then add (no fused multiply-add): the native kernel rounds the same way.
         return unchunk(rows * step[:, None] + lo[:, None], ctx.numel)
-
-    def aggregate(self, payloads: Sequence[Payload], ctx: Context) -> Tensor:
-        """The sum of decoded payloads; the native kernel decodes straight into it."""
-        if not payloads or not self._native_decodes(payloads[0], ctx):
-            return super().aggregate(payloads, ctx)
-        acc = torch.zeros(ctx.numel, dtype=torch.float32)
-        for data, scales in payloads:
-            lo, step = scales.view(-1, 2).unbind(1)
-            native.uniform_decode(
-                data, ctx.numel, self.config.chunk, lo.contiguous(), step.contiguous(),
-                self.config.bits, acc,
-            )  # fmt: skip
-        return acc.view(ctx.shape)
 
     def _round(self, q: Tensor, key: str | None = None) -> Tensor:
         """Nearest level, or (stochastic) floor(q + u): level l+1 with probability q - l."""

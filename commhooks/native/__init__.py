@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -47,13 +48,19 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 _i64, _int, _ptr, _dbl = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_double
+_u32 = ctypes.c_uint32
 _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
-    "ch_chunk_stats": (_dbl, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int]),
+    "ch_chunk_stats": (_dbl, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int]),
     "ch_stats_items": (_i64, [_i64, _i64]),
     "ch_sign_encode": (None, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _int]),
     "ch_sign_decode": (None, [_ptr, _i64, _i64, _ptr, _ptr, _int, _int]),
     "ch_uniform_encode": (None, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _int, _ptr, _int]),
     "ch_uniform_decode": (None, [_ptr, _i64, _i64, _ptr, _ptr, _int, _ptr, _int, _int]),
+    "ch_stoch_encode": (
+        None,
+        [_int, _ptr, _ptr, _i64, _i64, _ptr, _int, _int, _int, _int, _ptr, _u32, _u32, _int],
+    ),
+    "ch_stoch_decode": (None, [_ptr, _i64, _i64, _ptr, _int, _int, _int, _int, _ptr, _int, _int]),
 }
 
 
@@ -158,25 +165,36 @@ def ptr(t: Tensor | None) -> int | None:
 # Callers check usable() first; these take fp32 contiguous CPU tensors and trust their shapes.
 
 
+class Stats(NamedTuple):
+    """Per-chunk statistics of ``c = g + e``."""
+
+    sums: Tensor  # sum |c| (fp64)
+    sumsq: Tensor | None  # sum c^2 (fp64), when asked for
+    lo: Tensor | None  # min c (fp32), when asked for
+    hi: Tensor | None  # max c
+    total: float  # sum |c| over the tensor: non-finite iff some c is
+    amax: float  # max |c|
+
+
 def chunk_stats(
-    g: Tensor, e: Tensor | None, chunk: int, minmax: bool
-) -> tuple[Tensor, Tensor | None, Tensor | None, float, float]:
-    """Per-chunk sum of |c| (fp64) and, with ``minmax``, min and max of ``c = g + e``; also the
-    total sum of |c| (non-finite iff some c is) and max |c|."""
+    g: Tensor, e: Tensor | None, chunk: int, minmax: bool = False, squares: bool = False
+) -> Stats:
+    """Per-chunk statistics of ``c = g + e`` (``e`` may be None) in one pass."""
     h = lib()
     assert h is not None
     n = g.numel()
     nchunks = -(-n // chunk)
     sums = torch.empty(nchunks, dtype=torch.float64)
+    sq = torch.empty(nchunks, dtype=torch.float64) if squares else None
     lo = torch.empty(nchunks, dtype=torch.float32) if minmax else None
     hi = torch.empty(nchunks, dtype=torch.float32) if minmax else None
     scratch = torch.empty(int(h.ch_stats_items(n, chunk)), dtype=torch.float64)
     amax = ctypes.c_float()
     total = h.ch_chunk_stats(
-        ptr(g), ptr(e), n, chunk, ptr(sums), ptr(lo), ptr(hi), ctypes.addressof(amax),
+        ptr(g), ptr(e), n, chunk, ptr(sums), ptr(sq), ptr(lo), ptr(hi), ctypes.addressof(amax),
         ptr(scratch), threads(),
     )  # fmt: skip
-    return sums, lo, hi, float(total), float(amax.value)
+    return Stats(sums, sq, lo, hi, float(total), float(amax.value))
 
 
 def sign_encode(g: Tensor, e: Tensor | None, chunk: int, scale: Tensor) -> Tensor:
@@ -222,4 +240,49 @@ def uniform_decode(
     h.ch_uniform_decode(
         ptr(data), n, chunk, ptr(lo), ptr(step), bits, ptr(out), int(acc), threads()
     )
+    return out
+
+
+def symbol_packing(alphabet: int) -> tuple[int, int]:
+    """(bits, radix) as ``pack_symbols`` packs this alphabet (at most 256 symbols): bits per
+    symbol (bit planes for widths other than 1, 2, 4, 8), or radix symbols per byte."""
+    from commhooks.coding.bitpack import symbol_layout
+
+    kind, size = symbol_layout(alphabet)
+    return (0, size) if kind == "radix" else (size, 0)
+
+
+def stochastic_encode(
+    kind: int, g: Tensor, e: Tensor | None, chunk: int, norm: Tensor, levels: int,
+    alphabet: int, packing: tuple[int, int], seed: int,
+) -> Tensor:  # fmt: skip
+    """Stochastic symbols (``kind`` 0: QSGD, 1: TernGrad) of ``g + e`` packed as
+    ``pack_symbols(.., alphabet)``; updates ``e`` to the residual."""
+    h = lib()
+    assert h is not None
+    n = g.numel()
+    bits, radix = packing
+    size = -(-n // radix) if radix else (n * bits + 7) // 8
+    data = torch.empty(size, dtype=torch.uint8)
+    h.ch_stoch_encode(
+        kind, ptr(g), ptr(e), n, chunk, ptr(norm), levels, bits, radix, alphabet, ptr(data),
+        seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, threads(),
+    )  # fmt: skip
+    return data
+
+
+def stochastic_decode(
+    data: Tensor, n: int, chunk: int, norm: Tensor, levels: int, alphabet: int,
+    packing: tuple[int, int], out: Tensor | None,
+) -> Tensor:  # fmt: skip
+    """``(symbol - levels) * norm / levels`` per chunk; added into ``out`` when given."""
+    h = lib()
+    assert h is not None
+    acc = out is not None
+    out = out if out is not None else torch.empty(n, dtype=torch.float32)
+    bits, radix = packing
+    h.ch_stoch_decode(
+        ptr(data), n, chunk, ptr(norm), levels, bits, radix, alphabet, ptr(out), int(acc),
+        threads(),
+    )  # fmt: skip
     return out

@@ -68,6 +68,7 @@ typedef struct {
     const float *g, *e;
     int64_t n, chunk, sub; /* sub: work items per chunk */
     double *sum;           /* per item: sum |c| */
+    double *sq;            /* per item: sum c^2 (NULL: not wanted) */
     float *lo, *hi;        /* per item: min c, max c (NULL: not wanted) */
     float *amax;           /* per item: max |c| */
 } stats_t;
@@ -85,7 +86,7 @@ static void stats_range(void *arg, int64_t i0, int64_t i1) {
         int64_t cend = (c + 1) * s->chunk;
         if (stop > cend) stop = cend;
         if (stop > s->n) stop = s->n;
-        double sum = 0.0;
+        double sum = 0.0, sq = 0.0;
         float am[LANES], lo[LANES], hi[LANES];
         for (int l = 0; l < LANES; l++) {
             am[l] = 0.0f;
@@ -95,13 +96,14 @@ static void stats_range(void *arg, int64_t i0, int64_t i1) {
         /* Independent lanes let the compiler vectorize without reassociating anything. */
         for (int64_t a = start; a < stop; a += SUB) {
             int64_t z = a + SUB < stop ? a + SUB : stop;
-            float ps[LANES] = {0};
+            float ps[LANES] = {0}, p2[LANES] = {0};
             int64_t i = a;
             for (; i + LANES <= z; i += LANES)
                 for (int l = 0; l < LANES; l++) {
                     float v = e ? g[i + l] + e[i + l] : g[i + l];
                     float m = fabsf(v);
                     ps[l] += m;
+                    p2[l] += v * v; /* inf past |c| ~ 1.8e19: the caller checks */
                     am[l] = m > am[l] ? m : am[l];
                     lo[l] = v < lo[l] ? v : lo[l];
                     hi[l] = v > hi[l] ? v : hi[l];
@@ -110,11 +112,15 @@ static void stats_range(void *arg, int64_t i0, int64_t i1) {
                 float v = e ? g[i] + e[i] : g[i];
                 float m = fabsf(v);
                 ps[0] += m;
+                p2[0] += v * v;
                 am[0] = m > am[0] ? m : am[0];
                 lo[0] = v < lo[0] ? v : lo[0];
                 hi[0] = v > hi[0] ? v : hi[0];
             }
-            for (int l = 0; l < LANES; l++) sum += (double)ps[l];
+            for (int l = 0; l < LANES; l++) {
+                sum += (double)ps[l];
+                sq += (double)p2[l];
+            }
         }
         float amax = 0.0f, l0 = INFINITY, h0 = -INFINITY;
         for (int l = 0; l < LANES; l++) {
@@ -124,6 +130,7 @@ static void stats_range(void *arg, int64_t i0, int64_t i1) {
         }
         /* A NaN never wins a comparison, so the sum is what reveals it. */
         s->sum[it] = sum;
+        if (s->sq) s->sq[it] = sq;
         s->amax[it] = amax;
         if (s->lo) {
             s->lo[it] = l0;
@@ -132,40 +139,40 @@ static void stats_range(void *arg, int64_t i0, int64_t i1) {
     }
 }
 
-/* Per-chunk sum |c| (as double) and, when lo/hi are given, min and max of c; scratch holds
- * 2 doubles' worth per work item (see ch_stats_items). Returns the sum of |c| over the whole
- * tensor (non-finite iff some c is) and writes max |c| to *amax_out. */
+/* Per-chunk sum |c| and, when asked for, sum c^2 (both as double), min and max of c. scratch
+ * holds ch_stats_items() doubles. Returns the sum of |c| over the whole tensor (non-finite iff
+ * some c is) and writes max |c| to *amax_out. */
 double ch_chunk_stats(const float *g, const float *e, int64_t n, int64_t chunk, double *sums,
-                      float *lo, float *hi, float *amax_out, double *scratch, int nthreads) {
+                      double *sumsq, float *lo, float *hi, float *amax_out, double *scratch,
+                      int nthreads) {
     int64_t nchunks = (n + chunk - 1) / chunk;
     int64_t sub = (chunk + BLOCK - 1) / BLOCK;
     int64_t items = nchunks * sub;
-    stats_t s = {g, e, n, chunk, sub, scratch, NULL, NULL, (float *)(scratch + items)};
-    float *ilo = NULL, *ihi = NULL;
+    float *fl = (float *)(scratch + 2 * items); /* amax, lo, hi per item */
+    stats_t s = {g, e, n, chunk, sub, scratch, sumsq ? scratch + items : NULL, NULL, NULL, fl};
     if (lo) {
-        /* item min/max share the scratch after the amax floats */
-        ilo = s.amax + items;
-        ihi = ilo + items;
-        s.lo = ilo;
-        s.hi = ihi;
+        s.lo = fl + items;
+        s.hi = fl + 2 * items;
     }
     parallel_for(items, 1, nthreads, stats_range, &s);
     double total = 0.0;
     float amax = 0.0f;
     for (int64_t c = 0; c < nchunks; c++) {
-        double cs = 0.0;
+        double cs = 0.0, c2 = 0.0;
         float clo = INFINITY, chi = -INFINITY;
         for (int64_t b = 0; b < sub; b++) {
             int64_t it = c * sub + b;
             if (c * chunk + b * BLOCK >= n) break;
             cs += s.sum[it];
+            if (sumsq) c2 += s.sq[it];
             amax = s.amax[it] > amax ? s.amax[it] : amax;
             if (lo) {
-                clo = ilo[it] < clo ? ilo[it] : clo;
-                chi = ihi[it] > chi ? ihi[it] : chi;
+                clo = s.lo[it] < clo ? s.lo[it] : clo;
+                chi = s.hi[it] > chi ? s.hi[it] : chi;
             }
         }
         sums[c] = cs;
+        if (sumsq) sumsq[c] = c2;
         if (lo) {
             lo[c] = clo;
             hi[c] = chi;
@@ -180,7 +187,7 @@ double ch_chunk_stats(const float *g, const float *e, int64_t n, int64_t chunk, 
 int64_t ch_stats_items(int64_t n, int64_t chunk) {
     int64_t nchunks = (n + chunk - 1) / chunk;
     int64_t items = nchunks * ((chunk + BLOCK - 1) / BLOCK);
-    return 3 * items; /* sums (double) + amax, lo, hi (floats, two per double) */
+    return 4 * items; /* sum, sumsq (doubles); amax, lo, hi (floats) */
 }
 
 /* ---- bit packing helpers ------------------------------------------------------------------ */
@@ -477,4 +484,202 @@ void ch_uniform_decode(const uint8_t *data, int64_t n, int64_t chunk, const floa
                        const float *step, int bits, float *out, int accumulate, int nthreads) {
     codec_t u = {NULL, NULL, n, chunk, lo, step, bits, (uint8_t *)data, out, accumulate};
     parallel_for(n, 8, nthreads, unif_decode_range, &u);
+}
+
+/* ---- stochastic quantizers: QSGD and TernGrad ------------------------------------------- */
+
+/* A counter-based generator: element i of a call draws hash(i, seed), so threads need no
+ * shared state and a call is reproducible from its 64-bit seed (drawn from the compressor's
+ * private torch generator). lowbias32 (C. Wellons) mixes well enough for rounding noise. */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline float uniform01(int64_t i, uint32_t s0, uint32_t s1) {
+    uint32_t h = mix32((uint32_t)i ^ s0);
+    h = mix32(h + s1 + (uint32_t)((uint64_t)i >> 32) * 0x9E3779B9U);
+    return (float)(h >> 8) * (1.0f / 16777216.0f); /* 24 bits: exact in a float, < 1 */
+}
+
+#define SBLK 480 /* a multiple of 8 and of every radix group size (2..5) */
+
+typedef struct {
+    int kind; /* 0: QSGD, 1: ternary (TernGrad) */
+    const float *g;
+    float *e;
+    int64_t n, chunk;
+    const float *norm; /* per chunk: QSGD's norm, ternary's scale */
+    int levels;        /* s; the symbol is level * sign + s, in 0..2s */
+    int bits, radix;   /* packing: bits per symbol (1, 2, 4, 8), or radix symbols per byte */
+    int alphabet;
+    uint8_t *data;
+    float *out;
+    int accumulate;
+    uint32_t s0, s1;
+} stoch_t;
+
+/* Bit widths split into planes of 8, 4, 2 and 1 bits, low bits first (bitpack._planes). */
+static int planes_of(int bits, int *off, int *wid) {
+    static const int widths[4] = {8, 4, 2, 1};
+    int k = 0, o = 0;
+    for (int t = 0; t < 4; t++)
+        while (bits - o >= widths[t]) {
+            off[k] = o;
+            wid[k++] = widths[t];
+            o += widths[t];
+        }
+    return k;
+}
+
+/* Pack the codes of elements [b, b + m). Radix: groups of `radix` a byte. Bits: the first
+ * `body` (n rounded down to 8) elements plane by plane, each plane a contiguous run of bytes,
+ * then the rest as a bit matrix, as commhooks.coding.bitpack.pack_bits lays them out. */
+static void pack_block(const stoch_t *s, const uint8_t *codes, int64_t b, int64_t m) {
+    if (s->radix) {
+        int r = s->radix;
+        uint8_t *dst = s->data + b / r;
+        for (int64_t k = 0; k < (m + r - 1) / r; k++) {
+            int v = 0;
+            for (int j = r - 1; j >= 0; j--) {
+                int64_t at = k * r + j;
+                v = v * s->alphabet + (at < m ? codes[at] : 0); /* zero padding, as torch's */
+            }
+            dst[k] = (uint8_t)v;
+        }
+        return;
+    }
+    int64_t body = s->n - s->n % 8;
+    int64_t whole = b + m <= body ? m : body - b;
+    int off[8], wid[8], np = planes_of(s->bits, off, wid);
+    uint8_t plane[SBLK];
+    int64_t base = 0;
+    for (int p = 0; p < np; p++) {
+        const uint8_t *src = codes;
+        if (np > 1) {
+            for (int64_t j = 0; j < whole; j++)
+                plane[j] = (uint8_t)((codes[j] >> off[p]) & ((1 << wid[p]) - 1));
+            src = plane;
+        }
+        pack_codes(src, whole, wid[p], s->data + base + b / 8 * wid[p]);
+        base += body / 8 * wid[p];
+    }
+    if (whole < m) pack_tail(codes + whole, (int)(m - whole), s->bits, s->data + base);
+}
+
+static void unpack_block(const stoch_t *s, const uint8_t *table, int64_t b, int64_t m,
+                         uint8_t *codes) {
+    if (s->radix) {
+        int r = s->radix;
+        const uint8_t *src = s->data + b / r;
+        for (int64_t k = 0; k < (m + r - 1) / r; k++)
+            for (int j = 0; j < r && k * r + j < m; j++) codes[k * r + j] = table[src[k] * r + j];
+        return;
+    }
+    int64_t body = s->n - s->n % 8;
+    int64_t whole = b + m <= body ? m : body - b;
+    int off[8], wid[8], np = planes_of(s->bits, off, wid);
+    uint8_t plane[SBLK];
+    int64_t base = 0;
+    for (int p = 0; p < np; p++) {
+        uint8_t *dst = np > 1 ? plane : codes;
+        unpack_codes(s->data + base + b / 8 * wid[p], whole, wid[p], dst);
+        if (np > 1) {
+            if (p == 0) memset(codes, 0, (size_t)whole);
+            for (int64_t j = 0; j < whole; j++) codes[j] |= (uint8_t)(plane[j] << off[p]);
+        }
+        base += body / 8 * wid[p];
+    }
+    for (int64_t t = whole; t < m; t++)
+        codes[t] = (uint8_t)unpack_tail_code(s->data + base, (int)(b + t - body), s->bits);
+}
+
+static void stoch_encode_range(void *arg, int64_t i0, int64_t i1) {
+    stoch_t *s = (stoch_t *)arg;
+    uint8_t codes[SBLK];
+    float lv_s = (float)s->levels;
+    for (int64_t b = i0; b < i1; b += SBLK) {
+        int64_t m = b + SBLK < i1 ? SBLK : i1 - b;
+        for (int64_t a = b; a < b + m;) {
+            int64_t ci = a / s->chunk;
+            int64_t z = (ci + 1) * s->chunk < b + m ? (ci + 1) * s->chunk : b + m;
+            float nrm = s->norm[ci], step = nrm / lv_s;
+            const float *g = s->g;
+            float *e = s->e;
+            for (int64_t i = a; i < z; i++) {
+                float v = e ? g[i] + e[i] : g[i];
+                float r = fabsf(v) / nrm * lv_s;
+                r = r == r ? r : 0.0f; /* 0/0 in an all-zero chunk */
+                r = r < 0.0f ? 0.0f : (r > lv_s ? lv_s : r);
+                float u = uniform01(i, s->s0, s->s1), lv;
+                if (s->kind == 0) {
+                    lv = floorf(r + u);
+                    lv = lv > lv_s ? lv_s : lv;
+                } else {
+                    lv = u < r ? 1.0f : 0.0f;
+                }
+                float sym = (v < 0.0f ? -lv : lv) + lv_s;
+                codes[i - b] = (uint8_t)sym;
+                if (e) e[i] = v - (sym - lv_s) * step;
+            }
+            a = z;
+        }
+        pack_block(s, codes, b, m);
+    }
+}
+
+/* Stochastic symbols of c = g + e per chunk and, with e, the residual c - decode(symbol). */
+void ch_stoch_encode(int kind, const float *g, float *e, int64_t n, int64_t chunk, const float *norm,
+                     int levels, int bits, int radix, int alphabet, uint8_t *data, uint32_t s0,
+                     uint32_t s1, int nthreads) {
+    stoch_t s = {kind, g, e, n, chunk, norm, levels, bits, radix, alphabet, data, NULL, 0, s0, s1};
+    parallel_for(n, SBLK, nthreads, stoch_encode_range, &s);
+}
+
+typedef struct {
+    stoch_t *s;
+    const uint8_t *table;
+} stoch_dec_t;
+
+static void stoch_decode_range(void *arg, int64_t i0, int64_t i1) {
+    stoch_dec_t *d = (stoch_dec_t *)arg;
+    stoch_t *s = d->s;
+    uint8_t codes[SBLK];
+    float lv_s = (float)s->levels;
+    for (int64_t b = i0; b < i1; b += SBLK) {
+        int64_t m = b + SBLK < i1 ? SBLK : i1 - b;
+        unpack_block(s, d->table, b, m, codes);
+        for (int64_t a = b; a < b + m;) {
+            int64_t ci = a / s->chunk;
+            int64_t z = (ci + 1) * s->chunk < b + m ? (ci + 1) * s->chunk : b + m;
+            float step = s->norm[ci] / lv_s, *out = s->out;
+            if (s->accumulate)
+                for (int64_t i = a; i < z; i++) out[i] += ((float)codes[i - b] - lv_s) * step;
+            else
+                for (int64_t i = a; i < z; i++) out[i] = ((float)codes[i - b] - lv_s) * step;
+            a = z;
+        }
+    }
+}
+
+/* Decode symbols to (symbol - s) * norm / s per chunk (added into out with accumulate). */
+void ch_stoch_decode(const uint8_t *data, int64_t n, int64_t chunk, const float *norm, int levels,
+                     int bits, int radix, int alphabet, float *out, int accumulate, int nthreads) {
+    stoch_t s = {0, NULL, NULL, n, chunk, norm, levels, bits, radix, alphabet, (uint8_t *)data,
+                 out, accumulate, 0, 0};
+    uint8_t table[256 * 8];
+    if (radix)
+        for (int v = 0; v < 256; v++) {
+            int rest = v;
+            for (int j = 0; j < radix; j++) {
+                table[v * radix + j] = (uint8_t)(rest % alphabet);
+                rest /= alphabet;
+            }
+        }
+    stoch_dec_t d = {&s, table};
+    parallel_for(n, SBLK, nthreads, stoch_decode_range, &d);
 }

@@ -142,7 +142,10 @@ def test_levels_one_with_max_norm_is_ternary() -> None:
     assert set(y.unique().tolist()) <= {-float(m), 0.0, float(m)}
 
 
-def test_entropy_coding_decodes_the_same_and_saves_bytes() -> None:
+def test_entropy_coding_decodes_the_same_and_saves_bytes(monkeypatch) -> None:
+    # Same seed, same draws on the torch path; the native kernels (plain coding only) draw
+    # their own noise, so they are off here.
+    monkeypatch.setenv("COMMHOOKS_NATIVE", "0")
     x = torch.randn(50_000, generator=torch.Generator().manual_seed(2))
     plain = commhooks.compressor("qsgd:levels=4")
     coded = commhooks.compressor("qsgd:levels=4,entropy=true")

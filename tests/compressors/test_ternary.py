@@ -118,7 +118,10 @@ def test_payload_bytes_are_exact(n: int) -> None:
             assert c.nbytes(payload) == math.ceil(n / 5) + 4
 
 
-def test_entropy_coding_decodes_the_same_and_saves_bytes() -> None:
+def test_entropy_coding_decodes_the_same_and_saves_bytes(monkeypatch) -> None:
+    # Same seed, same draws on the torch path; the native kernels (plain coding only) draw
+    # their own noise, so they are off here.
+    monkeypatch.setenv("COMMHOOKS_NATIVE", "0")
     x = torch.randn(50_000, generator=torch.Generator().manual_seed(6))
     plain = commhooks.compressor("ternary")
     coded = commhooks.compressor("ternary:entropy=true")

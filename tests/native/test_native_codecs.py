@@ -153,3 +153,105 @@ def test_small_tensors_stay_on_the_torch_path():
     assert not native.usable(torch.zeros(native.MIN_NUMEL - 1))
     assert not native.usable(torch.zeros(native.MIN_NUMEL, dtype=torch.float64))
     assert native.usable(torch.zeros(native.MIN_NUMEL))
+
+
+# -- stochastic quantizers: the kernel draws its own noise, so the checks are structural and
+# statistical rather than byte-equal to the torch path.
+
+STOCHASTIC = [
+    "ternary",
+    "qsgd",
+    "qsgd:levels=1",  # alphabet 3: five symbols a byte
+    "qsgd:levels=2,chunk=1000",  # alphabet 5: three a byte; chunks end inside a group
+    "qsgd:levels=127,norm=max",  # alphabet 255: a byte each
+    "qsgd:levels=7,chunk=300",
+    "qsgd:levels=3",  # alphabet 7: 3 bits as planes of 2 and 1
+    "qsgd:levels=50,chunk=1000",  # alphabet 101: 7 bits, planes of 4, 2 and 1
+]
+
+
+def _symbols(c: Compressor, payload: tuple, n: int) -> torch.Tensor:
+    from commhooks.coding.symbols import decode_symbols
+
+    alphabet = 3 if c.config.name == "ternary" else 2 * c.config.levels + 1
+    return decode_symbols(payload[0], alphabet, n), alphabet
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("spec", STOCHASTIC)
+def test_stochastic_payload_is_the_torch_layout(spec, n, monkeypatch):
+    """The bytes are ``pack_symbols`` of valid symbols, decode alike by either decoder, and
+    every element lands on one of the two levels around it."""
+    from commhooks.coding.symbols import encode_symbols
+
+    x = _data(n, 8)
+    c = commhooks.compressor(spec)
+    payload, ctx = c.compress(x)
+    assert c._native_decodes(payload, ctx)
+    symbols, alphabet = _symbols(c, payload, n)
+    assert int(symbols.min()) >= 0 and int(symbols.max()) < alphabet
+    assert torch.equal(encode_symbols(symbols, alphabet), payload[0])  # padding included
+    fast = c.decompress(payload, ctx)
+    with monkeypatch.context() as m:
+        _torch_path(m)
+        assert torch.equal(c.decompress(payload, ctx), fast)
+        ref, _ = c.compress(x)
+    assert_close(payload[1], ref[1], rtol=1e-5, atol=0)  # the norms / scale
+    levels = 1 if c.config.name == "ternary" else c.config.levels
+    chunk = n if c.config.name == "ternary" else c.config.chunk
+    step = (payload[1] / levels).repeat_interleave(chunk)[:n]
+    r = x.abs() / step
+    k = (fast.abs() / step).round()  # the level sent
+    assert bool(((k >= (r - 1e-3).floor()) & (k <= (r + 1e-3).ceil())).all())
+    assert bool((torch.sign(fast) * torch.sign(x) >= 0).all())  # never the wrong sign
+
+
+@pytest.mark.parametrize("spec", ["ternary", "qsgd:levels=2", "qsgd"])
+def test_stochastic_kernels_are_unbiased(spec):
+    x = _data(20_000, 9)
+    c = commhooks.compressor(spec)
+    k = 400
+    mean = torch.zeros_like(x)
+    for _ in range(k):
+        p, ctx = c.compress(x)
+        mean += c.decompress(p, ctx) / k
+    # Per-element standard error is at most the step / (2 sqrt(k)); test the average error,
+    # normalised by the step, which a bias of a tenth of a step would fail.
+    chunk = x.numel() if spec == "ternary" else c.config.chunk
+    levels = 1 if spec == "ternary" else c.config.levels
+    _, ctx = c.compress(x)
+    step = (c.compress(x)[0][1] / levels).repeat_interleave(chunk)[: x.numel()]
+    assert float(((mean - x) / step).mean().abs()) < 0.01
+    assert float(((mean - x) / step).abs().max()) < 6 / (2 * k**0.5) + 1e-3
+
+
+@pytest.mark.parametrize("spec", STOCHASTIC)
+def test_stochastic_feedback_residual_and_aggregate(spec):
+    n = 70_001
+    g, e0 = _data(n, 10), _data(n, 11) * 0.01
+    c = commhooks.compressor(spec)
+    e = e0.clone()
+    payload, ctx = c.compress_feedback(g, e)
+    assert torch.equal(e, (g + e0) - c.decompress(payload, ctx))
+    payloads = [payload, c.compress(g)[0], c.compress(e0)[0]]
+    expect = sum(c.decompress(p, ctx) for p in payloads)
+    assert torch.equal(c.aggregate(payloads, ctx), expect)
+
+
+def test_stochastic_draws_follow_the_generator():
+    """Same seed and key: the same bytes (a resumed run redraws alike); the next call draws
+    anew."""
+    x = _data(40_000, 12)
+    a, b = commhooks.compressor("qsgd:seed=3"), commhooks.compressor("qsgd:seed=3")
+    pa, _ = a.compress(x, key="w")
+    pb, _ = b.compress(x, key="w")
+    assert torch.equal(pa[0], pb[0])
+    assert not torch.equal(a.compress(x, key="w")[0][0], pa[0])
+    assert not torch.equal(commhooks.compressor("qsgd:seed=4").compress(x, key="w")[0][0], pa[0])
+
+
+def test_entropy_coding_keeps_the_torch_path():
+    c = commhooks.compressor("qsgd:entropy=true")
+    p, ctx = c.compress(_data(30_000, 13))
+    assert not c._native_decodes(p, ctx)
+    assert c.compress_feedback(_data(30_000, 13), torch.zeros(30_000)) is None
