@@ -12,11 +12,14 @@ kernel has no netem). Each namespace runs one single-process ``torchrun`` with a
 rendezvous at rank 0's address (as ``commhooks-launch shaped`` does): one gloo rank, one thread.
 
 Variants: ``dense`` (DDP without a hook); torch's ``fp16_compress_hook`` (``torch-fp16``),
-``bf16_compress_hook`` (``torch-bf16``) and ``powerSGD_hook`` (``torch-powersgd``: the rank of
-our PowerSGD, ``start_powerSGD_iter=2``; should it raise with DDP's default buckets, the crash
-is a row of its own and ``torch-powersgd-1bucket`` reruns it with the whole model in one
-bucket); and our hook (:func:`commhooks.ddp.register`, default hook options) with every
-compressor of :func:`commhooks.available` at its defaults, plus ``uniform:bits=8`` unless that
+``bf16_compress_hook`` (``torch-bf16``) and ``powerSGD_hook`` (the rank of our PowerSGD,
+``start_powerSGD_iter=2``). torch's PowerSGD with DDP's default buckets (``torch-powersgd``)
+runs first, alone, in a launch with a short time limit (``psgd_probe_s``): its callbacks wait
+on a second all-reduce inside gloo's threads and can hang (they did here), so a hang or crash
+is its row; the main launch runs ``torch-powersgd-1bucket`` (the whole model in one bucket)
+interleaved with the rest, and our PowerSGD is compared with that. Our hook
+(:func:`commhooks.ddp.register`, default hook options) runs with every compressor of
+:func:`commhooks.available` at its defaults, plus ``uniform:bits=8`` unless that
 is ``uniform``'s default, and ``<spec>+fallback`` (our hook with ``fallback="auto"``) for a
 few of them. ``dense`` is always run: the ratios need it. A hook that fails on every rank alike
 is an error row, not a failed run. torch 2.13 refuses ``bf16_compress_hook`` by its name at
@@ -150,6 +153,7 @@ class Config:
     seed: int = 0
     timeout_s: float = 1800.0  # one (ranks, link) launch, everything included
     pg_timeout_s: float = 300.0  # one collective
+    psgd_probe_s: float = 90.0  # torch's PowerSGD with default buckets, in a launch of its own
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Config:
@@ -175,6 +179,7 @@ SMOKE = Config(
     tta_max_s=20.0,
     timeout_s=150.0,
     pg_timeout_s=60.0,
+    psgd_probe_s=60.0,
 )
 
 
@@ -702,8 +707,8 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait(timeout=30)
 
 
-def run_pair(cfg: Config, ranks: int, link: str, tmp: str) -> dict[str, Any]:
-    """Run every model and the time-to-accuracy variants on one shaped cluster."""
+def run_job(cfg: Config, ranks: int, link: str, tmp: str, timeout_s: float) -> dict[str, Any]:
+    """One launch: ``cfg``'s models and time-to-accuracy runs on a fresh shaped cluster."""
     from commhooks.launch.cli import shaped_commands
     from commhooks.launch.commands import quote
     from commhooks.launch.netns import Link, ShapedCluster
@@ -721,14 +726,13 @@ def run_pair(cfg: Config, ranks: int, link: str, tmp: str) -> dict[str, Any]:
     cluster = ShapedCluster(ranks, Link(None if link == NONE else link))
     script = [os.path.abspath(__file__), "--worker", job_path]
     cmds = shaped_commands(cluster, script, random.randint(20000, 59999))
-    print(f"[{ranks} ranks, {link}]", file=sys.stderr, flush=True)
     for i, c in enumerate(cmds):
         print("  " + quote([*cluster.exec_prefix(i), *c]), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     with cluster:
         procs = _start(cluster, cmds)
         try:
-            codes, counters = _serve(cluster, procs, folder, cfg.timeout_s)
+            codes, counters = _serve(cluster, procs, folder, timeout_s)
         finally:
             _stop(procs)
     wall = time.perf_counter() - t0
@@ -744,8 +748,47 @@ def run_pair(cfg: Config, ranks: int, link: str, tmp: str) -> dict[str, Any]:
             r.iface_rx_bytes = sum(b[i][1] - a[i][1] for i in range(ranks)) / ranks / r.steps
             if r.link_est_bytes:
                 r.iface_vs_est = r.iface_tx_bytes / r.link_est_bytes
-    print(f"[{ranks} ranks, {link}] done in {wall:.0f} s", file=sys.stderr, flush=True)
     return {"rows": rows, "tta": [TTARow(**t) for t in result["tta"]], "wall_s": wall}
+
+
+def probe_torch_powersgd(cfg: Config, ranks: int, link: str, tmp: str) -> list[Row]:
+    """torch's PowerSGD with DDP's default buckets, alone in a launch with a short time limit.
+
+    Its hook waits for a second all-reduce inside a callback, on gloo's own threads; with
+    several buckets in flight those threads can all end up waiting (seen here: a hang in the
+    first timed rep, after the build steps went through). A hang or crash is its result, and
+    the main launch measures the one-bucket rerun instead, so that it cannot hang.
+    """
+    probe = replace(cfg, variants=(TORCH_PSGD,), tta=False, reps=2)
+    print(f"[{ranks} ranks, {link}] torch PowerSGD, default buckets", file=sys.stderr, flush=True)
+    try:
+        return run_job(probe, ranks, link, tmp, cfg.psgd_probe_s)["rows"]
+    except TimeoutError:
+        why = (
+            f"hung: no progress in {cfg.psgd_probe_s:.0f} s with DDP's default buckets "
+            "(callbacks wait on a second all-reduce in gloo's threads)"
+        )
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        why = f"crashed with DDP's default buckets: {_error(e)}"
+    print(f"[{ranks} ranks, {link}] torch PowerSGD {why}", file=sys.stderr, flush=True)
+    return [Row(m, ranks, link, TORCH_PSGD, error=why) for m in cfg.models]
+
+
+def run_pair(cfg: Config, ranks: int, link: str, tmp: str) -> dict[str, Any]:
+    """Every model and the time-to-accuracy variants on one (ranks, link): torch's PowerSGD
+    with default buckets probed in a launch of its own, the rest in one."""
+    probed: list[Row] = []
+    variants = list(cfg.variants)
+    if TORCH_PSGD in variants:
+        probed = probe_torch_powersgd(cfg, ranks, link, tmp)
+        at = variants.index(TORCH_PSGD)
+        variants[at : at + 1] = [] if TORCH_PSGD_1B in variants else [TORCH_PSGD_1B]
+    main = replace(cfg, variants=tuple(variants))
+    print(f"[{ranks} ranks, {link}]", file=sys.stderr, flush=True)
+    res = run_job(main, ranks, link, tmp, cfg.timeout_s)
+    print(f"[{ranks} ranks, {link}] done in {res['wall_s']:.0f} s", file=sys.stderr, flush=True)
+    res["rows"] = probed + res["rows"]
+    return res
 
 
 # -- summary, targets, tables, plots -------------------------------------------------------------
@@ -756,9 +799,10 @@ def _key(r: Row) -> tuple[str, int, str]:
 
 
 def torch_psgd_row(group: Sequence[Row]) -> Row | None:
-    """torch's PowerSGD with default buckets, or its one-bucket rerun if that crashed."""
+    """torch's PowerSGD to compare ours with: the one-bucket run, measured interleaved with
+    ours, else the default-bucket one (a launch of its own)."""
     ok = {r.label: r for r in group if r.error is None and r.median_s}
-    return ok.get(TORCH_PSGD) or ok.get(TORCH_PSGD_1B)
+    return ok.get(TORCH_PSGD_1B) or ok.get(TORCH_PSGD)
 
 
 def summarize(rows: list[Row]) -> None:
