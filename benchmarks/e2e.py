@@ -783,7 +783,9 @@ def run_pair(cfg: Config, ranks: int, link: str, tmp: str) -> dict[str, Any]:
         probed = probe_torch_powersgd(cfg, ranks, link, tmp)
         at = variants.index(TORCH_PSGD)
         variants[at : at + 1] = [] if TORCH_PSGD_1B in variants else [TORCH_PSGD_1B]
-    main = replace(cfg, variants=tuple(variants))
+    # time to accuracy too: a hang there would cost the whole launch's time limit
+    tta = tuple(dict.fromkeys(TORCH_PSGD_1B if v == TORCH_PSGD else v for v in cfg.tta_variants))
+    main = replace(cfg, variants=tuple(variants), tta_variants=tta)
     print(f"[{ranks} ranks, {link}]", file=sys.stderr, flush=True)
     res = run_job(main, ranks, link, tmp, cfg.timeout_s)
     print(f"[{ranks} ranks, {link}] done in {res['wall_s']:.0f} s", file=sys.stderr, flush=True)

@@ -35,6 +35,12 @@ class _Distributed(torch.optim.Optimizer):
         options: dict[str, Any],
     ) -> None:
         super(self.__class__, self).__init__(params)
+        if options.get("fallback", "off") != "off":
+            raise ValueError(
+                f"fallback={options['fallback']!r}: the measured fall-back is a DDP hook option "
+                "(it switches buckets to DDP's asynchronous all-reduce); this optimizer "
+                "exchanges in step(). Leave it 'off'"
+            )
         self._ch = CompressionState(
             compressor,
             comm=HorovodCollectives(process_set),

@@ -190,6 +190,7 @@ def api() -> dict[str, Any]:
         "backward_passes_per_step": {"backward_passes_per_step": 0},
         "named_parameters": {"named_parameters": list(d.named_parameters())[:1]},
         "ratio": {"compressor": "topk:ratio=2"},
+        "fallback": {"fallback": "auto"},
     }
     out["bad"] = {}
     for field, kwargs in bad.items():
