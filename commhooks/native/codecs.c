@@ -598,34 +598,46 @@ static void unpack_block(const stoch_t *s, const uint8_t *table, int64_t b, int6
         codes[t] = (uint8_t)unpack_tail_code(s->data + base, (int)(b + t - body), s->bits);
 }
 
+/* One chunk's piece [a, z) of a block starting at b; `kind` and `has_e` are constants at
+ * every call site, so each combination compiles to its own branch-free loop. */
+static inline __attribute__((always_inline)) void stoch_piece(const stoch_t *s, int64_t a,
+                                                              int64_t z, int64_t b,
+                                                              uint8_t *codes, int kind,
+                                                              int has_e) {
+    float lv_s = (float)s->levels;
+    float nrm = s->norm[a / s->chunk], step = nrm / lv_s;
+    const float *g = s->g;
+    float *e = s->e;
+    for (int64_t i = a; i < z; i++) {
+        float v = has_e ? g[i] + e[i] : g[i];
+        float r = fabsf(v) / nrm * lv_s;
+        r = r == r ? r : 0.0f; /* 0/0 in an all-zero chunk */
+        r = r < 0.0f ? 0.0f : (r > lv_s ? lv_s : r);
+        float u = uniform01(i, s->s0, s->s1), lv;
+        if (kind == 0) {
+            lv = floorf(r + u);
+            lv = lv > lv_s ? lv_s : lv;
+        } else {
+            lv = u < r ? 1.0f : 0.0f;
+        }
+        float sym = (v < 0.0f ? -lv : lv) + lv_s;
+        codes[i - b] = (uint8_t)sym;
+        if (has_e) e[i] = v - (sym - lv_s) * step;
+    }
+}
+
 static void stoch_encode_range(void *arg, int64_t i0, int64_t i1) {
     stoch_t *s = (stoch_t *)arg;
     uint8_t codes[SBLK];
-    float lv_s = (float)s->levels;
     for (int64_t b = i0; b < i1; b += SBLK) {
         int64_t m = b + SBLK < i1 ? SBLK : i1 - b;
         for (int64_t a = b; a < b + m;) {
             int64_t ci = a / s->chunk;
             int64_t z = (ci + 1) * s->chunk < b + m ? (ci + 1) * s->chunk : b + m;
-            float nrm = s->norm[ci], step = nrm / lv_s;
-            const float *g = s->g;
-            float *e = s->e;
-            for (int64_t i = a; i < z; i++) {
-                float v = e ? g[i] + e[i] : g[i];
-                float r = fabsf(v) / nrm * lv_s;
-                r = r == r ? r : 0.0f; /* 0/0 in an all-zero chunk */
-                r = r < 0.0f ? 0.0f : (r > lv_s ? lv_s : r);
-                float u = uniform01(i, s->s0, s->s1), lv;
-                if (s->kind == 0) {
-                    lv = floorf(r + u);
-                    lv = lv > lv_s ? lv_s : lv;
-                } else {
-                    lv = u < r ? 1.0f : 0.0f;
-                }
-                float sym = (v < 0.0f ? -lv : lv) + lv_s;
-                codes[i - b] = (uint8_t)sym;
-                if (e) e[i] = v - (sym - lv_s) * step;
-            }
+            if (s->kind == 0)
+                s->e ? stoch_piece(s, a, z, b, codes, 0, 1) : stoch_piece(s, a, z, b, codes, 0, 0);
+            else
+                s->e ? stoch_piece(s, a, z, b, codes, 1, 1) : stoch_piece(s, a, z, b, codes, 1, 0);
             a = z;
         }
         pack_block(s, codes, b, m);
