@@ -201,13 +201,14 @@ class ErrorFeedback:
         tensor, the textbook ``c - decompress(payload)`` into new memory.
         """
         c = self._current
-        if self.config.momentum == 0:
-            e = self._stored(key, tensor)
-            if e is None:
-                e = tensor.new_zeros(tensor.shape, dtype=compute_dtype(tensor.dtype))
+        e = self._stored(key, tensor)
+        # A key's first step has no residual to update in place; it goes op by op.
+        if self.config.momentum == 0 and e is not None:
             fused = c.compress_feedback(tensor, e, key)
             if fused is not None:
-                self._store(key, e)
+                # Updated in place, and finite: kernels refuse input that could overflow it.
+                if self.config.decay != 1.0:
+                    e.mul_(self.config.decay)
                 return fused
         compensated, momentum = self._compensate(key, tensor)
         payload, ctx = c.compress(compensated.to(tensor.dtype), key)

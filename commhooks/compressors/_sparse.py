@@ -95,8 +95,8 @@ class Sparsifier(Compressor[C]):
         return self.scatter(payload[0], self.indices(payload[1:], ctx), ctx)
 
     def subtract_sent_(self, target: Tensor, payload: Payload, ctx: Context) -> Tensor:
-        """Only the sent elements change: ``c[i] - v[i]`` there (exactly 0 for values sent in
-        the target's dtype), ``c`` elsewhere; no dense decode."""
+        """Only the sent elements change: ``c[i] - v[i]`` there (0 where the exact value was
+        sent; not for unbiased random-k's rescaled values), ``c`` elsewhere; no dense decode."""
         if not payload:
             return target
         flat = target.view(-1)

@@ -235,8 +235,9 @@ class Compressor(ABC, Generic[C]):
         """Error feedback's step in one go, where the compressor has a fused kernel for it:
         compress ``c = tensor + residual`` and overwrite ``residual`` with
         ``c - decompress(payload)``. Returns None, with ``residual`` untouched, where it has no
-        fused kernel for these tensors or ``c`` is not safely finite; the caller then takes the
-        op-by-op path, which also handles non-finite input."""
+        fused kernel for these tensors or ``c`` is not safely finite (so a residual it writes
+        is finite); the caller then takes the op-by-op path, which also handles non-finite
+        input."""
         check_tensor(tensor)
         if tensor.numel() == 0 or residual.shape != tensor.shape:
             return None

@@ -9,9 +9,15 @@ order) and settles the bucket for the rest of the run: dense if compression took
 the decision is the same on every rank and rests on this machine's codec and link speed, not
 on a model of them.
 
-The dense time is taken with the all-reduce waited on, its full cost; settled dense buckets
-then run DDP's asynchronous all-reduce, which overlaps with the backward pass, so the choice
-leans towards compression where the two are close.
+The dense time is taken with the all-reduce waited on (and the device synchronised on
+CUDA), its full cost; settled dense buckets then run DDP's asynchronous all-reduce, which
+overlaps with the backward pass, so the choice leans towards compression where the two are
+close. The first compressed call may build the native kernels (seconds, once per machine):
+:class:`~commhooks.ddp.state.CompressionState` builds them up front when fallback is on.
+
+A bucket settled dense sends its workers' error-feedback residuals with its first finite dense
+step. The compressed reduce-scatter transport's server-side residuals (``transport.server``)
+are not sent: they stay, unused, in memory and checkpoints.
 """
 
 from __future__ import annotations

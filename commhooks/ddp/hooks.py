@@ -88,13 +88,16 @@ def _measured_step(state: CompressionState, buffer: Tensor, params: list[Tensor]
     assert state.fallback is not None
     keys = tuple(state.key_of(p) for p in params)
     path, probe = state.fallback.plan(keys, state.comm, buffer.device)
+    if probe:
+        _sync(buffer)  # backward's queued kernels must not be charged to either path
     t0 = time.perf_counter()
     if path == COMPRESSED:
         _average(state, buffer, params)
         fut = _done(buffer)
     else:
-        if not probe and state.feedback is not None:
-            # Settled dense: what error feedback still holds for these tensors goes now.
+        # Settled dense: what error feedback still holds for these tensors goes now; not on a
+        # step GradScaler will skip, which would drop it.
+        if not probe and state.feedback is not None and all_finite(buffer):
             for view, key in zip(_param_views(buffer, params), keys):
                 residual = state.feedback.pop(key)
                 if residual is not None:
@@ -103,8 +106,14 @@ def _measured_step(state: CompressionState, buffer: Tensor, params: list[Tensor]
         if probe:
             fut.wait()
     if probe:
+        _sync(buffer)  # on CUDA, wait() only orders the stream: time the collective itself
         state.fallback.record(keys, path, time.perf_counter() - t0)
     return fut
+
+
+def _sync(buffer: Tensor) -> None:
+    if buffer.is_cuda:
+        torch.cuda.synchronize(buffer.device)
 
 
 def _dense_step(state: CompressionState, buffer: Tensor) -> Future[Tensor]:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from commhooks import native
 from commhooks._validate import check_bool, check_choice, check_int, check_real
 from commhooks.comm.collectives import Collectives, TorchCollectives
 from commhooks.comm.transport import (
@@ -22,6 +23,7 @@ from commhooks.comm.transport import (
     TransportStats,
     transport_class,
 )
+from commhooks.compressors._quant import NativeKernels
 from commhooks.compressors.base import Compressor, CompressorConfig
 from commhooks.ddp.fallback import BucketChoice, Fallback
 from commhooks.feedback import ErrorFeedback, FeedbackConfig
@@ -184,6 +186,8 @@ class CompressionState:
         self.fallback = (
             Fallback(self.options.fallback_probes) if self.options.fallback == "auto" else None
         )
+        if self.fallback is not None and isinstance(self.compressor, NativeKernels):
+            native.lib()  # a build during a timed probe would count against compression
 
     # -- bound to the process group on first use ------------------------------------------
 

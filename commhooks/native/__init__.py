@@ -78,13 +78,16 @@ def _cache_dir() -> Path:
 
 
 def _cpu_id() -> str:
-    # -march=native code must not be loaded on another CPU model sharing the cache directory.
+    # -march=native code must not be loaded on another CPU model sharing the cache directory:
+    # the first processor's whole /proc/cpuinfo block (model and flags on x86; implementer,
+    # part and features on ARM).
     try:
         with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+            block = f.read().split("\n\n", 1)[0]
     except OSError:
-        lines = []
-    return platform.machine() + "".join(lines)
+        block = ""
+    lines = [ln for ln in block.splitlines() if not ln.startswith(("cpu MHz", "bogomips"))]
+    return platform.machine() + platform.processor() + "\n".join(lines)
 
 
 def _build(cc: str) -> Path:

@@ -4,8 +4,9 @@
  *
  * Compiled on first use by commhooks/native/__init__.py (plain C, no torch headers) and called
  * through ctypes. Built with -ffp-contract=off so that every float expression rounds exactly
- * as the equivalent torch ops do: payloads are byte-identical to the torch path's (scales from
- * reductions aside, which sum in double here), and the residual is exactly c - decode(code).
+ * as the equivalent torch ops do: the deterministic codecs' payloads are byte-identical to the
+ * torch path's (scales from reductions aside, which sum in double here; QSGD and TernGrad draw
+ * their own rounding noise), and the residual is exactly c - decode(code).
  *
  * Threads: plain pthreads over contiguous ranges; reductions go through fixed work items, so
  * results do not depend on the thread count.
@@ -32,10 +33,12 @@ static void *run_job(void *arg) {
     return NULL;
 }
 
-/* Split [0, n) into at most nthreads ranges whose starts are multiples of align. */
-static void parallel_for(int64_t n, int64_t align, int nthreads, range_fn fn, void *ctx) {
+/* Split [0, n) into at most nthreads ranges whose starts are multiples of align; below
+ * 2^17 elements of work (`elements`, whatever the unit of n) threads cost more than they save. */
+static void parallel_for(int64_t n, int64_t align, int64_t elements, int nthreads, range_fn fn,
+                         void *ctx) {
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    if (nthreads < 1 || n < (int64_t)1 << 17) nthreads = 1;
+    if (nthreads < 1 || elements < (int64_t)1 << 17) nthreads = 1;
     if (nthreads == 1) {
         fn(ctx, 0, n);
         return;
@@ -154,7 +157,7 @@ double ch_chunk_stats(const float *g, const float *e, int64_t n, int64_t chunk, 
         s.lo = fl + items;
         s.hi = fl + 2 * items;
     }
-    parallel_for(items, 1, nthreads, stats_range, &s);
+    parallel_for(items, 1, n, nthreads, stats_range, &s);
     double total = 0.0;
     float amax = 0.0f;
     for (int64_t c = 0; c < nchunks; c++) {
@@ -342,7 +345,7 @@ static void sign_encode_range(void *arg, int64_t i0, int64_t i1) {
 void ch_sign_encode(const float *g, float *e, int64_t n, int64_t chunk, const float *scale,
                     uint8_t *bits, int nthreads) {
     codec_t s = {g, e, n, chunk, scale, NULL, 1, bits, NULL, 0};
-    parallel_for(n, 8, nthreads, sign_encode_range, &s);
+    parallel_for(n, 8, n, nthreads, sign_encode_range, &s);
 }
 
 static void sign_dec_seg(codec_t *c, int64_t a, int64_t b, int64_t ci) {
@@ -372,7 +375,7 @@ static void sign_decode_range(void *arg, int64_t i0, int64_t i1) {
 void ch_sign_decode(const uint8_t *bits, int64_t n, int64_t chunk, const float *scale, float *out,
                     int accumulate, int nthreads) {
     codec_t s = {NULL, NULL, n, chunk, scale, NULL, 1, (uint8_t *)bits, out, accumulate};
-    parallel_for(n, 8, nthreads, sign_decode_range, &s);
+    parallel_for(n, 8, n, nthreads, sign_decode_range, &s);
 }
 
 /* ---- uniform (min-max) ------------------------------------------------------------------ */
@@ -444,7 +447,7 @@ static void unif_encode_range(void *arg, int64_t i0, int64_t i1) {
 void ch_uniform_encode(const float *g, float *e, int64_t n, int64_t chunk, const float *lo,
                        const float *step, int bits, uint8_t *data, int nthreads) {
     codec_t u = {g, e, n, chunk, lo, step, bits, data, NULL, 0};
-    parallel_for(n, 8, nthreads, unif_encode_range, &u);
+    parallel_for(n, 8, n, nthreads, unif_encode_range, &u);
 }
 
 static void unif_dec_seg(codec_t *c, int64_t a, int64_t b, int64_t ci) {
@@ -483,7 +486,7 @@ static void unif_decode_range(void *arg, int64_t i0, int64_t i1) {
 void ch_uniform_decode(const uint8_t *data, int64_t n, int64_t chunk, const float *lo,
                        const float *step, int bits, float *out, int accumulate, int nthreads) {
     codec_t u = {NULL, NULL, n, chunk, lo, step, bits, (uint8_t *)data, out, accumulate};
-    parallel_for(n, 8, nthreads, unif_decode_range, &u);
+    parallel_for(n, 8, n, nthreads, unif_decode_range, &u);
 }
 
 /* ---- stochastic quantizers: QSGD and TernGrad ------------------------------------------- */
@@ -649,7 +652,7 @@ void ch_stoch_encode(int kind, const float *g, float *e, int64_t n, int64_t chun
                      int levels, int bits, int radix, int alphabet, uint8_t *data, uint32_t s0,
                      uint32_t s1, int nthreads) {
     stoch_t s = {kind, g, e, n, chunk, norm, levels, bits, radix, alphabet, data, NULL, 0, s0, s1};
-    parallel_for(n, SBLK, nthreads, stoch_encode_range, &s);
+    parallel_for(n, SBLK, n, nthreads, stoch_encode_range, &s);
 }
 
 typedef struct {
@@ -693,5 +696,5 @@ void ch_stoch_decode(const uint8_t *data, int64_t n, int64_t chunk, const float 
             }
         }
     stoch_dec_t d = {&s, table};
-    parallel_for(n, SBLK, nthreads, stoch_decode_range, &d);
+    parallel_for(n, SBLK, n, nthreads, stoch_decode_range, &d);
 }

@@ -13,7 +13,18 @@ from commhooks.compressors.base import Compressor
 
 pytestmark = pytest.mark.skipif(native.lib() is None, reason="no C compiler on this machine")
 
-SIZES = [native.MIN_NUMEL, native.MIN_NUMEL + 5, 100_003]
+SIZES = [native.MIN_NUMEL, native.MIN_NUMEL + 5, 100_003, 300_007]  # the last: threaded
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """Four threads, so tensors past 2^17 elements are split across them (on any machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(before)
+
+
 SPECS = [
     "sign",
     "sign:chunk=2048",
@@ -80,7 +91,7 @@ def test_aggregate_adds_decodes(spec):
 def test_fused_feedback_residual_is_exact(spec, monkeypatch):
     """c = g + e; the fused step's new residual is exactly c - decode(payload), as the torch
     path computes it, and the payload matches the torch path's for the same c."""
-    n = 70_001
+    n = 270_001
     g, e0 = _data(n, 1), _data(n, 2) * 0.01
     c = commhooks.compressor(spec)
     e = e0.clone()
@@ -227,7 +238,7 @@ def test_stochastic_kernels_are_unbiased(spec):
 
 @pytest.mark.parametrize("spec", STOCHASTIC)
 def test_stochastic_feedback_residual_and_aggregate(spec):
-    n = 70_001
+    n = 270_001
     g, e0 = _data(n, 10), _data(n, 11) * 0.01
     c = commhooks.compressor(spec)
     e = e0.clone()
