@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["enabled", "lib", "usable"]
+__all__ = ["compiler", "enabled", "lib", "usable"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,11 @@ def _build(cc: str) -> Path:
     return target
 
 
+def compiler() -> str | None:
+    """The C compiler the kernels are built with: ``$CC``, else ``cc`` or ``gcc`` on PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def lib() -> ctypes.CDLL | None:
     """The loaded kernel library, building it on first use; None if unavailable or disabled."""
     global _lib, _tried
@@ -125,7 +130,7 @@ def lib() -> ctypes.CDLL | None:
     with _lock:
         if _tried:
             return _lib
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        cc = compiler()
         try:
             if cc is None:
                 raise RuntimeError("no C compiler found (set CC)")

@@ -11,7 +11,13 @@ import commhooks
 from commhooks import native
 from commhooks.compressors.base import Compressor
 
-pytestmark = pytest.mark.skipif(native.lib() is None, reason="no C compiler on this machine")
+# Skipped only without a compiler; with one, a failed build fails test_the_kernels_build.
+pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler on this machine")
+
+
+def test_the_kernels_build():
+    assert native.lib() is not None
+
 
 SIZES = [native.MIN_NUMEL, native.MIN_NUMEL + 5, 100_003, 300_007]  # the last: threaded
 
@@ -266,30 +272,3 @@ def test_entropy_coding_keeps_the_torch_path():
     p, ctx = c.compress(_data(30_000, 13))
     assert not c._native_decodes(p, ctx)
     assert c.compress_feedback(_data(30_000, 13), torch.zeros(30_000)) is None
-
-
-def test_without_a_compiler_the_torch_path_serves(tmp_path):
-    """A machine without a working C compiler (CC=false, an empty cache): no library, a
-    warning, and every compressor still compresses and decodes."""
-    import os
-    import subprocess
-    import sys
-
-    code = (
-        "import torch, commhooks\n"
-        "from commhooks import native\n"
-        "assert native.lib() is None\n"
-        "x = torch.randn(50_000)\n"
-        "for spec in ('sign', 'uniform:bits=4', 'qsgd', 'ternary'):\n"
-        "    c = commhooks.compressor(spec)\n"
-        "    p, ctx = c.compress(x)\n"
-        "    assert c.decompress(p, ctx).shape == x.shape\n"
-        "print('ok')\n"
-    )
-    env = {**os.environ, "CC": "false", "COMMHOOKS_CACHE": str(tmp_path / "cache")}
-    res = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "ok"
-    assert "native kernels unavailable" in res.stderr
