@@ -109,7 +109,7 @@ class ErrorFeedback:
             )
         self._residuals: dict[str, Tensor] = {}
         self._momenta: dict[str, Tensor] = {}
-        self._pending: dict[str, tuple[Tensor, Tensor | None]] = {}
+        self._pending: dict[str, tuple[Tensor, Tensor | None, bool]] = {}
         self._step = 0
         self._current = self._compressor_for(0)
 
@@ -173,8 +173,18 @@ class ErrorFeedback:
         e = self._stored(key, tensor)
         return (u, momentum) if e is None else (u + e, momentum)
 
-    def _update(self, key: str, compensated: Tensor, momentum: Tensor | None, sent: Tensor) -> None:
-        residual = compensated - sent.to(compensated.dtype)
+    def _update(
+        self,
+        key: str,
+        compensated: Tensor,
+        momentum: Tensor | None,
+        sent: Tensor,
+        in_place: bool = False,
+    ) -> None:
+        # In place only when ``compensated`` is this step's own memory (a failed finiteness
+        # check below then leaves nothing that matters behind).
+        sent = sent.to(compensated.dtype)
+        residual = compensated.sub_(sent) if in_place else compensated - sent
         if not all_finite(residual):
             return
         if momentum is not None:
@@ -222,16 +232,22 @@ class ErrorFeedback:
         """First half of a step for transports that compress in their own way: return
         ``u + e`` (fp32, or fp64), to be followed by :meth:`commit` with what was sent."""
         compensated, momentum = self._compensate(key, tensor)
-        self._pending[key] = (compensated, momentum)
+        self._pending[key] = (compensated, momentum, not _shares(compensated, tensor))
         return compensated
 
-    def commit(self, key: str, sent: Tensor) -> None:
-        """Second half: ``sent`` is this worker's decoded contribution for ``key``."""
+    def commit(self, key: str, sent: Tensor, keep: Sequence[Tensor] = ()) -> None:
+        """Second half: ``sent`` is this worker's decoded contribution for ``key``. The new
+        residual is computed in the memory :meth:`begin` returned, unless that memory is the
+        caller's gradient, the momentum, or shared with ``sent`` or a tensor in ``keep``."""
         pending = self._pending.pop(key, None)
         if pending is None:
             raise RuntimeError(f"key {key!r}: commit() without a matching begin()")
-        compensated, momentum = pending
-        self._update(key, compensated, momentum, sent.reshape(compensated.shape))
+        compensated, momentum, fresh = pending
+        sent = sent.reshape(compensated.shape)
+        in_place = (
+            fresh and momentum is None and not any(_shares(t, compensated) for t in (sent, *keep))
+        )
+        self._update(key, compensated, momentum, sent, in_place)
 
     def exchange(
         self, keys: Sequence[str], tensors: Sequence[Tensor], world_size: int = 1
@@ -289,7 +305,7 @@ class _FeedbackExchange(Exchange):
         out = self._inner.result()
         if not self._updated:
             for k, sent in zip(self._keys, self._inner.local()):
-                self._ef.commit(k, sent)
+                self._ef.commit(k, sent, keep=out)
             self._updated = True
         return out
 

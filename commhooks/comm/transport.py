@@ -270,7 +270,7 @@ class AllGatherTransport(Transport):
         out = []
         for i, ((_, ctx), t) in enumerate(zip(compressed, tensors)):
             total = c.aggregate([payloads[i] for payloads in per_rank], ctx)
-            out.append((total / self.world).to(t.dtype))
+            out.append(total.div_(self.world).to(t.dtype))
         stats.decompress_s += time.perf_counter() - t0
         return out, stats
 
@@ -364,7 +364,7 @@ class ReduceScatterTransport(Transport):
         mine = []
         for i, (k, t) in enumerate(zip(keys, tensors)):
             ctx = client[i][self.rank][1]
-            mean = (c.aggregate([r[i] for r in rows], ctx) / world).to(t.dtype)
+            mean = c.aggregate([r[i] for r in rows], ctx).div_(world).to(t.dtype)
             skey = f"{k}/{self.rank}"
             if self.server is not None:
                 mine.append(self.server.compress(skey, mean))

@@ -54,10 +54,11 @@ class NativeKernels:
         )
 
     def aggregate(self, payloads: Sequence[Any], ctx: Any) -> Tensor:
-        """The sum of decoded payloads; the kernel decodes each straight into it."""
+        """The sum of decoded payloads; the kernel decodes the first into fresh memory (no
+        zero fill) and adds each of the others straight into it."""
         if payloads and all(self._native_decodes(p, ctx) for p in payloads):
-            acc = torch.zeros(ctx.numel, dtype=torch.float32)
-            for p in payloads:
+            acc = self._native_decode(payloads[0], ctx, None)
+            for p in payloads[1:]:
                 self._native_decode(p, ctx, acc)
             return acc.view(ctx.shape)
         return super().aggregate(payloads, ctx)  # type: ignore[misc]

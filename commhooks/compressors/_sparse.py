@@ -18,7 +18,14 @@ from commhooks.compressors.base import (
     compute_dtype,
 )
 
-__all__ = ["Sparsifier", "keep_count", "sampled_threshold", "select_at_least"]
+__all__ = [
+    "Sparsifier",
+    "keep_count",
+    "sample_positions",
+    "sampled_threshold",
+    "select_at_least",
+    "threshold_of",
+]
 
 C = TypeVar("C", bound=CompressorConfig)
 
@@ -36,13 +43,22 @@ def sampled_threshold(
     The sample grows with 1/fraction so that at least ~64 sampled elements sit above the
     estimate, which keeps the count's relative error near 1/8 at any ratio.
     """
-    n = magnitude.numel()
+    where = sample_positions(magnitude.numel(), fraction, sample, generator, magnitude.device)
+    return threshold_of(magnitude if where is None else magnitude[where], fraction)
+
+
+def sample_positions(
+    n: int, fraction: float, sample: int, generator: torch.Generator, device: torch.device
+) -> Tensor | None:
+    """Where :func:`sampled_threshold` samples (None: everywhere), drawn from ``generator``."""
     size = min(n, max(sample, math.ceil(64 / fraction)))
     if size >= n:
-        picked = magnitude
-    else:
-        where = torch.randint(n, (size,), device=magnitude.device, generator=generator)
-        picked = magnitude[where]
+        return None
+    return torch.randint(n, (size,), device=device, generator=generator)
+
+
+def threshold_of(picked: Tensor, fraction: float) -> Tensor:
+    """The sampled magnitudes' ``fraction`` quantile from the top (a 0-d tensor)."""
     rank = max(1, min(picked.numel(), round(fraction * picked.numel())))
     return picked.float().topk(rank, sorted=False).values.min()
 
@@ -76,7 +92,11 @@ class Sparsifier(Compressor[C]):
     def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
         flat = tensor.reshape(-1)
         idx = self._select(flat, key).sort().values
-        return (flat[idx], encode_indices(idx, flat.numel(), self._index_coding)), None
+        return self._payload(idx, flat[idx], flat.numel()), None
+
+    def _payload(self, idx: Tensor, values: Tensor, n: int) -> Payload:
+        """``(values, index code)`` for sorted positions ``idx`` of an ``n``-element tensor."""
+        return values, encode_indices(idx, n, self._index_coding)
 
     def indices(self, index_payload: Payload, ctx: Context) -> Tensor:
         """Where the values of a payload go, decoded from the payload's index part."""

@@ -273,7 +273,7 @@ class Compressor(ABC, Generic[C]):
 
         The sum is in ``compute_dtype(ctx.dtype)`` (fp32, or fp64): n half-precision gradients
         can sum past fp16's range where their mean fits. Override for aggregation rules that are
-        not a plain sum (majority vote).
+        not a plain sum (majority vote). Return new memory: the transports divide it in place.
         """
         acc = torch.zeros(ctx.shape, dtype=compute_dtype(ctx.dtype), device=ctx.device)
         if ctx.numel == 0:

@@ -230,6 +230,15 @@ class PowerSGD(Compressor[PowerSGDConfig]):
         self._remember([key], q, q_used)
         return (p[0], q[0]), None
 
+    def subtract_sent_(self, target: Tensor, payload: Payload, ctx: Context) -> Tensor:
+        """``target -= P Q^T`` as one in-place ``addmm_``: no dense decode in new memory."""
+        if len(payload) != 2 or not target.is_contiguous():
+            return super().subtract_sent_(target, payload, ctx)
+        p, q = payload
+        mat = target.view(p.shape[0], q.shape[0])
+        mat.addmm_(p.to(mat.dtype), q.to(mat.dtype).T, alpha=-1)
+        return target
+
     def _decompress(self, payload: Payload, ctx: Context) -> Tensor:
         if len(payload) == 1:
             return payload[0]

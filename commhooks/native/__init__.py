@@ -61,6 +61,8 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
         [_int, _ptr, _ptr, _i64, _i64, _ptr, _int, _int, _int, _int, _ptr, _u32, _u32, _int],
     ),
     "ch_stoch_decode": (None, [_ptr, _i64, _i64, _ptr, _int, _int, _int, _int, _ptr, _int, _int]),
+    "ch_select": (_i64, [_ptr, _ptr, _i64, ctypes.c_float, _ptr, _ptr, _int]),
+    "ch_select_take": (None, [_ptr, _ptr, _ptr]),
 }
 
 
@@ -294,3 +296,25 @@ def stochastic_decode(
         threads(),
     )  # fmt: skip
     return out
+
+
+def select_at_least(g: Tensor, e: Tensor | None, threshold: float) -> tuple[Tensor, Tensor, bool]:
+    """Positions (ascending int64) and values of ``c = g + e`` with ``!(|c| < threshold)``, in
+    one pass that writes nothing to ``g`` or ``e``; and whether every collected ``c`` is finite
+    (NaN is collected, as :func:`commhooks.compressors._sparse.select_at_least` collects it)."""
+    h = lib()
+    assert h is not None
+    handle, finite = ctypes.c_void_p(), ctypes.c_int()
+    count = h.ch_select(
+        ptr(g), ptr(e), g.numel(), threshold, ctypes.byref(handle), ctypes.byref(finite),
+        threads(),
+    )  # fmt: skip
+    idx = val = None
+    try:
+        if count < 0:
+            raise MemoryError(f"native top-k selection: out of memory ({g.numel()} elements)")
+        idx = torch.empty(count, dtype=torch.int64)
+        val = torch.empty(count, dtype=torch.float32)
+    finally:
+        h.ch_select_take(handle, ptr(idx), ptr(val))
+    return idx, val, bool(finite.value)

@@ -14,6 +14,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_THREADS 64
@@ -349,14 +350,20 @@ void ch_sign_encode(const float *g, float *e, int64_t n, int64_t chunk, const fl
 }
 
 static void sign_dec_seg(codec_t *c, int64_t a, int64_t b, int64_t ci) {
-    uint8_t codes[BLK];
     int64_t m = b - a;
     float sc = c->scale[ci], *out = c->out + a;
-    unpack_codes(c->data + a / 8, m, 1, codes);
+    const uint8_t *src = c->data + a / 8;
+    /* Straight from bits to floats, eight lanes a byte (no byte-per-code detour). */
     if (c->accumulate)
-        for (int64_t j = 0; j < m; j++) out[j] += codes[j] ? sc : -sc;
+        for (int64_t k = 0; k < m / 8; k++) {
+            unsigned x = src[k];
+            for (int j = 0; j < 8; j++) out[8 * k + j] += (x >> j) & 1 ? sc : -sc;
+        }
     else
-        for (int64_t j = 0; j < m; j++) out[j] = codes[j] ? sc : -sc;
+        for (int64_t k = 0; k < m / 8; k++) {
+            unsigned x = src[k];
+            for (int j = 0; j < 8; j++) out[8 * k + j] = (x >> j) & 1 ? sc : -sc;
+        }
 }
 
 static void sign_decode_range(void *arg, int64_t i0, int64_t i1) {
@@ -493,7 +500,9 @@ void ch_uniform_decode(const uint8_t *data, int64_t n, int64_t chunk, const floa
 
 /* A counter-based generator: element i of a call draws hash(i, seed), so threads need no
  * shared state and a call is reproducible from its 64-bit seed (drawn from the compressor's
- * private torch generator). lowbias32 (C. Wellons) mixes well enough for rounding noise. */
+ * private torch generator). One round of lowbias32 (C. Wellons), a bijection with low bias,
+ * over the seeded counter: enough for rounding noise, and half the work of two rounds, which
+ * this compute-bound loop feels. */
 static inline uint32_t mix32(uint32_t x) {
     x ^= x >> 16;
     x *= 0x7feb352dU;
@@ -504,9 +513,8 @@ static inline uint32_t mix32(uint32_t x) {
 }
 
 static inline float uniform01(int64_t i, uint32_t s0, uint32_t s1) {
-    uint32_t h = mix32((uint32_t)i ^ s0);
-    h = mix32(h + s1 + (uint32_t)((uint64_t)i >> 32) * 0x9E3779B9U);
-    return (float)(h >> 8) * (1.0f / 16777216.0f); /* 24 bits: exact in a float, < 1 */
+    uint32_t x = ((uint32_t)i ^ s0) + ((uint32_t)((uint64_t)i >> 32) ^ s1) * 0x9E3779B9U;
+    return (float)(mix32(x) >> 8) * (1.0f / 16777216.0f); /* 24 bits: exact in a float, < 1 */
 }
 
 #define SBLK 480 /* a multiple of 8 and of every radix group size (2..5) */
@@ -542,7 +550,25 @@ static int planes_of(int bits, int *off, int *wid) {
 /* Pack the codes of elements [b, b + m). Radix: groups of `radix` a byte. Bits: the first
  * `body` (n rounded down to 8) elements plane by plane, each plane a contiguous run of bytes,
  * then the rest as a bit matrix, as commhooks.coding.bitpack.pack_bits lays them out. */
-static void pack_block(const stoch_t *s, const uint8_t *codes, int64_t b, int64_t m) {
+/* Ternary's radix-5 bytes, c0 + 3 c1 + 9 c2 + 27 c3 + 81 c4, by one multiply per byte: with
+ * every code <= 2, each byte lane of x * TERN_MUL below lane 5 stays under 256, so no carry
+ * reaches lane 4, which holds the sum. codes must be zero from m to m + 7. */
+#define TERN_MUL 0x0103091B51ULL /* lanes 81, 27, 9, 3, 1 */
+
+static void pack_ternary(const uint8_t *codes, int64_t m, uint8_t *dst) {
+    for (int64_t k = 0; k < (m + 4) / 5; k++) {
+        uint64_t x;
+        memcpy(&x, codes + 5 * k, 8);
+        dst[k] = (uint8_t)(((x & 0xFFFFFFFFFFULL) * TERN_MUL) >> 32);
+    }
+}
+
+static void pack_block(const stoch_t *s, uint8_t *codes, int64_t b, int64_t m) {
+    if (s->radix == 5 && s->alphabet == 3) {
+        memset(codes + m, 0, 8);
+        pack_ternary(codes, m, s->data + b / 5);
+        return;
+    }
     if (s->radix) {
         int r = s->radix;
         uint8_t *dst = s->data + b / r;
@@ -576,6 +602,13 @@ static void pack_block(const stoch_t *s, const uint8_t *codes, int64_t b, int64_
 
 static void unpack_block(const stoch_t *s, const uint8_t *table, int64_t b, int64_t m,
                          uint8_t *codes) {
+    if (s->radix == 5 && s->alphabet == 3) {
+        /* table rows are 8 bytes (5 codes, 3 zeros); the extra 3 land in codes' slack or
+         * are overwritten by the next row */
+        const uint8_t *src = s->data + b / 5;
+        for (int64_t k = 0; k < (m + 4) / 5; k++) memcpy(codes + 5 * k, table + 8 * src[k], 8);
+        return;
+    }
     if (s->radix) {
         int r = s->radix;
         const uint8_t *src = s->data + b / r;
@@ -609,11 +642,14 @@ static inline __attribute__((always_inline)) void stoch_piece(const stoch_t *s, 
                                                               int has_e) {
     float lv_s = (float)s->levels;
     float nrm = s->norm[a / s->chunk], step = nrm / lv_s;
+    /* r = |v| * (s / norm): a multiply instead of a divide; the residual below is exact
+     * whatever symbol the noise picks, and r stays clamped to [0, s]. */
+    float inv = lv_s / nrm;
     const float *g = s->g;
     float *e = s->e;
     for (int64_t i = a; i < z; i++) {
         float v = has_e ? g[i] + e[i] : g[i];
-        float r = fabsf(v) / nrm * lv_s;
+        float r = fabsf(v) * inv;
         r = r == r ? r : 0.0f; /* 0/0 in an all-zero chunk */
         r = r < 0.0f ? 0.0f : (r > lv_s ? lv_s : r);
         float u = uniform01(i, s->s0, s->s1), lv;
@@ -631,7 +667,7 @@ static inline __attribute__((always_inline)) void stoch_piece(const stoch_t *s, 
 
 static void stoch_encode_range(void *arg, int64_t i0, int64_t i1) {
     stoch_t *s = (stoch_t *)arg;
-    uint8_t codes[SBLK];
+    uint8_t codes[SBLK + 8]; /* slack: ternary packing moves 8 bytes at a time */
     for (int64_t b = i0; b < i1; b += SBLK) {
         int64_t m = b + SBLK < i1 ? SBLK : i1 - b;
         for (int64_t a = b; a < b + m;) {
@@ -663,7 +699,7 @@ typedef struct {
 static void stoch_decode_range(void *arg, int64_t i0, int64_t i1) {
     stoch_dec_t *d = (stoch_dec_t *)arg;
     stoch_t *s = d->s;
-    uint8_t codes[SBLK];
+    uint8_t codes[SBLK + 8]; /* slack: ternary packing moves 8 bytes at a time */
     float lv_s = (float)s->levels;
     for (int64_t b = i0; b < i1; b += SBLK) {
         int64_t m = b + SBLK < i1 ? SBLK : i1 - b;
@@ -687,14 +723,123 @@ void ch_stoch_decode(const uint8_t *data, int64_t n, int64_t chunk, const float 
     stoch_t s = {0, NULL, NULL, n, chunk, norm, levels, bits, radix, alphabet, (uint8_t *)data,
                  out, accumulate, 0, 0};
     uint8_t table[256 * 8];
+    int row = radix == 5 && alphabet == 3 ? 8 : radix; /* see unpack_block */
+    memset(table, 0, sizeof table);
     if (radix)
         for (int v = 0; v < 256; v++) {
             int rest = v;
             for (int j = 0; j < radix; j++) {
-                table[v * radix + j] = (uint8_t)(rest % alphabet);
+                table[v * row + j] = (uint8_t)(rest % alphabet);
                 rest /= alphabet;
             }
         }
     stoch_dec_t d = {&s, table};
     parallel_for(n, SBLK, n, nthreads, stoch_decode_range, &d);
+}
+
+/* ---- sparsification: the elements at or above a threshold ------------------------------ */
+
+/* One pass over c = g + e collects the positions (ascending) and values of every element with
+ * !(|c| < t), so NaN is collected as top-k's torch path collects it. Each slot scans a
+ * contiguous range into its own growing buffer; ch_select_take concatenates them in order.
+ * Nothing is written to g or e: a caller that finds a non-finite c still holds its residual. */
+
+#define SEL_SLOTS MAX_THREADS
+
+typedef struct {
+    const float *g, *e;
+    float t;
+    int64_t n, per;
+    int64_t *idx[SEL_SLOTS];
+    float *val[SEL_SLOTS];
+    int64_t cnt[SEL_SLOTS], cap[SEL_SLOTS];
+    int nonfinite[SEL_SLOTS], failed[SEL_SLOTS];
+    int slots;
+} select_t;
+
+static int sel_grow(select_t *s, int k) {
+    int64_t cap = s->cap[k] ? 2 * s->cap[k] : 4096;
+    int64_t *ni = (int64_t *)realloc(s->idx[k], (size_t)cap * sizeof(int64_t));
+    if (ni) s->idx[k] = ni;
+    float *nv = ni ? (float *)realloc(s->val[k], (size_t)cap * sizeof(float)) : NULL;
+    if (nv) s->val[k] = nv;
+    if (!ni || !nv) return 0;
+    s->cap[k] = cap;
+    return 1;
+}
+
+static void select_range(void *arg, int64_t k0, int64_t k1) {
+    select_t *s = (select_t *)arg;
+    for (int64_t k = k0; k < k1; k++) {
+        int64_t a = k * s->per, z = a + s->per < s->n ? a + s->per : s->n;
+        const float *g = s->g, *e = s->e;
+        float t = s->t;
+        int bad = 0;
+        for (int64_t i0 = a; i0 < z; i0 += BLK) {
+            int64_t i1 = i0 + BLK < z ? i0 + BLK : z;
+            /* A vectorizable test of the block first: most blocks hold no candidate. */
+            int any = 0;
+            for (int64_t i = i0; i < i1; i++) {
+                float v = e ? g[i] + e[i] : g[i];
+                any |= !(fabsf(v) < t);
+            }
+            if (!any) continue;
+            for (int64_t i = i0; i < i1; i++) {
+                float v = e ? g[i] + e[i] : g[i];
+                float m = fabsf(v);
+                if (m < t) continue;
+                bad |= !(m <= 3.4028234663852886e38f);
+                if (s->cnt[k] == s->cap[k] && !sel_grow(s, (int)k)) {
+                    s->failed[k] = 1;
+                    return;
+                }
+                s->idx[k][s->cnt[k]] = i;
+                s->val[k][s->cnt[k]++] = v;
+            }
+        }
+        s->nonfinite[k] = bad;
+    }
+}
+
+/* Collect; returns the number of elements found (-1: out of memory) and a handle that
+ * ch_select_take must consume. *finite: whether every collected c is finite (an element below
+ * t is finite by the comparison). */
+int64_t ch_select(const float *g, const float *e, int64_t n, float t, void **handle, int *finite,
+                  int nthreads) {
+    select_t *s = (select_t *)calloc(1, sizeof(select_t));
+    *handle = s;
+    if (!s) return -1;
+    int slots = nthreads < 1 ? 1 : (nthreads > SEL_SLOTS ? SEL_SLOTS : nthreads);
+    s->g = g;
+    s->e = e;
+    s->t = t;
+    s->n = n;
+    s->slots = slots;
+    s->per = (n + slots - 1) / slots;
+    parallel_for(slots, 1, n, nthreads, select_range, s);
+    int64_t total = 0;
+    int ok = 1, fin = 1;
+    for (int k = 0; k < slots; k++) {
+        total += s->cnt[k];
+        ok &= !s->failed[k];
+        fin &= !s->nonfinite[k];
+    }
+    *finite = fin;
+    return ok ? total : -1;
+}
+
+/* Copy the collected positions and values out in ascending order (either may be NULL) and
+ * free the handle. */
+void ch_select_take(void *handle, int64_t *idx, float *val) {
+    select_t *s = (select_t *)handle;
+    if (!s) return;
+    int64_t at = 0;
+    for (int k = 0; k < s->slots; k++) {
+        if (idx && s->cnt[k]) memcpy(idx + at, s->idx[k], (size_t)s->cnt[k] * sizeof(int64_t));
+        if (val && s->cnt[k]) memcpy(val + at, s->val[k], (size_t)s->cnt[k] * sizeof(float));
+        at += s->cnt[k];
+        free(s->idx[k]);
+        free(s->val[k]);
+    }
+    free(s);
 }

@@ -22,15 +22,6 @@ def test_the_kernels_build():
 SIZES = [native.MIN_NUMEL, native.MIN_NUMEL + 5, 100_003, 300_007]  # the last: threaded
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    """Four threads, so tensors past 2^17 elements are split across them (on any machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(4)
-    yield
-    torch.set_num_threads(before)
-
-
 SPECS = [
     "sign",
     "sign:chunk=2048",
