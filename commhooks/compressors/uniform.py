@@ -134,9 +134,9 @@ class Uniform(NativeKernels, Compressor[UniformConfig]):
     # -- normal (min-max) mode ----------------------------------------------------------------
 
     def _native_ok(self, *tensors: Tensor, numel: int | None = None) -> bool:
-        """The fused kernels serve deterministic min-max codes of 1, 2, 4 or 8 bits."""
+        """The fused kernels serve min-max codes of 1, 2, 4 or 8 bits, rounded either way."""
         cfg = self.config
-        plain = not (cfg.shared_scale or cfg.stochastic or cfg.entropy) and cfg.bits in _NATIVE
+        plain = not (cfg.shared_scale or cfg.entropy) and cfg.bits in _NATIVE
         return plain and native.usable(*tensors, numel=numel)
 
     def _native_compress(self, tensor: Tensor, residual: Tensor | None) -> Payload | None:
@@ -155,7 +155,10 @@ class Uniform(NativeKernels, Compressor[UniformConfig]):
             lo[-1].clamp_(max=0.0)
             hi[-1].clamp_(min=0.0)
         step = (hi - lo) / ((1 << cfg.bits) - 1)
-        data = native.uniform_encode(g, e, cfg.chunk, lo, step, cfg.bits)
+        # Stochastic rounding draws counter-hash noise seeded from the private generator
+        # (reproducible and unbiased, but not torch.rand's stream).
+        seed = self._native_seed() if cfg.stochastic else None
+        data = native.uniform_encode(g, e, cfg.chunk, lo, step, cfg.bits, seed)
         return data, torch.stack([lo, step], 1).reshape(-1)
 
     def _native_decodes(self, payload: Payload, ctx: Context) -> bool:

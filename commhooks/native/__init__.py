@@ -54,7 +54,10 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "ch_stats_items": (_i64, [_i64, _i64]),
     "ch_sign_encode": (None, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _int]),
     "ch_sign_decode": (None, [_ptr, _i64, _i64, _ptr, _ptr, _int, _int]),
-    "ch_uniform_encode": (None, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _int, _ptr, _int]),
+    "ch_uniform_encode": (
+        None,
+        [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _int, _ptr, _int, _u32, _u32, _int],
+    ),
     "ch_uniform_decode": (None, [_ptr, _i64, _i64, _ptr, _ptr, _int, _ptr, _int, _int]),
     "ch_stoch_encode": (
         None,
@@ -228,14 +231,20 @@ def sign_decode(bits: Tensor, n: int, chunk: int, scale: Tensor, out: Tensor | N
 
 
 def uniform_encode(
-    g: Tensor, e: Tensor | None, chunk: int, lo: Tensor, step: Tensor, bits: int
-) -> Tensor:
-    """Min-max codes of ``g + e`` packed as ``pack_bits(.., bits)``; updates ``e``."""
+    g: Tensor, e: Tensor | None, chunk: int, lo: Tensor, step: Tensor, bits: int,
+    seed: int | None = None,
+) -> Tensor:  # fmt: skip
+    """Min-max codes of ``g + e`` packed as ``pack_bits(.., bits)``; updates ``e``. Rounded
+    to the nearest level, or stochastically with noise from ``seed`` when one is given."""
     h = lib()
     assert h is not None
     n = g.numel()
     data = torch.empty((n * bits + 7) // 8, dtype=torch.uint8)
-    h.ch_uniform_encode(ptr(g), ptr(e), n, chunk, ptr(lo), ptr(step), bits, ptr(data), threads())
+    s = 0 if seed is None else seed
+    h.ch_uniform_encode(
+        ptr(g), ptr(e), n, chunk, ptr(lo), ptr(step), bits, ptr(data), int(seed is not None),
+        s & 0xFFFFFFFF, (s >> 32) & 0xFFFFFFFF, threads(),
+    )  # fmt: skip
     return data
 
 

@@ -234,6 +234,8 @@ typedef struct {
     uint8_t *data;
     float *out;
     int accumulate;
+    int stochastic; /* uniform: floor(q + u) instead of the nearest level */
+    uint32_t s0, s1;
 } codec_t;
 
 static void pack_codes(const uint8_t *codes, int64_t m, int bits, uint8_t *dst) {
@@ -298,6 +300,25 @@ static int for_segments(codec_t *c, int64_t i0, int64_t i1, seg_fn seg) {
     return 1;
 }
 
+/* A counter-based generator: element i of a call draws hash(i, seed), so threads need no
+ * shared state and a call is reproducible from its 64-bit seed (drawn from the compressor's
+ * private torch generator). One round of lowbias32 (C. Wellons), a bijection with low bias,
+ * over the seeded counter: enough for rounding noise, and half the work of two rounds, which
+ * this compute-bound loop feels. */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline float uniform01(int64_t i, uint32_t s0, uint32_t s1) {
+    uint32_t x = ((uint32_t)i ^ s0) + ((uint32_t)((uint64_t)i >> 32) ^ s1) * 0x9E3779B9U;
+    return (float)(mix32(x) >> 8) * (1.0f / 16777216.0f); /* 24 bits: exact in a float, < 1 */
+}
+
 /* ---- sign ------------------------------------------------------------------------------- */
 
 static inline float sign_value(float v, float sc) { return v >= 0.0f ? sc : -sc; }
@@ -345,7 +366,7 @@ static void sign_encode_range(void *arg, int64_t i0, int64_t i1) {
 /* Sign bits of c = g + e (1 for c >= 0) and, with e, the residual e = c - (+-scale). */
 void ch_sign_encode(const float *g, float *e, int64_t n, int64_t chunk, const float *scale,
                     uint8_t *bits, int nthreads) {
-    codec_t s = {g, e, n, chunk, scale, NULL, 1, bits, NULL, 0};
+    codec_t s = {g, e, n, chunk, scale, NULL, 1, bits, NULL, 0, 0, 0, 0};
     parallel_for(n, 8, n, nthreads, sign_encode_range, &s);
 }
 
@@ -381,7 +402,7 @@ static void sign_decode_range(void *arg, int64_t i0, int64_t i1) {
 /* Decode sign bits to +-scale. */
 void ch_sign_decode(const uint8_t *bits, int64_t n, int64_t chunk, const float *scale, float *out,
                     int accumulate, int nthreads) {
-    codec_t s = {NULL, NULL, n, chunk, scale, NULL, 1, (uint8_t *)bits, out, accumulate};
+    codec_t s = {NULL, NULL, n, chunk, scale, NULL, 1, (uint8_t *)bits, out, accumulate, 0, 0, 0};
     parallel_for(n, 8, n, nthreads, sign_decode_range, &s);
 }
 
@@ -394,13 +415,36 @@ static inline float unif_level(float v, float lo, float step, float top) {
     return q < 0.0f ? 0.0f : (q > top ? top : q);
 }
 
+/* Stochastic rounding: level l + 1 with probability q - l, as the torch path's floor(q + u);
+ * +-inf (a subnormal step) clamps as its nan_to_num does. */
+static inline float unif_level_st(float v, float lo, float step, float top, float u) {
+    float q = (v - lo) / step;
+    q = q == q ? q : 0.0f;
+    q = floorf(q + u);
+    return q < 0.0f ? 0.0f : (q > top ? top : q);
+}
+
+static inline float unif_code(const codec_t *c, int64_t i, float v, float lo, float step,
+                              float top) {
+    if (c->stochastic) return unif_level_st(v, lo, step, top, uniform01(i, c->s0, c->s1));
+    return unif_level(v, lo, step, top);
+}
+
 static void unif_enc_seg(codec_t *c, int64_t a, int64_t b, int64_t ci) {
     uint8_t codes[BLK];
     const float *g = c->g + a;
     float *e = c->e ? c->e + a : NULL;
     float lo = c->scale[ci], step = c->step[ci], top = (float)((1 << c->bits) - 1);
     int64_t m = b - a;
-    if (e) {
+    if (c->stochastic) {
+        uint32_t s0 = c->s0, s1 = c->s1;
+        for (int64_t j = 0; j < m; j++) {
+            float v = e ? g[j] + e[j] : g[j];
+            float q = unif_level_st(v, lo, step, top, uniform01(a + j, s0, s1));
+            codes[j] = (uint8_t)q;
+            if (e) e[j] = v - (q * step + lo);
+        }
+    } else if (e) {
         for (int64_t j = 0; j < m; j++) {
             float v = g[j] + e[j];
             float q = unif_level(v, lo, step, top);
@@ -428,7 +472,7 @@ static void unif_encode_range(void *arg, int64_t i0, int64_t i1) {
                 int64_t ci = (i + j) / chunk;
                 float lo = u->scale[ci], step = u->step[ci];
                 float v = e ? g[i + j] + e[i + j] : g[i + j];
-                float q = unif_level(v, lo, step, top);
+                float q = unif_code(u, i + j, v, lo, step, top);
                 codes[j] = (uint8_t)q;
                 if (e) e[i + j] = v - (q * step + lo);
             }
@@ -441,7 +485,7 @@ static void unif_encode_range(void *arg, int64_t i0, int64_t i1) {
             int64_t ci = k / chunk;
             float lo = u->scale[ci], step = u->step[ci];
             float v = e ? g[k] + e[k] : g[k];
-            float q = unif_level(v, lo, step, top);
+            float q = unif_code(u, k, v, lo, step, top);
             codes[k - body] = (uint8_t)q;
             if (e) e[k] = v - (q * step + lo);
         }
@@ -449,11 +493,13 @@ static void unif_encode_range(void *arg, int64_t i0, int64_t i1) {
     }
 }
 
-/* Codes of c = g + e on 2**bits levels per chunk (bits 1, 2, 4 or 8), packed as
- * commhooks.coding.bitpack.pack_bits does; with e, the residual e = c - (code*step + lo). */
+/* Codes of c = g + e on 2**bits levels per chunk (bits 1, 2, 4 or 8), nearest or (stochastic)
+ * randomly rounded with noise from seed (s0, s1), packed as commhooks.coding.bitpack.pack_bits
+ * does; with e, the residual e = c - (code*step + lo). */
 void ch_uniform_encode(const float *g, float *e, int64_t n, int64_t chunk, const float *lo,
-                       const float *step, int bits, uint8_t *data, int nthreads) {
-    codec_t u = {g, e, n, chunk, lo, step, bits, data, NULL, 0};
+                       const float *step, int bits, uint8_t *data, int stochastic, uint32_t s0,
+                       uint32_t s1, int nthreads) {
+    codec_t u = {g, e, n, chunk, lo, step, bits, data, NULL, 0, stochastic, s0, s1};
     parallel_for(n, 8, n, nthreads, unif_encode_range, &u);
 }
 
@@ -492,30 +538,11 @@ static void unif_decode_range(void *arg, int64_t i0, int64_t i1) {
 /* Decode min-max codes to code*step + lo per chunk. */
 void ch_uniform_decode(const uint8_t *data, int64_t n, int64_t chunk, const float *lo,
                        const float *step, int bits, float *out, int accumulate, int nthreads) {
-    codec_t u = {NULL, NULL, n, chunk, lo, step, bits, (uint8_t *)data, out, accumulate};
+    codec_t u = {NULL, NULL, n, chunk, lo, step, bits, (uint8_t *)data, out, accumulate, 0, 0, 0};
     parallel_for(n, 8, n, nthreads, unif_decode_range, &u);
 }
 
 /* ---- stochastic quantizers: QSGD and TernGrad ------------------------------------------- */
-
-/* A counter-based generator: element i of a call draws hash(i, seed), so threads need no
- * shared state and a call is reproducible from its 64-bit seed (drawn from the compressor's
- * private torch generator). One round of lowbias32 (C. Wellons), a bijection with low bias,
- * over the seeded counter: enough for rounding noise, and half the work of two rounds, which
- * this compute-bound loop feels. */
-static inline uint32_t mix32(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x7feb352dU;
-    x ^= x >> 15;
-    x *= 0x846ca68bU;
-    x ^= x >> 16;
-    return x;
-}
-
-static inline float uniform01(int64_t i, uint32_t s0, uint32_t s1) {
-    uint32_t x = ((uint32_t)i ^ s0) + ((uint32_t)((uint64_t)i >> 32) ^ s1) * 0x9E3779B9U;
-    return (float)(mix32(x) >> 8) * (1.0f / 16777216.0f); /* 24 bits: exact in a float, < 1 */
-}
 
 #define SBLK 480 /* a multiple of 8 and of every radix group size (2..5) */
 

@@ -263,3 +263,62 @@ def test_entropy_coding_keeps_the_torch_path():
     p, ctx = c.compress(_data(30_000, 13))
     assert not c._native_decodes(p, ctx)
     assert c.compress_feedback(_data(30_000, 13), torch.zeros(30_000)) is None
+
+
+UNIFORM_STOCHASTIC = [
+    "uniform:stochastic=true",
+    "uniform:bits=4,stochastic=true",
+    "uniform:bits=2,stochastic=true,chunk=1000",  # chunks that end inside a byte
+    "uniform:bits=1,stochastic=true,chunk=4096",
+]
+
+
+def _levels(payload: tuple, chunk: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, step = payload[1].view(-1, 2).unbind(1)
+    return lo.repeat_interleave(chunk)[:n], step.repeat_interleave(chunk)[:n]
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("spec", UNIFORM_STOCHASTIC)
+def test_stochastic_uniform_is_the_torch_layout(spec, n, monkeypatch):
+    """The torch path's scales and byte layout (its decoder reads the kernel's bytes), and
+    every element on one of the two levels around it."""
+    x = _data(n, 14)
+    c = commhooks.compressor(spec)
+    payload, ctx = c.compress(x)
+    assert c._native_decodes(payload, ctx)
+    fast = c.decompress(payload, ctx)
+    with monkeypatch.context() as m:
+        _torch_path(m)
+        assert torch.equal(c.decompress(payload, ctx), fast)
+        ref, _ = c.compress(x)
+    assert torch.equal(payload[1], ref[1])
+    assert payload[0].shape == ref[0].shape
+    lo, step = _levels(payload, c.config.chunk, n)
+    q, k = (x - lo) / step, ((fast - lo) / step).round()
+    assert bool(((k >= (q - 1e-3).floor()) & (k <= (q + 1e-3).ceil())).all())
+
+
+@pytest.mark.parametrize("spec", ["uniform:bits=2,stochastic=true", "uniform:stochastic=true"])
+def test_stochastic_uniform_is_unbiased(spec):
+    x = _data(20_000, 15)
+    c = commhooks.compressor(spec)
+    k = 400
+    mean = torch.zeros_like(x)
+    for _ in range(k):
+        p, ctx = c.compress(x)
+        mean += c.decompress(p, ctx) / k
+    _, step = _levels(p, c.config.chunk, x.numel())
+    # As for QSGD above: a bias of a tenth of a step would fail the average.
+    assert float(((mean - x) / step).mean().abs()) < 0.01
+    assert float(((mean - x) / step).abs().max()) < 6 / (2 * k**0.5) + 1e-3
+
+
+@pytest.mark.parametrize("spec", UNIFORM_STOCHASTIC)
+def test_stochastic_uniform_feedback_residual_is_exact(spec):
+    n = 270_001
+    g, e0 = _data(n, 16), _data(n, 17) * 0.01
+    c = commhooks.compressor(spec)
+    e = e0.clone()
+    payload, ctx = c.compress_feedback(g, e)
+    assert torch.equal(e, (g + e0) - c.decompress(payload, ctx))
