@@ -218,17 +218,20 @@ def test_stochastic_payload_is_the_torch_layout(spec, n, monkeypatch):
 def test_stochastic_kernels_are_unbiased(spec):
     x = _data(20_000, 9)
     c = commhooks.compressor(spec)
-    k = 400
+    chunk = x.numel() if spec == "ternary" else c.config.chunk
+    levels = 1 if spec == "ternary" else c.config.levels
+    step = (c.compress(x)[0][1] / levels).repeat_interleave(chunk)[: x.numel()]
+    _assert_unbiased(c, x, step, 400)
+
+
+def _assert_unbiased(c: Compressor, x: torch.Tensor, step: torch.Tensor, k: int) -> None:
+    """The mean of ``k`` decodes is ``x``: per-element standard error is at most the step /
+    (2 sqrt(k)); the average error, normalised by the step, fails for a bias of a tenth of
+    a step."""
     mean = torch.zeros_like(x)
     for _ in range(k):
         p, ctx = c.compress(x)
         mean += c.decompress(p, ctx) / k
-    # Per-element standard error is at most the step / (2 sqrt(k)); test the average error,
-    # normalised by the step, which a bias of a tenth of a step would fail.
-    chunk = x.numel() if spec == "ternary" else c.config.chunk
-    levels = 1 if spec == "ternary" else c.config.levels
-    _, ctx = c.compress(x)
-    step = (c.compress(x)[0][1] / levels).repeat_interleave(chunk)[: x.numel()]
     assert float(((mean - x) / step).mean().abs()) < 0.01
     assert float(((mean - x) / step).abs().max()) < 6 / (2 * k**0.5) + 1e-3
 
@@ -303,15 +306,8 @@ def test_stochastic_uniform_is_the_torch_layout(spec, n, monkeypatch):
 def test_stochastic_uniform_is_unbiased(spec):
     x = _data(20_000, 15)
     c = commhooks.compressor(spec)
-    k = 400
-    mean = torch.zeros_like(x)
-    for _ in range(k):
-        p, ctx = c.compress(x)
-        mean += c.decompress(p, ctx) / k
-    _, step = _levels(p, c.config.chunk, x.numel())
-    # As for QSGD above: a bias of a tenth of a step would fail the average.
-    assert float(((mean - x) / step).mean().abs()) < 0.01
-    assert float(((mean - x) / step).abs().max()) < 6 / (2 * k**0.5) + 1e-3
+    _, step = _levels(c.compress(x)[0], c.config.chunk, x.numel())
+    _assert_unbiased(c, x, step, 400)
 
 
 @pytest.mark.parametrize("spec", UNIFORM_STOCHASTIC)
