@@ -9,6 +9,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
+from commhooks import native
 from commhooks.coding.indices import decode_indices, encode_indices
 from commhooks.compressors.base import (
     Compressor,
@@ -21,10 +22,13 @@ from commhooks.compressors.base import (
 __all__ = [
     "Sparsifier",
     "keep_count",
+    "native_candidates",
     "sample_positions",
     "sampled_threshold",
+    "sampled_threshold_of",
     "select_at_least",
     "threshold_of",
+    "trim_to",
 ]
 
 C = TypeVar("C", bound=CompressorConfig)
@@ -63,6 +67,45 @@ def threshold_of(picked: Tensor, fraction: float) -> Tensor:
     return picked.float().topk(rank, sorted=False).values.min()
 
 
+def sampled_threshold_of(
+    g: Tensor, e: Tensor | None, fraction: float, sample: int, generator: torch.Generator
+) -> float:
+    """:func:`sampled_threshold` of ``|g + e|`` without forming ``g + e``: only the sampled
+    elements are added (the same draws, so the same threshold)."""
+    where = sample_positions(g.numel(), fraction, sample, generator, g.device)
+    picked = g if where is None else g[where]
+    if e is not None:
+        picked = picked + (e if where is None else e[where])
+    return float(threshold_of(picked.abs(), fraction))
+
+
+def native_candidates(
+    g: Tensor, e: Tensor | None, threshold: float
+) -> tuple[Tensor, Tensor] | None:
+    """Sorted positions and values of ``c = g + e`` with ``!(|c| < threshold)``, by the native
+    kernel (one pass, nothing written); None where ``c`` or the threshold is not finite, for
+    the torch path to send it on."""
+    if not math.isfinite(threshold):
+        return None
+    idx, val, finite = native.select_at_least(g, e, threshold)
+    return (idx, val) if finite else None
+
+
+def trim_to(idx: Tensor, val: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest-magnitude of sorted candidates, still sorted: all above the k-th
+    magnitude, then the first of its ties."""
+    if idx.numel() <= k:
+        return idx, val
+    mag = val.abs()
+    kth = mag.topk(k, sorted=False).values.min()
+    keep = mag > kth
+    short = k - int(keep.sum())
+    if short:
+        tie = mag == kth
+        keep |= tie & (tie.cumsum(0) <= short)
+    return idx[keep], val[keep]
+
+
 def select_at_least(magnitude: Tensor, threshold: Tensor) -> Tensor:
     """Indices whose magnitude is not below ``threshold``.
 
@@ -89,10 +132,31 @@ class Sparsifier(Compressor[C]):
     def _index_coding(self) -> str:
         return str(getattr(self.config, "index_coding", "auto"))
 
+    def _native_pick(self, g: Tensor, e: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """Sorted positions and exact values of ``c = g + e`` to send, found by the native
+        selection kernel without writing anything; None: take the torch path (:meth:`_select`).
+        Only for sparsifiers that send the selected values unchanged."""
+        return None
+
     def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
         flat = tensor.reshape(-1)
+        picked = self._native_pick(flat, None)
+        if picked is not None:
+            return self._payload(*picked, flat.numel()), None
         idx = self._select(flat, key).sort().values
         return self._payload(idx, flat[idx], flat.numel()), None
+
+    def _compress_feedback(
+        self, tensor: Tensor, residual: Tensor, key: str | None
+    ) -> tuple[Payload, Any] | None:
+        g, e = tensor.reshape(-1), residual.view(-1)
+        picked = self._native_pick(g, e)
+        if picked is None:
+            return None
+        idx, val = picked
+        # The new residual is c with the sent elements (sent exactly) cleared.
+        e.add_(g).index_fill_(0, idx, 0.0)
+        return self._payload(idx, val, g.numel()), None
 
     def _payload(self, idx: Tensor, values: Tensor, n: int) -> Payload:
         """``(values, index code)`` for sorted positions ``idx`` of an ``n``-element tensor."""

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from torch import Tensor
 
@@ -14,12 +13,13 @@ from commhooks.coding.indices import INDEX_CODINGS, IndexCoding
 from commhooks.compressors._sparse import (
     Sparsifier,
     keep_count,
-    sample_positions,
+    native_candidates,
     sampled_threshold,
+    sampled_threshold_of,
     select_at_least,
-    threshold_of,
+    trim_to,
 )
-from commhooks.compressors.base import Capabilities, CompressorConfig, Kind, Payload
+from commhooks.compressors.base import Capabilities, CompressorConfig, Kind
 from commhooks.registry import register
 
 __all__ = ["TopK", "TopKConfig"]
@@ -104,11 +104,9 @@ class TopK(Sparsifier[TopKConfig]):
 
     # -- fused native selection: approximate mode, fp32 on the CPU ---------------------------
 
-    def _native_top(self, g: Tensor, e: Tensor | None) -> tuple[Tensor, Tensor] | None:
-        """Positions (ascending) and values of the top-k of ``c = g + e``, found by the same
-        sampled threshold as :meth:`_select` but in one pass over memory that allocates only
-        the candidates; None, with nothing written, where the torch path must decide (exact
-        mode, too few candidates twice, a non-finite ``c``, no kernels)."""
+    def _native_pick(self, g: Tensor, e: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """The same sampled threshold as :meth:`_select`, then one native pass; the exact
+        top-k set whenever it finds at least k candidates (else the torch path decides)."""
         n = g.numel()
         k = keep_count(self.config.ratio, n)
         tensors = (g,) if e is None else (g, e)
@@ -117,48 +115,12 @@ class TopK(Sparsifier[TopKConfig]):
         gen = self.generator(g.device)
         fraction = min(1.0, _OVERSHOOT * k / n)
         for _ in range(2):
-            where = sample_positions(n, fraction, self.config.sample, gen, g.device)
-            picked = g if where is None else g[where]
-            if e is not None:
-                picked = picked + (e if where is None else e[where])
-            t = float(threshold_of(picked.abs(), fraction))
-            if not math.isfinite(t):
+            picked = native_candidates(
+                g, e, sampled_threshold_of(g, e, fraction, self.config.sample, gen)
+            )
+            if picked is None:
                 return None
-            idx, val, finite = native.select_at_least(g, e, t)
-            if not finite:
-                return None
-            if idx.numel() >= k:
-                break
-            fraction = min(1.0, fraction * _OVERSHOOT * k / max(idx.numel(), 1))
-        else:
-            return None
-        if idx.numel() > k:
-            # Trim to exactly k in place order: everything above the k-th magnitude, then the
-            # first of its ties.
-            mag = val.abs()
-            kth = mag.topk(k, sorted=False).values.min()
-            keep = mag > kth
-            short = k - int(keep.sum())
-            if short:
-                tie = mag == kth
-                keep |= tie & (tie.cumsum(0) <= short)
-            idx, val = idx[keep], val[keep]
-        return idx, val
-
-    def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
-        top = self._native_top(tensor.reshape(-1), None)
-        if top is None:
-            return super()._compress(tensor, key)
-        return self._payload(*top, tensor.numel()), None
-
-    def _compress_feedback(
-        self, tensor: Tensor, residual: Tensor, key: str | None
-    ) -> tuple[Payload, Any] | None:
-        g, e = tensor.reshape(-1), residual.view(-1)
-        top = self._native_top(g, e)
-        if top is None:
-            return None
-        idx, val = top
-        # The new residual is c with the sent elements (sent exactly) cleared.
-        e.add_(g).index_fill_(0, idx, 0.0)
-        return self._payload(idx, val, g.numel()), None
+            if picked[0].numel() >= k:
+                return trim_to(*picked, k)
+            fraction = min(1.0, fraction * _OVERSHOOT * k / max(picked[0].numel(), 1))
+        return None

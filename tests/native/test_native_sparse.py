@@ -1,5 +1,5 @@
-"""Top-k's native selection against its torch path: the same exact top-k set, payload and
-error-feedback residual, and the torch path's handling of non-finite input."""
+"""The sparsifiers' native selection (top-k, threshold, DGC) against their torch paths: the same
+payload and error-feedback residual, and the torch path's handling of non-finite input."""
 
 from __future__ import annotations
 
@@ -54,7 +54,28 @@ def test_compress_matches_the_torch_path(n, ratio, monkeypatch):
     assert torch.equal(kept.nonzero().squeeze(1), exact)
 
 
-@pytest.mark.parametrize("spec", ["topk:ratio=0.01", "topk:ratio=0.001,index_coding=delta"])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize(
+    "spec", ["threshold:threshold=1.5", "dgc:ratio=0.01", "dgc:ratio=0.01,max_excess=1.0"]
+)
+def test_threshold_and_dgc_match_the_torch_path(spec, n, monkeypatch):
+    x = _data(n, 8)
+    fast, _ = commhooks.compressor(spec).compress(x)
+    with monkeypatch.context() as m:
+        m.setenv("COMMHOOKS_NATIVE", "0")
+        slow, _ = commhooks.compressor(spec).compress(x)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "topk:ratio=0.01",
+        "topk:ratio=0.001,index_coding=delta",
+        "threshold:threshold=2.0",
+        "dgc:ratio=0.01",
+    ],
+)
 def test_error_feedback_same_with_and_without_kernels(spec, monkeypatch):
     fast = commhooks.ErrorFeedback(spec)
     got = [fast.compress("w", _data(300_007, s))[0] for s in range(4)]
