@@ -49,7 +49,9 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
     Before ``state.options.start_iter`` steps it is a plain dense all-reduce. Afterwards the
     bucket's small and 1-D tensors go in one dense all-reduce and the rest through the state's
     transport, with error feedback per parameter. All collectives are issued here, in the same
-    order on every rank; the returned future is already complete, except on dense steps.
+    order on every rank. With ``coalesce`` (the default) the buckets before the last are held
+    and exchanged together with it; their futures complete then. Otherwise the returned future
+    is already complete, except on dense steps.
 
     Under compiled autograd's Python reducer DDP passes ``(grad, param)`` instead of a bucket
     and ignores the return value; the gradient is then averaged in place. (The annotation
@@ -75,12 +77,30 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
         fut = _dense_step(state, buffer)
     elif state.fallback is not None:
         fut = _measured_step(state, buffer, params)
+    elif state.options.coalesce and not bucket.is_last():
+        # Completed when the last bucket arrives (DDP waits for every bucket's future only
+        # after backward has handed over all of them).
+        fut = Future()
+        state.deferred.append((buffer, params, fut))
     else:
-        _average(state, buffer, params)
+        _average_deferred(state, buffer, params)
         fut = _done(buffer)
     if bucket.is_last():
         state.end_step()
     return fut
+
+
+def _average_deferred(state: CompressionState, buffer: Tensor, params: list[Tensor]) -> None:
+    """Average the held buckets and this one in one go, then complete the held futures."""
+    held, state.deferred = state.deferred, []
+    try:
+        _average_parts(state, [*((b, p) for b, p, _ in held), (buffer, params)])
+    except BaseException as e:
+        for _, _, fut in held:
+            fut.set_exception(e)
+        raise
+    for b, _, fut in held:
+        fut.set_result(b)
 
 
 def _measured_step(state: CompressionState, buffer: Tensor, params: list[Tensor]) -> Future[Tensor]:
@@ -164,8 +184,14 @@ def average_buffer(state: CompressionState, buffer: Tensor, params: list[Tensor]
 
 def _average(state: CompressionState, buffer: Tensor, params: list[Tensor]) -> None:
     """Replace ``buffer`` (the concatenated gradients of ``params``) by its average over ranks."""
+    _average_parts(state, [(buffer, params)])
+
+
+def _average_parts(state: CompressionState, parts: list[tuple[Tensor, list[Tensor]]]) -> None:
+    """:func:`_average` of several buffers (DDP buckets) with one set of collectives."""
     opts = state.options
-    views = _param_views(buffer, params)
+    params = [p for _, ps in parts for p in ps]
+    views = [v for b, ps in parts for v in _param_views(b, ps)]
     dense, sparse = [], []
     for i, v in enumerate(views):
         small = (
@@ -178,8 +204,10 @@ def _average(state: CompressionState, buffer: Tensor, params: list[Tensor]) -> N
     # The small tensors' all-reduce also carries a count of ranks holding non-finite values,
     # so every rank learns of an overflow before anything is compressed: such a step goes
     # dense (the optimizer and GradScaler see the inf/nan) and error feedback is not touched.
-    step = TransportStats(raw_bytes=buffer.numel() * buffer.element_size())
-    flag = buffer.new_full((1,), 0.0 if all_finite(buffer) else 1.0)
+    buffers = [b for b, _ in parts]
+    step = TransportStats(raw_bytes=sum(b.numel() * b.element_size() for b in buffers))
+    finite = all(all_finite(b) for b in buffers)
+    flag = buffers[-1].new_full((1,), 0.0 if finite else 1.0)
     nonfinite = bool(_dense_average(state, views, dense, step, extra=flag) != 0)
     if sparse and nonfinite:
         _dense_average(state, views, sparse, step)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.futures import Future
 
 from commhooks import native
 from commhooks._validate import check_bool, check_choice, check_int, check_real
@@ -69,6 +70,13 @@ class HookOptions:
             a dense bucket's error-feedback residual is sent with its first dense step.
         fallback_probes: timed calls per path before a bucket is settled (>= 1); the median
             is compared, so 3 tolerates one disturbed call.
+        coalesce: exchange all of a step's buckets together, when DDP hands over the last
+            one: one small all-reduce and one transport run per step instead of one per
+            bucket. The hook is synchronous, so holding the earlier buckets loses no overlap;
+            it saves a collective's latency per bucket and round (PowerSGD: three). Off, each
+            bucket is exchanged as it arrives, with transient memory (compensated tensors) of
+            one bucket instead of the whole model. Ignored with ``fallback="auto"``, which
+            times and settles each bucket on its own.
         log_every: log the stats with the module logger every this many steps (0: never).
         seed: seed of the rank-local randomness (stochastic rounding); the rank is mixed in.
         check_config: on the first compressed step, check that every rank uses the same
@@ -84,6 +92,7 @@ class HookOptions:
     min_ratio: float = 1.0
     fallback: str = "off"
     fallback_probes: int = 3
+    coalesce: bool = True
     log_every: int = 0
     seed: int = 0
     check_config: bool = True
@@ -99,6 +108,7 @@ class HookOptions:
         check_real("min_ratio", self.min_ratio, lo=0.0)
         check_choice("fallback", self.fallback, ("off", "auto"))
         check_int("fallback_probes", self.fallback_probes, lo=1)
+        check_bool("coalesce", self.coalesce)
         check_int("log_every", self.log_every, lo=0)
         check_int("seed", self.seed)
         check_bool("check_config", self.check_config)
@@ -186,6 +196,8 @@ class CompressionState:
         self.fallback = (
             Fallback(self.options.fallback_probes) if self.options.fallback == "auto" else None
         )
+        #: buckets of this step held for the last one (``coalesce``): buffer, params, future
+        self.deferred: list[tuple[torch.Tensor, list[torch.Tensor], Future[torch.Tensor]]] = []
         if self.fallback is not None and isinstance(self.compressor, NativeKernels):
             native.lib()  # a build during a timed probe would count against compression
 
