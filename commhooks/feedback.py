@@ -249,6 +249,10 @@ class ErrorFeedback:
         )
         self._update(key, compensated, momentum, sent, in_place)
 
+    def abort(self, key: str) -> None:
+        """Drop a :meth:`begin` that will not be committed: the residual stays as it was."""
+        self._pending.pop(key, None)
+
     def exchange(
         self, keys: Sequence[str], tensors: Sequence[Tensor], world_size: int = 1
     ) -> Exchange:
@@ -311,3 +315,9 @@ class _FeedbackExchange(Exchange):
 
     def local(self) -> list[Tensor]:
         return self._inner.local()
+
+    def abandon(self) -> None:
+        self._inner.abandon()
+        for k in self._keys:
+            self._ef.abort(k)
+        self._updated = True

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -196,21 +196,54 @@ class AllReduceTransport(Transport):
     def run(
         self, keys: Sequence[str], tensors: Sequence[Tensor]
     ) -> tuple[list[Tensor], TransportStats]:
+        out, _, stats = self.run_riding(keys, tensors, None, None)
+        assert out is not None
+        return out, stats
+
+    def run_riding(
+        self,
+        keys: Sequence[str],
+        tensors: Sequence[Tensor],
+        ride: Tensor | None,
+        proceed: Callable[[Tensor], bool] | None,
+    ) -> tuple[list[Tensor] | None, Tensor | None, TransportStats]:
+        """:meth:`run`, with ``ride`` (a flat tensor) summed over ranks in place on the way:
+        packed into the first round's all-reduce when that round sums, else all-reduced on
+        its own before it. ``proceed(summed ride)`` then decides, alike on every rank, whether
+        to go on; if not, the exchange is abandoned (error feedback untouched) and the
+        outputs are None. Saves the DDP hook its separate small all-reduce."""
         stats = TransportStats(raw_bytes=sum(t.numel() * t.element_size() for t in tensors))
         t0 = time.perf_counter()
         if self.feedback is not None:
             ex = self.feedback.exchange(keys, tensors, self.world)
         else:
             ex = self.current.exchange(tensors, keys, self.world)
-        while (msg := ex.message()) is not None:
+        pending = ride is not None
+        while True:
+            msg = ex.message()
             stats.compress_s += time.perf_counter() - t0
-            reduced = self._reduce_packed(msg.tensors, msg.op, stats)
+            reduced = None
+            if pending and ride is not None:
+                if msg is not None and msg.op is ReduceOp.SUM:
+                    *reduced, summed = self._reduce_packed([*msg.tensors, ride], msg.op, stats)
+                    ride.copy_(summed.reshape(-1))
+                else:
+                    self._all_reduce(ride, ReduceOp.SUM, stats)
+                pending = False
+                if proceed is not None and not proceed(ride):
+                    ex.abandon()
+                    return None, ride, stats
+            if msg is None:
+                break
+            if reduced is None:
+                reduced = self._reduce_packed(msg.tensors, msg.op, stats)
             t0 = time.perf_counter()
             ex.receive(reduced)
+        t0 = time.perf_counter()
         sums = ex.result()
-        out = [(s / self.world).to(t.dtype) for s, t in zip(sums, tensors)]
+        out = [s.div_(self.world).to(t.dtype) for s, t in zip(sums, tensors)]
         stats.decompress_s += time.perf_counter() - t0
-        return out, stats
+        return out, ride, stats
 
     def _reduce_packed(
         self, tensors: Sequence[Tensor], op: ReduceOp, stats: TransportStats

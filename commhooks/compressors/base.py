@@ -145,6 +145,11 @@ class Exchange(ABC):
     def local(self) -> list[Tensor]:
         """This rank's own decompressed contribution, one per input, in its shape and dtype."""
 
+    def abandon(self) -> None:
+        """The transport stops before the last round (a rank had non-finite gradients): drop
+        whatever :meth:`result` would have committed. Plain exchanges hold nothing."""
+        return
+
 
 @dataclass(frozen=True)
 class CompressorConfig:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.futures import Future
 
-from commhooks.comm.transport import TransportStats, count_allreduce
+from commhooks.comm.transport import AllReduceTransport, TransportStats, count_allreduce
 from commhooks.compressors.base import Compressor, CompressorConfig, all_finite
 from commhooks.ddp.fallback import COMPRESSED
 from commhooks.ddp.state import CompressionState
@@ -159,11 +159,18 @@ def _dense_average(
     flat = torch.cat([*(views[i].reshape(-1) for i in idx), *tail])
     state.comm.all_reduce(flat)
     count_allreduce(step, flat, state.world_size)
-    summed = flat[-1] if extra is not None else None
-    body = flat[: flat.numel() - len(tail)].div_(state.world_size)
+    _write_mean(state, views, idx, flat[: flat.numel() - len(tail)])
+    return flat[-1] if extra is not None else None
+
+
+def _write_mean(
+    state: CompressionState, views: list[Tensor], idx: list[int], summed: Tensor
+) -> None:
+    """Copy the sum over ranks of ``views[i]`` for ``i in idx`` (concatenated), divided by
+    the world size, into them."""
+    body = summed.div_(state.world_size)
     for i, piece in zip(idx, body.split([views[i].numel() for i in idx])):
         views[i].copy_(piece.view(views[i].shape))
-    return summed
 
 
 def average_buffer(state: CompressionState, buffer: Tensor, params: list[Tensor]) -> None:
@@ -202,23 +209,37 @@ def _average_parts(state: CompressionState, parts: list[tuple[Tensor, list[Tenso
         (dense if small else sparse).append(i)
 
     # The small tensors' all-reduce also carries a count of ranks holding non-finite values,
-    # so every rank learns of an overflow before anything is compressed: such a step goes
+    # so every rank learns of an overflow before anything is committed: such a step goes
     # dense (the optimizer and GradScaler see the inf/nan) and error feedback is not touched.
+    # Over an all-reduce transport they ride in its first round (one collective fewer); the
+    # round's work is then dropped on every rank alike.
     buffers = [b for b, _ in parts]
     step = TransportStats(raw_bytes=sum(b.numel() * b.element_size() for b in buffers))
     finite = all(all_finite(b) for b in buffers)
     flag = buffers[-1].new_full((1,), 0.0 if finite else 1.0)
-    nonfinite = bool(_dense_average(state, views, dense, step, extra=flag) != 0)
+    keys = [state.key_of(params[i]) for i in sparse]
+    out: list[Tensor] | None = None
+    moved: TransportStats | None = None
+    if sparse and isinstance(state.transport, AllReduceTransport):
+        ride = torch.cat([*(views[i].reshape(-1) for i in dense), flag])
+        out, _, moved = state.transport.run_riding(
+            keys, [views[i] for i in sparse], ride, lambda summed: bool(summed[-1] == 0)
+        )
+        _write_mean(state, views, dense, ride[:-1])
+        nonfinite = out is None
+    else:
+        nonfinite = bool(_dense_average(state, views, dense, step, extra=flag) != 0)
+        if sparse and not nonfinite:
+            out, moved = state.transport.run(keys, [views[i] for i in sparse])
     if sparse and nonfinite:
         _dense_average(state, views, sparse, step)
         step.extra["nonfinite"] = True
-    elif sparse:
-        keys = [state.key_of(params[i]) for i in sparse]
-        out, moved = state.transport.run(keys, [views[i] for i in sparse])
+    if moved is not None:
+        moved.raw_bytes = 0  # the buckets' raw bytes are counted once, above
+        step.add(moved)
+    if out is not None:
         for i, o in zip(sparse, out):
             views[i].copy_(o)
-        moved.raw_bytes = 0  # the bucket's raw bytes are counted once, above
-        step.add(moved)
     state.record(step)
 
 

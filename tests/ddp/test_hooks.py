@@ -178,8 +178,10 @@ def test_coalesced_buckets_match_bucket_by_bucket(run_ranks) -> None:
                 torch.testing.assert_close(a, b, msg=lambda m, spec=spec: f"{spec}: {m}")
         buckets = each[0]["stats"].collectives / held[0]["stats"].collectives
         assert buckets > 1.5, f"{spec}: {buckets:.1f}x the collectives bucket by bucket"
-    # top-k: the small tensors' all-reduce and one all-gather a step.
+    # top-k: the small tensors' all-reduce and one all-gather a step. PowerSGD: the small
+    # tensors and the non-finite flag ride in P's all-reduce, then Q's: two a step.
     assert results[0][0]["stats"].collectives == 2 * 4
+    assert results[2][0]["stats"].collectives == 2 * 4
 
 
 @pytest.mark.parametrize("rank", [1, 2])
@@ -277,7 +279,7 @@ def test_mismatched_start_iter_raises(run_ranks) -> None:
 
 
 def test_nonfinite_gradients_reach_gradscaler_and_leave_feedback_alone(run_ranks) -> None:
-    specs = ["topk:ratio=0.1", "powersgd", "uniform:bits=4", "sign"]
+    specs = ["topk:ratio=0.1", "powersgd", "uniform:bits=4", "sign", "uniform:shared_scale=true"]
     cases = [{"hook": ours(s), "steps": 6, "inf_at": 3} for s in specs]
     for spec, res in zip(specs, per_case(run_ranks(run_cases, 2, cases))):
         for rank in res:
