@@ -311,11 +311,18 @@ FALLBACK = "+fallback"
 FALLBACK_SPECS = ("topk", "sign", "ternary", "qsgd", "powersgd", INT8)
 
 
+# int8 with the reduce-scatter transport (not its default): traffic per rank that stays flat
+# as ranks are added, where the default all-gather's grows.
+RS = "+rs"
+SUFFIXES = {FALLBACK: {"fallback": "auto"}, RS: {"transport": "reducescatter"}}
+
+
 def our_spec(label: str) -> tuple[str, dict[str, Any]]:
     """Our variant's compressor spec and hook options: ``"<spec>+fallback"`` adds
-    ``fallback="auto"``."""
-    if label.endswith(FALLBACK):
-        return label[: -len(FALLBACK)], {"fallback": "auto"}
+    ``fallback="auto"``, ``"<spec>+rs"`` ``transport="reducescatter"``."""
+    for suffix, options in SUFFIXES.items():
+        if label.endswith(suffix):
+            return label[: -len(suffix)], dict(options)
     return label, {}
 
 
@@ -381,7 +388,7 @@ class Variant:
         elif label != DENSE:
             spec, options = our_spec(label)
             self.state = commhooks.ddp.register(self.model, spec, **options)
-            if options:
+            if "fallback" in options:
                 # Probe calls of every bucket, after DDP's rebuild of its buckets at step 1,
                 # fall in the build steps; the timed steps see the settled paths.
                 self.dense_steps = 2 * self.state.options.fallback_probes + 2
@@ -879,6 +886,10 @@ def row_targets(r: Row, int8: str | None) -> list[tuple[str, float, float | None
         out.append((f"{r.label} step / dense at 100mbit", 0.15, r.vs_dense))
     if r.link == "100mbit" and r.label == int8:
         out.append(("int8 (uniform bits=8) step / dense at 100mbit", 0.35, r.vs_dense))
+    if r.link == "100mbit" and r.label == INT8 + RS:
+        out.append(
+            ("int8, reduce-scatter transport, at 100mbit (not its default)", 0.35, r.vs_dense)
+        )
     if r.label == "powersgd":
         out.append(("our powersgd step / torch's, every link", 1.0, r.vs_torch_powersgd))
         if r.link == "1gbit":
@@ -1111,7 +1122,7 @@ def default_variants() -> list[str]:
     labels = [DENSE, TORCH_FP16, TORCH_BF16, TORCH_PSGD, *commhooks.available()]
     if int8_label(labels) is None:  # uniform's default is not 8 bits: int8 is a variant of its own
         labels.append(INT8)
-    return labels + [spec + FALLBACK for spec in FALLBACK_SPECS]
+    return labels + [INT8 + RS] + [spec + FALLBACK for spec in FALLBACK_SPECS]
 
 
 def _parser() -> argparse.ArgumentParser:
