@@ -1,6 +1,6 @@
 """Kernel speed of every compressor against memory bandwidth (``make bench-kernels``).
 
-Usage: ``python benchmarks/kernels.py [--sizes 4M,16M,64M] [--reps 3] [--device cpu|cuda]
+Usage: ``python benchmarks/kernels.py [--sizes 4M,16M,64M] [--reps 5] [--device cpu|cuda]
 [--specs "topk;sign"] [--out F.json] [--markdown F.md] [--smoke]``
 
 For each size (fp32 elements) and compressor, with and without error feedback, it times
@@ -39,6 +39,8 @@ SPECS = [
     "dgc:ratio=0.01",
     "uniform:bits=8",
     "uniform:bits=4",
+    "uniform:bits=8,stochastic=true",
+    "uniform:bits=4,stochastic=true",
     "qsgd",
     "nonuniform:bits=4",
     "ternary",
@@ -185,7 +187,7 @@ def markdown(rows: list[Row], topk: list[dict[str, float]], meta: dict[str, obje
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="4M,16M,64M")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--specs", default="", help="';'-separated specs (default: all)")
     ap.add_argument("--out", default="", help="also write JSON here")
