@@ -78,6 +78,8 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
     elif state.fallback is not None:
         fut = _measured_step(state, buffer, params)
     elif state.options.coalesce and not bucket.is_last():
+        if bucket.index() == 0:
+            _drop_stale(state)
         # Completed when the last bucket arrives (DDP waits for every bucket's future only
         # after backward has handed over all of them).
         fut = Future()
@@ -88,6 +90,15 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
     if bucket.is_last():
         state.end_step()
     return fut
+
+
+def _drop_stale(state: CompressionState) -> None:
+    """A step starts (DDP hands buckets over in index order) with buckets still held: the
+    last step's backward stopped before its last bucket. Drop them, or their buffers, which
+    DDP refills, would be averaged twice."""
+    stale, state.deferred = state.deferred, []
+    for _, _, fut in stale:
+        fut.set_exception(RuntimeError("commhooks: backward ended before the last bucket"))
 
 
 def _average_deferred(state: CompressionState, buffer: Tensor, params: list[Tensor]) -> None:
