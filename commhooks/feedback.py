@@ -259,6 +259,17 @@ class ErrorFeedback:
         """An all-reduce exchange of compensated tensors; residuals update when it finishes."""
         if len(keys) != len(tensors):
             raise ValueError(f"keys: got {len(keys)} keys for {len(tensors)} tensors")
+        # A fused exchange updates stored residuals in place, so every key needs one (a key's
+        # first step goes op by op, as in compress()).
+        if self.config.momentum == 0 and tensors:
+            stored = [self._stored(k, t) for k, t in zip(keys, tensors)]
+            residuals = [e for e in stored if e is not None]
+            if len(residuals) == len(stored):
+                fused = self._current.exchange_feedback(
+                    tensors, residuals, keys, world_size, self.config.decay
+                )
+                if fused is not None:
+                    return fused
         return _FeedbackExchange(self, list(keys), list(tensors), world_size)
 
     # -- checkpoints ----------------------------------------------------------------------------

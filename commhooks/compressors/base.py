@@ -262,6 +262,22 @@ class Compressor(ABC, Generic[C]):
         """Fused kernel behind :meth:`compress_feedback`; None where there is none."""
         return None
 
+    def exchange_feedback(
+        self,
+        tensors: Sequence[Tensor],
+        residuals: Sequence[Tensor],
+        keys: Sequence[str | None],
+        world_size: int,
+        decay: float = 1.0,
+    ) -> Exchange | None:
+        """Error feedback's all-reduce exchange in fused kernels, where the compressor has them:
+        an :class:`Exchange` of ``c = tensor + residual`` that, when :meth:`Exchange.result`
+        is first read, overwrites each residual with ``decay * (c - local)`` (left as it was
+        where that is not finite, and untouched if the exchange is abandoned). None where it
+        has no such kernels; :class:`~commhooks.feedback.ErrorFeedback` then compensates and
+        updates op by op around :meth:`exchange`."""
+        return None
+
     def subtract_sent_(self, target: Tensor, payload: Payload, ctx: Context) -> Tensor:
         """``target -= decompress(payload)`` in place (error feedback's new residual).
         Sparsifiers override it to touch only the elements they sent."""

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from commhooks import native
 from commhooks._validate import check_bool
 from commhooks.compressors.base import (
     Capabilities,
@@ -17,13 +18,16 @@ from commhooks.compressors.base import (
     Context,
     Exchange,
     Kind,
+    Message,
     Payload,
+    ReduceOp,
     SingleRoundExchange,
+    all_finite,
     check_group,
 )
 from commhooks.registry import register
 
-__all__ = ["Bf16Config", "Cast", "CastConfig", "Fp16Config"]
+__all__ = ["Bf16Config", "Cast", "CastConfig", "Fp16Config", "FusedCastExchange"]
 
 
 @dataclass(frozen=True)
@@ -81,5 +85,110 @@ class Cast(Compressor[CastConfig]):
         world_size: int = 1,
     ) -> Exchange:
         keys = check_group(tensors, keys, world_size)
-        scale = 1.0 / world_size if self.config.prescale else 1.0
-        return SingleRoundExchange(self, tensors, keys, prescale=scale)
+        return SingleRoundExchange(self, tensors, keys, prescale=self._prescale(world_size))
+
+    def exchange_feedback(
+        self,
+        tensors: Sequence[Tensor],
+        residuals: Sequence[Tensor],
+        keys: Sequence[str | None],
+        world_size: int,
+        decay: float = 1.0,
+    ) -> Exchange | None:
+        """Error feedback around the cast in two passes over the gradient where the native
+        kernels load (fp32 gradients and residuals only); see :class:`FusedCastExchange`."""
+        check_group(tensors, keys, world_size)
+        fp32 = all(t.dtype == e.dtype == torch.float32 for t, e in zip(tensors, residuals))
+        if not (fp32 and native.casts(self.config.target)):
+            return None
+        return FusedCastExchange(
+            self.config.target, tensors, residuals, self._prescale(world_size), decay
+        )
+
+    def _prescale(self, world_size: int) -> float:
+        return 1.0 / world_size if self.config.prescale else 1.0
+
+
+class FusedCastExchange(Exchange):
+    """A cast's error-feedback exchange, fused: the same numbers as compensating, casting and
+    updating the residual op by op, in fewer passes over memory.
+
+    Encoding writes each ``h = half((g + e) * s)`` into one wire buffer (one pass, nothing
+    else written, so an abandoned exchange leaves the residuals as they were); the residual
+    ``e = decay * ((g + e) - float(h) / s)`` is written when :meth:`result` is first read,
+    unless ``h`` was not finite; the result decodes ``float(sum h) / s``. Tensors the kernels
+    do not take (small, off the CPU) run the same formulas as torch ops.
+    """
+
+    def __init__(
+        self,
+        target: torch.dtype,
+        tensors: Sequence[Tensor],
+        residuals: Sequence[Tensor],
+        scale: float,
+        decay: float,
+    ) -> None:
+        self._grads = [t.reshape(-1) for t in tensors]
+        self._residuals = [e.view(-1) for e in residuals]
+        self._shapes = [t.shape for t in tensors]
+        self._scale, self._decay = scale, decay
+        sizes = [g.numel() for g in self._grads]
+        device = self._grads[0].device if self._grads else torch.device("cpu")
+        self._wire = torch.empty(sum(sizes), dtype=target, device=device)
+        self._sent = list(self._wire.split(sizes))
+        # Per tensor: True/False from the kernel (h finite), None for the torch formulas,
+        # which check the residual itself.
+        self._finite: list[bool | None] = []
+        for g, e, h in zip(self._grads, self._residuals, self._sent):
+            if native.usable(g, e):
+                self._finite.append(native.cast_encode(g, e, scale, h))
+            else:
+                h.copy_((g + e).mul_(scale) if scale != 1.0 else g + e)
+                self._finite.append(None)
+        self._reduced: list[Tensor] | None = None
+        self._done = False
+
+    def message(self) -> Message | None:
+        if self._reduced is not None or not self._grads:
+            return None
+        return Message((self._wire,), ReduceOp.SUM)
+
+    def receive(self, reduced: Sequence[Tensor]) -> None:
+        (summed,) = reduced
+        self._reduced = list(summed.reshape(-1).split([g.numel() for g in self._grads]))
+
+    def result(self) -> list[Tensor]:
+        if self._reduced is None:
+            if not self._grads:
+                return []
+            raise RuntimeError("exchange: result() called before its round was received")
+        if not self._done:
+            self._commit()
+        return self._decode(self._reduced)
+
+    def local(self) -> list[Tensor]:
+        return self._decode(self._sent)
+
+    def abandon(self) -> None:
+        self._done = True
+
+    def _commit(self) -> None:
+        self._done = True
+        s, decay = self._scale, self._decay
+        for g, e, h, finite in zip(self._grads, self._residuals, self._sent, self._finite):
+            if finite:
+                native.cast_residual(g, e, s, h, decay)
+            elif finite is None:
+                residual = (g + e).sub_(h.to(e.dtype).div_(s))
+                if all_finite(residual):
+                    e.copy_(residual.mul_(decay) if decay != 1.0 else residual)
+
+    def _decode(self, halves: Sequence[Tensor]) -> list[Tensor]:
+        out = []
+        for h, g, shape in zip(halves, self._grads, self._shapes):
+            if native.usable(g, numel=h.numel()) and h.is_contiguous():
+                t = native.cast_decode(h, self._scale)
+            else:
+                t = h.to(torch.float32).div_(self._scale)
+            out.append(t.view(shape))
+        return out

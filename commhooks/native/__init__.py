@@ -48,7 +48,7 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 _i64, _int, _ptr, _dbl = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_double
-_u32 = ctypes.c_uint32
+_u32, _flt = ctypes.c_uint32, ctypes.c_float
 _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "ch_chunk_stats": (_dbl, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int]),
     "ch_stats_items": (_i64, [_i64, _i64]),
@@ -66,6 +66,10 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "ch_stoch_decode": (None, [_ptr, _i64, _i64, _ptr, _int, _int, _int, _int, _ptr, _int, _int]),
     "ch_select": (_i64, [_ptr, _ptr, _i64, ctypes.c_float, _ptr, _ptr, _int]),
     "ch_select_take": (None, [_ptr, _ptr, _ptr]),
+    "ch_cast_fp16": (_int, []),
+    "ch_cast_encode": (_int, [_ptr, _ptr, _i64, _flt, _int, _ptr, _int]),
+    "ch_cast_residual": (None, [_ptr, _ptr, _i64, _flt, _int, _ptr, _flt, _int]),
+    "ch_cast_decode": (None, [_ptr, _i64, _flt, _int, _ptr, _int]),
 }
 
 
@@ -327,3 +331,40 @@ def select_at_least(g: Tensor, e: Tensor | None, threshold: float) -> tuple[Tens
     finally:
         h.ch_select_take(handle, ptr(idx), ptr(val))
     return idx, val, bool(finite.value)
+
+
+def casts(dtype: torch.dtype) -> bool:
+    """Whether the cast kernels serve ``dtype`` (bf16 always; fp16 where the compiler has a
+    half type or F16C)."""
+    h = lib()
+    if h is None or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return dtype == torch.bfloat16 or bool(h.ch_cast_fp16())
+
+
+def cast_encode(g: Tensor, e: Tensor | None, scale: float, out: Tensor) -> bool:
+    """``out = half((g + e) * scale)`` (``out``'s dtype, fp16 or bf16); writes nothing else.
+    Returns whether every element of ``out`` is finite."""
+    h = lib()
+    assert h is not None
+    bf16 = int(out.dtype == torch.bfloat16)
+    return bool(h.ch_cast_encode(ptr(g), ptr(e), g.numel(), scale, bf16, ptr(out), threads()))
+
+
+def cast_residual(g: Tensor, e: Tensor, scale: float, sent: Tensor, decay: float) -> None:
+    """``e = ((g + e) - float(sent) / scale) * decay`` in place (``sent``: from
+    :func:`cast_encode`)."""
+    h = lib()
+    assert h is not None
+    bf16 = int(sent.dtype == torch.bfloat16)
+    h.ch_cast_residual(ptr(g), ptr(e), g.numel(), scale, bf16, ptr(sent), decay, threads())
+
+
+def cast_decode(half: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+    """``float(half) / scale`` as fp32, into ``out`` when given."""
+    h = lib()
+    assert h is not None
+    out = out if out is not None else torch.empty(half.numel(), dtype=torch.float32)
+    bf16 = int(half.dtype == torch.bfloat16)
+    h.ch_cast_decode(ptr(half), half.numel(), scale, bf16, ptr(out), threads())
+    return out

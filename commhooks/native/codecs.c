@@ -16,6 +16,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #define MAX_THREADS 64
 #define BLOCK 65536 /* elements per reduction work item */
@@ -869,4 +872,173 @@ void ch_select_take(void *handle, int64_t *idx, float *val) {
         free(s->val[k]);
     }
     free(s);
+}
+
+/* ---- half-precision casts (fp16 / bf16) with error feedback ------------------------------ */
+/* Wire h = half((g + e) * s); residual e = ((g + e) - float(h) / s) * decay; decode
+ * float(h) / s. The same float operations, in the same order, as the torch path (a
+ * SingleRoundExchange with prescale s, then ErrorFeedback's c - sent). Encoding writes only h,
+ * so an exchange abandoned after it leaves the residual as it was. fp16 needs _Float16 (GCC 12,
+ * clang) or F16C; ch_cast_fp16() says whether this build has either. */
+int ch_cast_fp16(void) {
+#if defined(__FLT16_MAX__) || defined(__F16C__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static inline uint16_t bf16_bits(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    /* Round to nearest even, as torch; a NaN whose payload sits in the low bits would round
+     * to inf, so NaN is torch's quiet NaN. */
+    uint16_t r = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return v != v ? (uint16_t)0x7FC0 : r;
+}
+
+static inline float bf16_value(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float v;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+static inline uint16_t f16_bits(float v) {
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+#elif defined(__FLT16_MAX__)
+    _Float16 x = (_Float16)v;
+    uint16_t b;
+    memcpy(&b, &x, 2);
+    return b;
+#else
+    (void)v;
+    return 0; /* unreachable: ch_cast_fp16() is 0 and the caller keeps the torch path */
+#endif
+}
+
+static inline float f16_value(uint16_t b) {
+#if defined(__F16C__)
+    return _cvtsh_ss(b);
+#elif defined(__FLT16_MAX__)
+    _Float16 x;
+    memcpy(&x, &b, 2);
+    return (float)x;
+#else
+    (void)b;
+    return 0.0f;
+#endif
+}
+
+typedef struct {
+    const float *g;
+    float *e;
+    uint16_t *h;
+    float *out;
+    float s, decay;
+    int bf16;
+    int bad; /* any h non-finite; written only with 1 */
+} cast_t;
+
+/* Lanes of 8 for F16C's 8-wide conversions; bf16 is integer work the compiler vectorizes. */
+static void cast_encode_range(void *arg, int64_t i0, int64_t i1) {
+    cast_t *k = (cast_t *)arg;
+    const float *g = k->g, *e = k->e;
+    uint16_t *h = k->h;
+    const float s = k->s;
+    const uint16_t mask = k->bf16 ? 0x7F80 : 0x7C00; /* all-ones exponent: inf or NaN */
+    int bad = 0;
+    int64_t i = i0;
+    if (k->bf16) {
+        for (; i < i1; i++) {
+            uint16_t q = bf16_bits((e ? g[i] + e[i] : g[i]) * s);
+            h[i] = q;
+            bad |= (q & mask) == mask;
+        }
+    }
+#if defined(__F16C__)
+    else {
+        const __m256 vs = _mm256_set1_ps(s);
+        const __m128i vm = _mm_set1_epi16((short)mask);
+        __m128i acc = _mm_setzero_si128();
+        for (; i + 8 <= i1; i += 8) {
+            __m256 c = _mm256_loadu_ps(g + i);
+            if (e) c = _mm256_add_ps(c, _mm256_loadu_ps(e + i));
+            __m128i q = _mm256_cvtps_ph(_mm256_mul_ps(c, vs), _MM_FROUND_TO_NEAREST_INT);
+            _mm_storeu_si128((__m128i *)(h + i), q);
+            acc = _mm_or_si128(acc, _mm_cmpeq_epi16(_mm_and_si128(q, vm), vm));
+        }
+        bad |= !_mm_testz_si128(acc, acc);
+    }
+#endif
+    for (; i < i1; i++) {
+        uint16_t q = f16_bits((e ? g[i] + e[i] : g[i]) * s);
+        h[i] = q;
+        bad |= (q & mask) == mask;
+    }
+    if (bad) __atomic_store_n(&k->bad, 1, __ATOMIC_RELAXED);
+}
+
+/* Returns 1 if every h is finite. */
+int ch_cast_encode(const float *g, const float *e, int64_t n, float s, int bf16, uint16_t *h,
+                   int nthreads) {
+    cast_t k = {g, NULL, h, NULL, s, 1.0f, bf16, 0};
+    k.e = (float *)e;
+    parallel_for(n, 64, n, nthreads, cast_encode_range, &k);
+    return !k.bad;
+}
+
+static void cast_residual_range(void *arg, int64_t i0, int64_t i1) {
+    cast_t *k = (cast_t *)arg;
+    const float *g = k->g;
+    float *e = k->e;
+    const uint16_t *h = k->h;
+    const float s = k->s, decay = k->decay;
+    int64_t i = i0;
+    if (k->bf16) {
+        for (; i < i1; i++) e[i] = ((g[i] + e[i]) - bf16_value(h[i]) / s) * decay;
+        return;
+    }
+#if defined(__F16C__)
+    const __m256 vs = _mm256_set1_ps(s), vd = _mm256_set1_ps(decay);
+    for (; i + 8 <= i1; i += 8) {
+        __m256 c = _mm256_add_ps(_mm256_loadu_ps(g + i), _mm256_loadu_ps(e + i));
+        __m256 sent = _mm256_div_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))), vs);
+        _mm256_storeu_ps(e + i, _mm256_mul_ps(_mm256_sub_ps(c, sent), vd));
+    }
+#endif
+    for (; i < i1; i++) e[i] = ((g[i] + e[i]) - f16_value(h[i]) / s) * decay;
+}
+
+/* e = ((g + e) - float(h) / s) * decay: the new residual, from the h ch_cast_encode wrote. */
+void ch_cast_residual(const float *g, float *e, int64_t n, float s, int bf16, const uint16_t *h,
+                      float decay, int nthreads) {
+    cast_t k = {g, e, (uint16_t *)h, NULL, s, decay, bf16, 0};
+    parallel_for(n, 64, n, nthreads, cast_residual_range, &k);
+}
+
+static void cast_decode_range(void *arg, int64_t i0, int64_t i1) {
+    cast_t *k = (cast_t *)arg;
+    const uint16_t *h = k->h;
+    float *out = k->out;
+    const float s = k->s;
+    int64_t i = i0;
+    if (k->bf16) {
+        for (; i < i1; i++) out[i] = bf16_value(h[i]) / s;
+        return;
+    }
+#if defined(__F16C__)
+    const __m256 vs = _mm256_set1_ps(s);
+    for (; i + 8 <= i1; i += 8)
+        _mm256_storeu_ps(out + i,
+                         _mm256_div_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))), vs));
+#endif
+    for (; i < i1; i++) out[i] = f16_value(h[i]) / s;
+}
+
+/* out = float(h) / s. */
+void ch_cast_decode(const uint16_t *h, int64_t n, float s, int bf16, float *out, int nthreads) {
+    cast_t k = {NULL, NULL, (uint16_t *)h, out, s, 1.0f, bf16, 0};
+    parallel_for(n, 64, n, nthreads, cast_decode_range, &k);
 }
