@@ -78,6 +78,23 @@ class Cast(Compressor[CastConfig]):
     def _decompress(self, payload: Payload, ctx: Context) -> Tensor:
         return payload[0]
 
+    def _compress_feedback(
+        self, tensor: Tensor, residual: Tensor, key: str | None
+    ) -> tuple[Payload, Any] | None:
+        """Error feedback's compress (all-gather transports) in the cast kernels: two passes,
+        and None (residual untouched) where a cast value is not finite."""
+        target = self.config.target
+        if not (
+            _fp32(tensor, residual) and native.casts(target) and native.usable(tensor, residual)
+        ):
+            return None
+        g, e = tensor.reshape(-1), residual.view(-1)
+        half = torch.empty(g.numel(), dtype=target)
+        if not native.cast_encode(g, e, 1.0, half):
+            return None
+        native.cast_residual(g, e, 1.0, half, 1.0)
+        return (half,), None
+
     def exchange(
         self,
         tensors: Sequence[Tensor],
@@ -98,7 +115,7 @@ class Cast(Compressor[CastConfig]):
         """Error feedback around the cast in two passes over the gradient where the native
         kernels load (fp32 gradients and residuals only); see :class:`FusedCastExchange`."""
         check_group(tensors, keys, world_size)
-        fp32 = all(t.dtype == e.dtype == torch.float32 for t, e in zip(tensors, residuals))
+        fp32 = all(_fp32(t, e) for t, e in zip(tensors, residuals))
         if not (fp32 and native.casts(self.config.target)):
             return None
         return FusedCastExchange(
@@ -107,6 +124,11 @@ class Cast(Compressor[CastConfig]):
 
     def _prescale(self, world_size: int) -> float:
         return 1.0 / world_size if self.config.prescale else 1.0
+
+
+def _fp32(tensor: Tensor, residual: Tensor) -> bool:
+    # Other dtypes keep the torch path's rounding (fp16 gradients are prescaled in fp16 there).
+    return tensor.dtype == residual.dtype == torch.float32
 
 
 class FusedCastExchange(Exchange):

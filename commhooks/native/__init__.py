@@ -66,6 +66,11 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "ch_stoch_decode": (None, [_ptr, _i64, _i64, _ptr, _int, _int, _int, _int, _ptr, _int, _int]),
     "ch_select": (_i64, [_ptr, _ptr, _i64, ctypes.c_float, _ptr, _ptr, _int]),
     "ch_select_take": (None, [_ptr, _ptr, _ptr]),
+    "ch_table_encode": (None, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _int, _int, _ptr, _int]),
+    "ch_table_decode": (
+        None,
+        [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _int, _int, _ptr, _int, _int],
+    ),
     "ch_cast_fp16": (_int, []),
     "ch_cast_encode": (_int, [_ptr, _ptr, _i64, _flt, _int, _ptr, _int]),
     "ch_cast_residual": (None, [_ptr, _ptr, _i64, _flt, _int, _ptr, _flt, _int]),
@@ -263,6 +268,40 @@ def uniform_decode(
     h.ch_uniform_decode(
         ptr(data), n, chunk, ptr(lo), ptr(step), bits, ptr(out), int(acc), threads()
     )
+    return out
+
+
+def table_encode(
+    g: Tensor, e: Tensor | None, chunk: int, scale: Tensor, mids: Tensor, levels: Tensor,
+    bits: int,
+) -> Tensor:  # fmt: skip
+    """Symbols ``2 * level + sign`` of ``g + e`` against the sorted ``levels`` (0 to 1, times
+    the per-chunk ``scale``; nearest by the fp32 ``mids``), packed as ``pack_bits(.., bits)``;
+    updates ``e`` to the residual."""
+    h = lib()
+    assert h is not None
+    n = g.numel()
+    data = torch.empty((n * bits + 7) // 8, dtype=torch.uint8)
+    h.ch_table_encode(
+        ptr(g), ptr(e), n, chunk, ptr(scale), ptr(mids), ptr(levels), levels.numel(), bits,
+        ptr(data), threads(),
+    )  # fmt: skip
+    return data
+
+
+def table_decode(
+    data: Tensor, n: int, chunk: int, scale: Tensor, mids: Tensor, levels: Tensor, bits: int,
+    out: Tensor | None,
+) -> Tensor:  # fmt: skip
+    """``+-levels[symbol >> 1] * scale`` per element; added into ``out`` when given."""
+    h = lib()
+    assert h is not None
+    acc = out is not None
+    out = out if out is not None else torch.empty(n, dtype=torch.float32)
+    h.ch_table_decode(
+        ptr(data), n, chunk, ptr(scale), ptr(mids), ptr(levels), levels.numel(), bits, ptr(out),
+        int(acc), threads(),
+    )  # fmt: skip
     return out
 
 

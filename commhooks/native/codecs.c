@@ -239,6 +239,10 @@ typedef struct {
     int accumulate;
     int stochastic; /* uniform: floor(q + u) instead of the nearest level */
     uint32_t s0, s1;
+    /* Table mode (non-uniform levels), when mids is set: scale is max|c| per chunk, the code
+     * is 2 * level + sign, and it decodes to +-levels[level] * scale. */
+    const float *mids, *levels; /* levels[nlev], sorted from 0 to 1; mids[nlev - 1] */
+    int nlev;
 } codec_t;
 
 static void pack_codes(const uint8_t *codes, int64_t m, int bits, uint8_t *dst) {
@@ -433,6 +437,102 @@ static inline float unif_code(const codec_t *c, int64_t i, float v, float lo, fl
     return unif_level(v, lo, step, top);
 }
 
+/* Table mode: the index of the nearest level to u = |v| / s (a count of the midpoints below
+ * u, as torch.searchsorted(mids, u): ties round down), its code and its decoded value. */
+static inline int table_code(const codec_t *c, float v, float s, float *val) {
+    float u = fabsf(v) / s;
+    u = u == u ? (u > 1.0f ? 1.0f : u) : 0.0f; /* 0/0: an all-zero chunk */
+    int k = 0;
+    for (int t = 0; t < c->nlev - 1; t++) k += c->mids[t] < u;
+    int neg = v < 0.0f && k > 0; /* level 0 has no sign */
+    float mag = c->levels[k];
+    *val = (neg ? -mag : mag) * s;
+    return 2 * k + neg;
+}
+
+static inline float table_value(const codec_t *c, int code, float s) {
+    float mag = c->levels[code >> 1];
+    return ((code & 1) ? -mag : mag) * s;
+}
+
+/* One element's code, and in *val what it decodes to, in either mode. */
+static inline int code_of(const codec_t *c, int64_t i, float v, int64_t ci, float *val) {
+    if (c->mids) return table_code(c, v, c->scale[ci], val);
+    float lo = c->scale[ci], step = c->step[ci];
+    float q = unif_code(c, i, v, lo, step, (float)((1 << c->bits) - 1));
+    *val = q * step + lo;
+    return (int)q;
+}
+
+static inline float value_of(const codec_t *c, int code, int64_t ci) {
+    if (c->mids) return table_value(c, code, c->scale[ci]);
+    return (float)code * c->step[ci] + c->scale[ci];
+}
+
+/* The level count is a compile-time constant per instance and the tables are copied to locals
+ * (no aliasing with e), so the compare loops unroll into selects and the element loop
+ * vectorizes; the last level whose midpoint lies below u wins, which is levels[k] exactly. */
+#define TABLE_ENC(NL)                                                                          \
+    for (int64_t j = 0; j < m; j++) {                                                          \
+        float v = e ? g[j] + e[j] : g[j];                                                      \
+        float u = fabsf(v) / s;                                                                \
+        u = u == u ? (u > 1.0f ? 1.0f : u) : 0.0f;                                             \
+        int k = 0;                                                                             \
+        float mag = lev[0];                                                                    \
+        for (int t = 0; t < (NL) - 1; t++) {                                                   \
+            int below = mid[t] < u;                                                            \
+            k += below;                                                                        \
+            mag = below ? lev[t + 1] : mag;                                                    \
+        }                                                                                      \
+        int neg = v < 0.0f && k > 0;                                                           \
+        codes[j] = (uint8_t)(2 * k + neg);                                                     \
+        if (e) e[j] = v - (neg ? -mag : mag) * s;                                              \
+    }
+
+static void table_enc_seg(codec_t *c, int64_t a, int64_t b, int64_t ci) {
+    uint8_t codes[BLK];
+    float mid[128], lev[128];
+    const float *g = c->g + a;
+    float *e = c->e ? c->e + a : NULL;
+    float s = c->scale[ci];
+    int64_t m = b - a;
+    memcpy(mid, c->mids, (size_t)(c->nlev - 1) * sizeof(float));
+    memcpy(lev, c->levels, (size_t)c->nlev * sizeof(float));
+    switch (c->nlev) {
+    case 2:
+        TABLE_ENC(2)
+        break;
+    case 8:
+        TABLE_ENC(8)
+        break;
+    case 128:
+        TABLE_ENC(128)
+        break;
+    default:
+        TABLE_ENC(c->nlev)
+    }
+    pack_codes(codes, m, c->bits, c->data + a / 8 * c->bits);
+}
+
+/* Decoding looks each symbol's signed level up in a table of 2 * nlev (a gather the compiler
+ * vectorizes; negating a level is exact, so this is table_value's result). */
+static void table_dec_seg(codec_t *c, int64_t a, int64_t b, int64_t ci) {
+    uint8_t codes[BLK];
+    float val[256];
+    float *out = c->out + a;
+    float s = c->scale[ci];
+    int64_t m = b - a;
+    for (int k = 0; k < c->nlev; k++) {
+        val[2 * k] = c->levels[k];
+        val[2 * k + 1] = -c->levels[k];
+    }
+    unpack_codes(c->data + a / 8 * c->bits, m, c->bits, codes);
+    if (c->accumulate)
+        for (int64_t j = 0; j < m; j++) out[j] += val[codes[j]] * s;
+    else
+        for (int64_t j = 0; j < m; j++) out[j] = val[codes[j]] * s;
+}
+
 static void unif_enc_seg(codec_t *c, int64_t a, int64_t b, int64_t ci) {
     uint8_t codes[BLK];
     const float *g = c->g + a;
@@ -465,19 +565,16 @@ static void unif_encode_range(void *arg, int64_t i0, int64_t i1) {
     const float *g = u->g;
     float *e = u->e;
     int bits = u->bits;
-    float top = (float)((1 << bits) - 1);
     int64_t n = u->n, chunk = u->chunk, body = n - n % 8;
     int64_t end = i1 < body ? i1 : body;
-    if (!for_segments(u, i0, i1, unif_enc_seg)) {
+    float val;
+    if (!for_segments(u, i0, i1, u->mids ? table_enc_seg : unif_enc_seg)) {
         uint8_t codes[8];
         for (int64_t i = i0; i < end; i += 8) {
             for (int j = 0; j < 8; j++) {
-                int64_t ci = (i + j) / chunk;
-                float lo = u->scale[ci], step = u->step[ci];
                 float v = e ? g[i + j] + e[i + j] : g[i + j];
-                float q = unif_code(u, i + j, v, lo, step, top);
-                codes[j] = (uint8_t)q;
-                if (e) e[i + j] = v - (q * step + lo);
+                codes[j] = (uint8_t)code_of(u, i + j, v, (i + j) / chunk, &val);
+                if (e) e[i + j] = v - val;
             }
             pack_codes(codes, 8, bits, u->data + i / 8 * bits);
         }
@@ -485,12 +582,9 @@ static void unif_encode_range(void *arg, int64_t i0, int64_t i1) {
     if (i1 == n && body < n) {
         uint8_t codes[8];
         for (int64_t k = body; k < n; k++) {
-            int64_t ci = k / chunk;
-            float lo = u->scale[ci], step = u->step[ci];
             float v = e ? g[k] + e[k] : g[k];
-            float q = unif_code(u, k, v, lo, step, top);
-            codes[k - body] = (uint8_t)q;
-            if (e) e[k] = v - (q * step + lo);
+            codes[k - body] = (uint8_t)code_of(u, k, v, k / chunk, &val);
+            if (e) e[k] = v - val;
         }
         pack_tail(codes, (int)(n - body), bits, u->data + body / 8 * bits);
     }
@@ -509,8 +603,9 @@ void ch_uniform_encode(const float *g, float *e, int64_t n, int64_t chunk, const
 static void unif_dec_seg(codec_t *c, int64_t a, int64_t b, int64_t ci) {
     uint8_t codes[BLK];
     int64_t m = b - a;
-    float lo = c->scale[ci], step = c->step[ci], *out = c->out + a;
+    float *out = c->out + a;
     unpack_codes(c->data + a / 8 * c->bits, m, c->bits, codes);
+    float lo = c->scale[ci], step = c->step[ci];
     if (c->accumulate)
         for (int64_t j = 0; j < m; j++) out[j] += (float)codes[j] * step + lo;
     else
@@ -522,7 +617,8 @@ static void unif_decode_range(void *arg, int64_t i0, int64_t i1) {
     int bits = u->bits;
     int64_t n = u->n, chunk = u->chunk, body = n - n % 8;
     int64_t end = i1 < body ? i1 : body;
-    int64_t from = for_segments(u, i0, i1, unif_dec_seg) ? (end > i0 ? end : i0) : i0;
+    seg_fn seg = u->mids ? table_dec_seg : unif_dec_seg;
+    int64_t from = for_segments(u, i0, i1, seg) ? (end > i0 ? end : i0) : i0;
     uint8_t codes[8];
     for (int64_t i = from; i < i1; i++) {
         int64_t ci = i / chunk;
@@ -533,7 +629,7 @@ static void unif_decode_range(void *arg, int64_t i0, int64_t i1) {
         } else {
             code = unpack_tail_code(u->data + body / 8 * bits, (int)(i - body), bits);
         }
-        float v = (float)code * u->step[ci] + u->scale[ci];
+        float v = value_of(u, code, ci);
         u->out[i] = u->accumulate ? u->out[i] + v : v;
     }
 }
@@ -542,6 +638,25 @@ static void unif_decode_range(void *arg, int64_t i0, int64_t i1) {
 void ch_uniform_decode(const uint8_t *data, int64_t n, int64_t chunk, const float *lo,
                        const float *step, int bits, float *out, int accumulate, int nthreads) {
     codec_t u = {NULL, NULL, n, chunk, lo, step, bits, (uint8_t *)data, out, accumulate, 0, 0, 0};
+    parallel_for(n, 8, n, nthreads, unif_decode_range, &u);
+}
+
+/* Non-uniform levels: codes 2 * level + sign of c = g + e with per-chunk scale max|c|, the
+ * nearest of nlev sorted levels (midpoints given, as the torch path computes them), packed as
+ * pack_bits(.., bits) for bits 2, 4 or 8; with e, the residual c - decode(code). */
+void ch_table_encode(const float *g, float *e, int64_t n, int64_t chunk, const float *scale,
+                     const float *mids, const float *levels, int nlev, int bits, uint8_t *data,
+                     int nthreads) {
+    codec_t u = {g, e, n, chunk, scale, NULL, bits, data, NULL, 0, 0, 0, 0, mids, levels, nlev};
+    parallel_for(n, 8, n, nthreads, unif_encode_range, &u);
+}
+
+/* Decode to +-levels[code >> 1] * scale per chunk. */
+void ch_table_decode(const uint8_t *data, int64_t n, int64_t chunk, const float *scale,
+                     const float *mids, const float *levels, int nlev, int bits, float *out,
+                     int accumulate, int nthreads) {
+    codec_t u = {NULL, NULL, n, chunk, scale, NULL, bits, (uint8_t *)data, out, accumulate,
+                 0, 0, 0, mids, levels, nlev};
     parallel_for(n, 8, n, nthreads, unif_decode_range, &u);
 }
 

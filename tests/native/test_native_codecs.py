@@ -32,6 +32,9 @@ SPECS = [
     "uniform:bits=1",
     "uniform:bits=4,chunk=1000",
     "uniform:bits=8,chunk=1000000",  # one padded chunk larger than the tensor
+    "nonuniform",  # log levels, 4 bits
+    "nonuniform:levels=mulaw,bits=2",
+    "nonuniform:levels=mulaw,bits=8,chunk=1000",
 ]
 
 
@@ -117,7 +120,7 @@ def test_error_feedback_same_with_and_without_kernels(spec, monkeypatch):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
-@pytest.mark.parametrize("spec", ["sign", "uniform:bits=8"])
+@pytest.mark.parametrize("spec", ["sign", "uniform:bits=8", "nonuniform"])
 def test_non_finite_or_huge_input_takes_the_torch_path(spec, bad):
     """The kernel refuses (residual untouched) and error feedback's torch path sends the NaN/inf
     on to GradScaler while keeping the old residual."""
@@ -269,8 +272,18 @@ def test_stochastic_draws_follow_the_generator():
     assert not torch.equal(commhooks.compressor("qsgd:seed=4").compress(x, key="w")[0][0], pa[0])
 
 
-def test_entropy_coding_keeps_the_torch_path():
-    c = commhooks.compressor("qsgd:entropy=true")
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "qsgd:entropy=true",
+        "nonuniform:entropy=true",
+        "nonuniform:levels=quantile",  # fitted levels: the torch path fits and sends them
+        "nonuniform:stochastic=true",
+        "nonuniform:bits=3",  # bit planes
+    ],
+)
+def test_configs_without_kernels_keep_the_torch_path(spec):
+    c = commhooks.compressor(spec)
     p, ctx = c.compress(_data(30_000, 13))
     assert not c._native_decodes(p, ctx)
     assert c.compress_feedback(_data(30_000, 13), torch.zeros(30_000)) is None
