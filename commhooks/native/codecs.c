@@ -472,9 +472,9 @@ static inline float value_of(const codec_t *c, int code, int64_t ci) {
 /* The level count is a compile-time constant per instance and the tables are copied to locals
  * (no aliasing with e), so the compare loops unroll into selects and the element loop
  * vectorizes; the last level whose midpoint lies below u wins, which is levels[k] exactly. */
-#define TABLE_ENC(NL)                                                                          \
+#define TABLE_ENC_LOOP(NL, EF)                                                                 \
     for (int64_t j = 0; j < m; j++) {                                                          \
-        float v = e ? g[j] + e[j] : g[j];                                                      \
+        float v = (EF) ? g[j] + e[j] : g[j];                                                   \
         float u = fabsf(v) / s;                                                                \
         u = u == u ? (u > 1.0f ? 1.0f : u) : 0.0f;                                             \
         int k = 0;                                                                             \
@@ -486,7 +486,15 @@ static inline float value_of(const codec_t *c, int code, int64_t ci) {
         }                                                                                      \
         int neg = v < 0.0f && k > 0;                                                           \
         codes[j] = (uint8_t)(2 * k + neg);                                                     \
-        if (e) e[j] = v - (neg ? -mag : mag) * s;                                              \
+        if (EF) e[j] = v - (neg ? -mag : mag) * s;                                             \
+    }
+
+/* Separate loops with and without e: a test of e inside one keeps it from vectorizing. */
+#define TABLE_ENC(NL)                                                                          \
+    if (e) {                                                                                   \
+        TABLE_ENC_LOOP(NL, 1)                                                                  \
+    } else {                                                                                   \
+        TABLE_ENC_LOOP(NL, 0)                                                                  \
     }
 
 static void table_enc_seg(codec_t *c, int64_t a, int64_t b, int64_t ci) {
