@@ -206,12 +206,14 @@ class AllReduceTransport(Transport):
         tensors: Sequence[Tensor],
         ride: Tensor | None,
         proceed: Callable[[Tensor], bool] | None,
+        out: Sequence[Tensor] | None = None,
     ) -> tuple[list[Tensor] | None, Tensor | None, TransportStats]:
         """:meth:`run`, with ``ride`` (a flat tensor) summed over ranks in place on the way:
         packed into the first round's all-reduce when that round sums, else all-reduced on
         its own before it. ``proceed(summed ride)`` then decides, alike on every rank, whether
         to go on; if not, the exchange is abandoned (error feedback untouched) and the
-        outputs are None. Saves the DDP hook its separate small all-reduce."""
+        outputs are None. Saves the DDP hook its separate small all-reduce. With ``out`` (which
+        may be ``tensors`` themselves) the means are written there and ``out`` is returned."""
         stats = TransportStats(raw_bytes=sum(t.numel() * t.element_size() for t in tensors))
         t0 = time.perf_counter()
         if self.feedback is not None:
@@ -240,10 +242,13 @@ class AllReduceTransport(Transport):
             t0 = time.perf_counter()
             ex.receive(reduced)
         t0 = time.perf_counter()
-        sums = ex.result()
-        out = [s.div_(self.world).to(t.dtype) for s, t in zip(sums, tensors)]
+        if out is not None:
+            ex.result_into(out, self.world)
+            means = list(out)
+        else:
+            means = [s.div_(self.world).to(t.dtype) for s, t in zip(ex.result(), tensors)]
         stats.decompress_s += time.perf_counter() - t0
-        return out, ride, stats
+        return means, ride, stats
 
     def _reduce_packed(
         self, tensors: Sequence[Tensor], op: ReduceOp, stats: TransportStats

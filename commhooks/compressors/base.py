@@ -145,6 +145,13 @@ class Exchange(ABC):
     def local(self) -> list[Tensor]:
         """This rank's own decompressed contribution, one per input, in its shape and dtype."""
 
+    def result_into(self, outs: Sequence[Tensor], divisor: float) -> None:
+        """Write ``result()[i] / divisor`` into ``outs[i]`` (in its dtype): the transport's
+        mean, straight into the caller's memory. ``outs`` may be the input tensors: every
+        input is read before any is written. Fused exchanges decode into ``outs`` directly."""
+        for o, r in zip(outs, self.result()):
+            o.copy_(r.div_(divisor))
+
     def abandon(self) -> None:
         """The transport stops before the last round (a rank had non-finite gradients): drop
         whatever :meth:`result` would have committed. Plain exchanges hold nothing."""

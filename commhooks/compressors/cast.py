@@ -180,13 +180,26 @@ class FusedCastExchange(Exchange):
         self._reduced = list(summed.reshape(-1).split([g.numel() for g in self._grads]))
 
     def result(self) -> list[Tensor]:
+        return self._decode(self.result_ready())
+
+    def result_ready(self) -> list[Tensor]:
+        """The reduced wire pieces, the residuals committed first (once)."""
         if self._reduced is None:
             if not self._grads:
                 return []
             raise RuntimeError("exchange: result() called before its round was received")
         if not self._done:
             self._commit()
-        return self._decode(self._reduced)
+        return self._reduced
+
+    def result_into(self, outs: Sequence[Tensor], divisor: float) -> None:
+        """``float(sum h) / s / divisor`` decoded straight into ``outs`` (after the residuals,
+        which read the inputs, are written)."""
+        for h, g, o in zip(self.result_ready(), self._grads, outs):
+            if o.dtype == torch.float32 and native.usable(g, o) and h.is_contiguous():
+                native.cast_decode(h, self._scale, o.view(-1), divisor)
+            else:
+                o.copy_(h.to(torch.float32).div_(self._scale).div_(divisor).view(o.shape))
 
     def local(self) -> list[Tensor]:
         return self._decode(self._sent)

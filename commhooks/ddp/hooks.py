@@ -233,11 +233,13 @@ def _average_parts(state: CompressionState, parts: list[tuple[Tensor, list[Tenso
     moved: TransportStats | None = None
     if sparse and isinstance(state.transport, AllReduceTransport):
         ride = torch.cat([*(views[i].reshape(-1) for i in dense), flag])
-        out, _, moved = state.transport.run_riding(
-            keys, [views[i] for i in sparse], ride, lambda summed: bool(summed[-1] == 0)
+        grads = [views[i] for i in sparse]
+        # The means go straight into the bucket (nothing left to copy below).
+        done, _, moved = state.transport.run_riding(
+            keys, grads, ride, lambda summed: bool(summed[-1] == 0), out=grads
         )
         _write_mean(state, views, dense, ride[:-1])
-        nonfinite = out is None
+        nonfinite = done is None
     else:
         nonfinite = bool(_dense_average(state, views, dense, step, extra=flag) != 0)
         if sparse and not nonfinite:

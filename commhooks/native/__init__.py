@@ -74,7 +74,7 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "ch_cast_fp16": (_int, []),
     "ch_cast_encode": (_int, [_ptr, _ptr, _i64, _flt, _int, _ptr, _int]),
     "ch_cast_residual": (None, [_ptr, _ptr, _i64, _flt, _int, _ptr, _flt, _int]),
-    "ch_cast_decode": (None, [_ptr, _i64, _flt, _int, _ptr, _int]),
+    "ch_cast_decode": (None, [_ptr, _i64, _flt, _flt, _int, _ptr, _int]),
 }
 
 
@@ -399,11 +399,14 @@ def cast_residual(g: Tensor, e: Tensor, scale: float, sent: Tensor, decay: float
     h.ch_cast_residual(ptr(g), ptr(e), g.numel(), scale, bf16, ptr(sent), decay, threads())
 
 
-def cast_decode(half: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
-    """``float(half) / scale`` as fp32, into ``out`` when given."""
+def cast_decode(
+    half: Tensor, scale: float, out: Tensor | None = None, divisor: float = 1.0
+) -> Tensor:
+    """``float(half) / scale / divisor`` as fp32 (two divisions, as torch ops round them),
+    into ``out`` when given."""
     h = lib()
     assert h is not None
     out = out if out is not None else torch.empty(half.numel(), dtype=torch.float32)
     bf16 = int(half.dtype == torch.bfloat16)
-    h.ch_cast_decode(ptr(half), half.numel(), scale, bf16, ptr(out), threads())
+    h.ch_cast_decode(ptr(half), half.numel(), scale, divisor, bf16, ptr(out), threads())
     return out

@@ -1145,23 +1145,26 @@ static void cast_decode_range(void *arg, int64_t i0, int64_t i1) {
     cast_t *k = (cast_t *)arg;
     const uint16_t *h = k->h;
     float *out = k->out;
-    const float s = k->s;
+    const float s = k->s, w = k->decay; /* decay holds the divisor here */
     int64_t i = i0;
     if (k->bf16) {
-        for (; i < i1; i++) out[i] = bf16_value(h[i]) / s;
+        for (; i < i1; i++) out[i] = bf16_value(h[i]) / s / w;
         return;
     }
 #if defined(__F16C__)
-    const __m256 vs = _mm256_set1_ps(s);
-    for (; i + 8 <= i1; i += 8)
-        _mm256_storeu_ps(out + i,
-                         _mm256_div_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))), vs));
+    const __m256 vs = _mm256_set1_ps(s), vw = _mm256_set1_ps(w);
+    for (; i + 8 <= i1; i += 8) {
+        __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i)));
+        _mm256_storeu_ps(out + i, _mm256_div_ps(_mm256_div_ps(v, vs), vw));
+    }
 #endif
-    for (; i < i1; i++) out[i] = f16_value(h[i]) / s;
+    for (; i < i1; i++) out[i] = f16_value(h[i]) / s / w;
 }
 
-/* out = float(h) / s. */
-void ch_cast_decode(const uint16_t *h, int64_t n, float s, int bf16, float *out, int nthreads) {
-    cast_t k = {NULL, NULL, (uint16_t *)h, out, s, 1.0f, bf16, 0};
+/* out = float(h) / s / w: the decoded sum, and the transport's mean when w is the world size
+ * (two divisions, as the torch ops round them; w = 1 leaves the first unchanged). */
+void ch_cast_decode(const uint16_t *h, int64_t n, float s, float w, int bf16, float *out,
+                    int nthreads) {
+    cast_t k = {NULL, NULL, (uint16_t *)h, out, s, w, bf16, 0};
     parallel_for(n, 64, n, nthreads, cast_decode_range, &k);
 }

@@ -153,3 +153,26 @@ def test_fused_compress_matches_op_by_op(spec, monkeypatch):
         assert torch.equal(got[0].view(torch.int16), want[0].view(torch.int16))
         torch.testing.assert_close(fused.residual("w"), plain.residual("w"), rtol=0, atol=0)
     assert not torch.isfinite(got[0].float()).all()
+
+
+@pytest.mark.parametrize("spec", ["fp16", "bf16"])
+def test_result_into_writes_the_mean_into_the_inputs(spec, monkeypatch):
+    """The transport's path: the mean decoded straight into the gradients being averaged, the
+    residuals (which read those gradients) written first; as the op-by-op result / world."""
+    world = 3
+    fused = [ErrorFeedback(spec) for _ in range(world)]
+    plain = [ErrorFeedback(spec) for _ in range(world)]
+    for step in range(3):
+        grads = _grads(world, step)
+        with monkeypatch.context() as m:
+            m.setenv("COMMHOOKS_NATIVE", "0")
+            _, want, _ = _run(plain, [[g.clone() for g in gs] for gs in grads])
+        exchanges = [ef.exchange(KEYS, g, world) for ef, g in zip(fused, grads)]
+        simulate_allreduce(exchanges)
+        for ex, gs in zip(exchanges, grads):
+            ex.result_into(gs, world)
+        _assert_same(grads, [[w / world for w in ws] for ws in want])
+        _assert_same(
+            [[ef.residual(k) for k in KEYS] for ef in fused],
+            [[ef.residual(k) for k in KEYS] for ef in plain],
+        )
