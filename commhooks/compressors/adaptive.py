@@ -41,8 +41,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from commhooks import native
 from commhooks._validate import check_bool, check_int, check_real
 from commhooks.coding.symbols import decode_symbols, encode_symbols
+from commhooks.compressors._quant import NativeKernels
 from commhooks.compressors.base import (
     Capabilities,
     Compressor,
@@ -124,7 +126,7 @@ class RunningStats:
 
 
 @register(AdaptiveConfig)
-class Adaptive(Compressor[AdaptiveConfig]):
+class Adaptive(NativeKernels, Compressor[AdaptiveConfig]):
     """Adaptive-bit uniform quantizer; see :class:`AdaptiveConfig`."""
 
     def __init__(self, config: AdaptiveConfig) -> None:
@@ -164,7 +166,80 @@ class Adaptive(Compressor[AdaptiveConfig]):
             target = cfg.budget + 0.5 * (math.log2(var) - log_g)
         return min(max(math.floor(target + 0.5), cfg.min_bits), cfg.max_bits)
 
+    def _plan(
+        self, key: str | None, cur_lo: float, cur_hi: float, cur_var: float, n: int
+    ) -> tuple[int, float, float]:
+        """Fold this call's finite statistics into ``key``'s; returns (bits, lo, hi)."""
+        if not math.isfinite(cur_var):
+            # Finite data whose variance overflowed the compute dtype: (range / 2)^2 bounds
+            # it, in host fp64.
+            half = (cur_hi - cur_lo) / 2
+            cur_var = half * half
+        cur_var = min(cur_var, sys.float_info.max)
+        stats = self._update(key, RunningStats(cur_lo, cur_hi, cur_var, n))
+        extra = stats.weight() if key is None else (0, 0.0)
+        return self.bits_for(stats.var, extra), stats.lo, stats.hi
+
+    # -- native kernels: nearest rounding, no entropy coding -------------------------------
+
+    def _native_ok(self, *tensors: Tensor, numel: int | None = None) -> bool:
+        cfg = self.config
+        return not (cfg.stochastic or cfg.entropy) and native.usable(*tensors, numel=numel)
+
+    def _native_compress(self, tensor: Tensor, residual: Tensor | None) -> Payload | None:
+        """The payload by one statistics pass and one code pass; None (nothing written, the
+        running statistics untouched) unless the data and the running range are safely
+        finite."""
+        key = self._active
+        g = tensor.reshape(-1)
+        e = None if residual is None else residual.view(-1)
+        n = g.numel()
+        old = self._stats.get(key) if key is not None else None
+        # Below 1e38 everywhere, c - decode(code) stays finite: the residual needs no undo.
+        if old is not None and max(abs(old.lo), abs(old.hi)) >= 1e38:
+            return None
+        st = native.chunk_stats(g, e, n, minmax=True, squares=True, signed=True)
+        if not math.isfinite(st.total) or st.amax >= 1e38:
+            return None
+        assert st.sumsq is not None and st.lo is not None and st.hi is not None
+        # E[c^2] - E[c]^2 in fp64 from sums in fp64: the torch path's var() to a few ulps,
+        # which can move the bit width only where it sits on a rounding boundary.
+        mean = st.total / n
+        var = max(float(st.sumsq[0]) / n - mean * mean, 0.0)
+        bits, lo, hi = self._plan(key, float(st.lo[0]), float(st.hi[0]), var, n)
+        rng = torch.tensor([lo, hi], dtype=torch.float32)
+        data = native.grid_encode(g, e, torch.stack(_grid(rng, (1 << bits) - 1)), bits)
+        return torch.tensor([bits], dtype=torch.uint8), rng, data
+
+    def _native_decodes(self, payload: Payload, ctx: Context) -> bool:
+        if len(payload) != 3 or ctx.dtype != torch.float32:
+            return False
+        head, rng, data = payload
+        if head.numel() != 1 or rng.numel() != 2 or rng.dtype != torch.float32:
+            return False
+        bits = int(head[0])
+        if not 1 <= bits <= 8:
+            return False
+        nbits, radix = native.symbol_packing(1 << bits)
+        n = ctx.numel
+        size = -(-n // radix) if radix else (n * nbits + 7) // 8
+        return data.numel() == size and self._native_ok(data, rng, numel=n)
+
+    def _native_decode(self, payload: Payload, ctx: Context, out: Tensor | None) -> Tensor:
+        head, rng, data = payload
+        bits = int(head[0])
+        top = (1 << bits) - 1
+        grid = torch.stack(_grid(rng, top))
+        n = ctx.numel
+        packing = native.symbol_packing(top + 1)
+        return native.stochastic_decode(data, n, n, grid, top, top + 1, packing, out, kind=2)
+
+    # -- torch path -----------------------------------------------------------------------------
+
     def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
+        fast = self._compress_native(tensor)
+        if fast is not None:
+            return fast, None
         cfg = self.config
         flat = tensor.reshape(-1).to(compute_dtype(tensor.dtype))
         n = flat.numel()
@@ -177,16 +252,7 @@ class Adaptive(Compressor[AdaptiveConfig]):
             # range decodes to NaN everywhere.
             bits, lo, hi = cfg.min_bits, math.nan, math.nan
         else:
-            if not math.isfinite(cur_var):
-                # Finite data whose variance overflowed the compute dtype: (range / 2)^2 bounds
-                # it, in host fp64.
-                half = (cur_hi - cur_lo) / 2
-                cur_var = half * half
-            cur_var = min(cur_var, sys.float_info.max)
-            stats = self._update(key, RunningStats(cur_lo, cur_hi, cur_var, n))
-            extra = stats.weight() if key is None else (0, 0.0)
-            bits = self.bits_for(stats.var, extra)
-            lo, hi = stats.lo, stats.hi
+            bits, lo, hi = self._plan(key, cur_lo, cur_hi, cur_var, n)
         dev = flat.device
         rng = torch.tensor([lo, hi], dtype=torch.float32, device=dev)
         top = (1 << bits) - 1
@@ -206,6 +272,9 @@ class Adaptive(Compressor[AdaptiveConfig]):
         return (head, rng, data), None
 
     def _decompress(self, payload: Payload, ctx: Context) -> Tensor:
+        fast = self._decompress_native(payload, ctx)
+        if fast is not None:
+            return fast
         head, rng, data = payload
         bits = int(head[0])
         if not 1 <= bits <= 8:

@@ -50,7 +50,10 @@ _tried = False
 _i64, _int, _ptr, _dbl = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_double
 _u32, _flt = ctypes.c_uint32, ctypes.c_float
 _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
-    "ch_chunk_stats": (_dbl, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int]),
+    "ch_chunk_stats": (
+        _dbl,
+        [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _int],
+    ),
     "ch_stats_items": (_i64, [_i64, _i64]),
     "ch_sign_encode": (None, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _int]),
     "ch_sign_decode": (None, [_ptr, _i64, _i64, _ptr, _ptr, _int, _int]),
@@ -63,7 +66,10 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
         None,
         [_int, _ptr, _ptr, _i64, _i64, _ptr, _int, _int, _int, _int, _ptr, _u32, _u32, _int],
     ),
-    "ch_stoch_decode": (None, [_ptr, _i64, _i64, _ptr, _int, _int, _int, _int, _ptr, _int, _int]),
+    "ch_stoch_decode": (
+        None,
+        [_int, _ptr, _i64, _i64, _ptr, _int, _int, _int, _int, _ptr, _int, _int],
+    ),
     "ch_select": (_i64, [_ptr, _ptr, _i64, ctypes.c_float, _ptr, _ptr, _int]),
     "ch_select_take": (None, [_ptr, _ptr, _ptr]),
     "ch_table_encode": (None, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _int, _int, _ptr, _int]),
@@ -190,18 +196,20 @@ def ptr(t: Tensor | None) -> int | None:
 class Stats(NamedTuple):
     """Per-chunk statistics of ``c = g + e``."""
 
-    sums: Tensor  # sum |c| (fp64)
+    sums: Tensor  # sum |c| (fp64); sum c when asked for signed sums
     sumsq: Tensor | None  # sum c^2 (fp64), when asked for
     lo: Tensor | None  # min c (fp32), when asked for
     hi: Tensor | None  # max c
-    total: float  # sum |c| over the tensor: non-finite iff some c is
+    total: float  # sum |c| (or c) over the tensor: non-finite iff some c is
     amax: float  # max |c|
 
 
 def chunk_stats(
-    g: Tensor, e: Tensor | None, chunk: int, minmax: bool = False, squares: bool = False
-) -> Stats:
-    """Per-chunk statistics of ``c = g + e`` (``e`` may be None) in one pass."""
+    g: Tensor, e: Tensor | None, chunk: int, minmax: bool = False, squares: bool = False,
+    signed: bool = False,
+) -> Stats:  # fmt: skip
+    """Per-chunk statistics of ``c = g + e`` (``e`` may be None) in one pass; ``signed``: sums
+    of ``c`` rather than ``|c|``."""
     h = lib()
     assert h is not None
     n = g.numel()
@@ -214,7 +222,7 @@ def chunk_stats(
     amax = ctypes.c_float()
     total = h.ch_chunk_stats(
         ptr(g), ptr(e), n, chunk, ptr(sums), ptr(sq), ptr(lo), ptr(hi), ctypes.addressof(amax),
-        ptr(scratch), threads(),
+        ptr(scratch), int(signed), threads(),
     )  # fmt: skip
     return Stats(sums, sq, lo, hi, float(total), float(amax.value))
 
@@ -335,19 +343,30 @@ def stochastic_encode(
 
 def stochastic_decode(
     data: Tensor, n: int, chunk: int, norm: Tensor, levels: int, alphabet: int,
-    packing: tuple[int, int], out: Tensor | None,
+    packing: tuple[int, int], out: Tensor | None, kind: int = 0,
 ) -> Tensor:  # fmt: skip
-    """``(symbol - levels) * norm / levels`` per chunk; added into ``out`` when given."""
+    """``(symbol - levels) * norm / levels`` per chunk (``kind`` 2: grid values, see
+    :func:`grid_encode`); added into ``out`` when given."""
     h = lib()
     assert h is not None
     acc = out is not None
     out = out if out is not None else torch.empty(n, dtype=torch.float32)
     bits, radix = packing
     h.ch_stoch_decode(
-        ptr(data), n, chunk, ptr(norm), levels, bits, radix, alphabet, ptr(out), int(acc),
+        kind, ptr(data), n, chunk, ptr(norm), levels, bits, radix, alphabet, ptr(out), int(acc),
         threads(),
     )  # fmt: skip
     return out
+
+
+def grid_encode(g: Tensor, e: Tensor | None, grid: Tensor, bits: int) -> Tensor:
+    """Codes ``k`` of ``g + e`` on the ``2**bits`` levels ``mid + (2k - top) * half`` (``grid``
+    = fp32 ``[mid, half]``, ``top = 2**bits - 1``), nearest, clamped, packed as
+    ``pack_symbols(.., 2**bits)``; updates ``e`` to the residual. Decode with
+    :func:`stochastic_decode` and ``kind=2``."""
+    n = g.numel()
+    top = (1 << bits) - 1
+    return stochastic_encode(2, g, e, n, grid, top, top + 1, symbol_packing(top + 1), 0)
 
 
 def select_at_least(g: Tensor, e: Tensor | None, threshold: float) -> tuple[Tensor, Tensor, bool]:

@@ -78,6 +78,7 @@ typedef struct {
     double *sq;            /* per item: sum c^2 (NULL: not wanted) */
     float *lo, *hi;        /* per item: min c, max c (NULL: not wanted) */
     float *amax;           /* per item: max |c| */
+    int signed_sum;        /* sum c instead of sum |c| */
 } stats_t;
 
 #define LANES 16
@@ -86,6 +87,7 @@ typedef struct {
 static void stats_range(void *arg, int64_t i0, int64_t i1) {
     stats_t *s = (stats_t *)arg;
     const float *g = s->g, *e = s->e;
+    const int sgn = s->signed_sum;
     for (int64_t it = i0; it < i1; it++) {
         int64_t c = it / s->sub, b = it % s->sub;
         int64_t start = c * s->chunk + b * BLOCK;
@@ -109,7 +111,7 @@ static void stats_range(void *arg, int64_t i0, int64_t i1) {
                 for (int l = 0; l < LANES; l++) {
                     float v = e ? g[i + l] + e[i + l] : g[i + l];
                     float m = fabsf(v);
-                    ps[l] += m;
+                    ps[l] += sgn ? v : m;
                     p2[l] += v * v; /* inf past |c| ~ 1.8e19: the caller checks */
                     am[l] = m > am[l] ? m : am[l];
                     lo[l] = v < lo[l] ? v : lo[l];
@@ -118,7 +120,7 @@ static void stats_range(void *arg, int64_t i0, int64_t i1) {
             for (; i < z; i++) {
                 float v = e ? g[i] + e[i] : g[i];
                 float m = fabsf(v);
-                ps[0] += m;
+                ps[0] += sgn ? v : m;
                 p2[0] += v * v;
                 am[0] = m > am[0] ? m : am[0];
                 lo[0] = v < lo[0] ? v : lo[0];
@@ -146,17 +148,18 @@ static void stats_range(void *arg, int64_t i0, int64_t i1) {
     }
 }
 
-/* Per-chunk sum |c| and, when asked for, sum c^2 (both as double), min and max of c. scratch
- * holds ch_stats_items() doubles. Returns the sum of |c| over the whole tensor (non-finite iff
- * some c is) and writes max |c| to *amax_out. */
+/* Per-chunk sum |c| (sum c with signed_sum) and, when asked for, sum c^2 (both as double), min
+ * and max of c. scratch holds ch_stats_items() doubles. Returns the sum over the whole tensor
+ * (non-finite iff some c is, either way) and writes max |c| to *amax_out. */
 double ch_chunk_stats(const float *g, const float *e, int64_t n, int64_t chunk, double *sums,
                       double *sumsq, float *lo, float *hi, float *amax_out, double *scratch,
-                      int nthreads) {
+                      int signed_sum, int nthreads) {
     int64_t nchunks = (n + chunk - 1) / chunk;
     int64_t sub = (chunk + BLOCK - 1) / BLOCK;
     int64_t items = nchunks * sub;
     float *fl = (float *)(scratch + 2 * items); /* amax, lo, hi per item */
-    stats_t s = {g, e, n, chunk, sub, scratch, sumsq ? scratch + items : NULL, NULL, NULL, fl};
+    double *sq = sumsq ? scratch + items : NULL;
+    stats_t s = {g, e, n, chunk, sub, scratch, sq, NULL, NULL, fl, signed_sum};
     if (lo) {
         s.lo = fl + items;
         s.hi = fl + 2 * items;
@@ -673,12 +676,12 @@ void ch_table_decode(const uint8_t *data, int64_t n, int64_t chunk, const float 
 #define SBLK 480 /* a multiple of 8 and of every radix group size (2..5) */
 
 typedef struct {
-    int kind; /* 0: QSGD, 1: ternary (TernGrad) */
+    int kind; /* 0: QSGD, 1: ternary (TernGrad), 2: a deterministic grid (adaptive) */
     const float *g;
     float *e;
     int64_t n, chunk;
-    const float *norm; /* per chunk: QSGD's norm, ternary's scale */
-    int levels;        /* s; the symbol is level * sign + s, in 0..2s */
+    const float *norm; /* per chunk: QSGD's norm, ternary's scale; grid: {mid, half step} */
+    int levels;        /* s; the symbol is level * sign + s, in 0..2s; grid: top code */
     int bits, radix;   /* packing: bits per symbol (1, 2, 4, 8), or radix symbols per byte */
     int alphabet;
     uint8_t *data;
@@ -793,13 +796,28 @@ static inline __attribute__((always_inline)) void stoch_piece(const stoch_t *s, 
                                                               int64_t z, int64_t b,
                                                               uint8_t *codes, int kind,
                                                               int has_e) {
+    const float *g = s->g;
+    float *e = s->e;
+    if (kind == 2) {
+        /* Code k of a grid decodes to mid + (2k - top) * half, by one fused multiply-add as
+         * torch.addcmul rounds it; k is round(((v - mid) / half + top) / 2), clamped, with
+         * NaN to 0 as the torch path's nan_to_num (its infinities clamp alike). */
+        float mid = s->norm[0], half = s->norm[1], top = (float)s->levels;
+        for (int64_t i = a; i < z; i++) {
+            float v = has_e ? g[i] + e[i] : g[i];
+            float q = ((v - mid) / half + top) * 0.5f;
+            q = nearbyintf(q == q ? q : 0.0f);
+            q = q < 0.0f ? 0.0f : (q > top ? top : q);
+            codes[i - b] = (uint8_t)q;
+            if (has_e) e[i] = v - fmaf(2.0f * q - top, half, mid);
+        }
+        return;
+    }
     float lv_s = (float)s->levels;
     float nrm = s->norm[a / s->chunk], step = nrm / lv_s;
     /* r = |v| * (s / norm): a multiply instead of a divide; the residual below is exact
      * whatever symbol the noise picks, and r stays clamped to [0, s]. */
     float inv = lv_s / nrm;
-    const float *g = s->g;
-    float *e = s->e;
     for (int64_t i = a; i < z; i++) {
         float v = has_e ? g[i] + e[i] : g[i];
         float r = fabsf(v) * inv;
@@ -828,15 +846,18 @@ static void stoch_encode_range(void *arg, int64_t i0, int64_t i1) {
             int64_t z = (ci + 1) * s->chunk < b + m ? (ci + 1) * s->chunk : b + m;
             if (s->kind == 0)
                 s->e ? stoch_piece(s, a, z, b, codes, 0, 1) : stoch_piece(s, a, z, b, codes, 0, 0);
-            else
+            else if (s->kind == 1)
                 s->e ? stoch_piece(s, a, z, b, codes, 1, 1) : stoch_piece(s, a, z, b, codes, 1, 0);
+            else
+                s->e ? stoch_piece(s, a, z, b, codes, 2, 1) : stoch_piece(s, a, z, b, codes, 2, 0);
             a = z;
         }
         pack_block(s, codes, b, m);
     }
 }
 
-/* Stochastic symbols of c = g + e per chunk and, with e, the residual c - decode(symbol). */
+/* Stochastic symbols of c = g + e per chunk (kind 2: grid codes, chunk = n) and, with e, the
+ * residual c - decode(symbol). */
 void ch_stoch_encode(int kind, const float *g, float *e, int64_t n, int64_t chunk, const float *norm,
                      int levels, int bits, int radix, int alphabet, uint8_t *data, uint32_t s0,
                      uint32_t s1, int nthreads) {
@@ -860,7 +881,17 @@ static void stoch_decode_range(void *arg, int64_t i0, int64_t i1) {
         for (int64_t a = b; a < b + m;) {
             int64_t ci = a / s->chunk;
             int64_t z = (ci + 1) * s->chunk < b + m ? (ci + 1) * s->chunk : b + m;
-            float step = s->norm[ci] / lv_s, *out = s->out;
+            float *out = s->out;
+            if (s->kind == 2) {
+                float mid = s->norm[0], half = s->norm[1], top = lv_s;
+                for (int64_t i = a; i < z; i++) {
+                    float v = fmaf(2.0f * (float)codes[i - b] - top, half, mid);
+                    out[i] = s->accumulate ? out[i] + v : v;
+                }
+                a = z;
+                continue;
+            }
+            float step = s->norm[ci] / lv_s;
             if (s->accumulate)
                 for (int64_t i = a; i < z; i++) out[i] += ((float)codes[i - b] - lv_s) * step;
             else
@@ -870,10 +901,12 @@ static void stoch_decode_range(void *arg, int64_t i0, int64_t i1) {
     }
 }
 
-/* Decode symbols to (symbol - s) * norm / s per chunk (added into out with accumulate). */
-void ch_stoch_decode(const uint8_t *data, int64_t n, int64_t chunk, const float *norm, int levels,
-                     int bits, int radix, int alphabet, float *out, int accumulate, int nthreads) {
-    stoch_t s = {0, NULL, NULL, n, chunk, norm, levels, bits, radix, alphabet, (uint8_t *)data,
+/* Decode symbols to (symbol - s) * norm / s per chunk (kind 2: grid values), added into out
+ * with accumulate. */
+void ch_stoch_decode(int kind, const uint8_t *data, int64_t n, int64_t chunk, const float *norm,
+                     int levels, int bits, int radix, int alphabet, float *out, int accumulate,
+                     int nthreads) {
+    stoch_t s = {kind, NULL, NULL, n, chunk, norm, levels, bits, radix, alphabet, (uint8_t *)data,
                  out, accumulate, 0, 0};
     uint8_t table[256 * 8];
     int row = radix == 5 && alphabet == 3 ? 8 : radix; /* see unpack_block */

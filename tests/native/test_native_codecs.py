@@ -166,6 +166,53 @@ def test_small_tensors_stay_on_the_torch_path():
     assert native.usable(torch.zeros(native.MIN_NUMEL))
 
 
+# -- adaptive: a grid over running ranges, bit widths chosen per call
+
+
+@pytest.mark.parametrize("spec", ["adaptive", "adaptive:budget=7,min_bits=3"])
+@pytest.mark.parametrize("n", [native.MIN_NUMEL, 300_007])
+def test_adaptive_matches_the_torch_path(spec, n, monkeypatch):
+    """Over steps of three keys whose scales differ (so the bit widths vary, plane-packed ones
+    among them): the same payloads, decodes, residuals and running statistics."""
+
+    def steps(ef: commhooks.ErrorFeedback) -> list:
+        out = []
+        for s in range(9):
+            key = f"w{s % 3}"
+            x = _data(n, s) * 10.0 ** (s % 3 - 1) * (1 + s // 3)
+            p, ctx = ef.compress(key, x)
+            out.append((p, ef.compressor.decompress(p, ctx), ef.residual(key).clone()))
+        return out
+
+    fast = commhooks.ErrorFeedback(spec)
+    got = steps(fast)
+    with monkeypatch.context() as m:
+        _torch_path(m)
+        slow = commhooks.ErrorFeedback(spec)
+        want = steps(slow)
+    for (p1, d1, e1), (p2, d2, e2) in zip(got, want):
+        assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+        assert torch.equal(d1, d2) and torch.equal(e1, e2)
+    assert len({int(p[0][0]) for p, _, _ in got}) >= 3  # several widths were exercised
+    for k in ("w0", "w1", "w2"):
+        a, b = fast.compressor.stats(k), slow.compressor.stats(k)
+        assert (a.lo, a.hi, a.numel) == (b.lo, b.hi, b.numel)
+        assert a.var == pytest.approx(b.var, rel=1e-5)  # fp64 sums against torch's var()
+
+
+def test_adaptive_non_finite_input_leaves_statistics_alone():
+    c = commhooks.compressor("adaptive")
+    g = _data(30_000, 3)
+    c.compress(g, "w")
+    before = c.stats("w")
+    g[99] = float("nan")
+    e = torch.full_like(g, 0.5)
+    assert c.compress_feedback(g, e, "w") is None
+    assert torch.equal(e, torch.full_like(g, 0.5)) and c.stats("w") == before
+    p, ctx = c.compress(g, "w")  # the torch path: NaN range, statistics kept
+    assert torch.isnan(c.decompress(p, ctx)).all() and c.stats("w") == before
+
+
 # -- stochastic quantizers: the kernel draws its own noise, so the checks are structural and
 # statistical rather than byte-equal to the torch path.
 
@@ -280,6 +327,8 @@ def test_stochastic_draws_follow_the_generator():
         "nonuniform:levels=quantile",  # fitted levels: the torch path fits and sends them
         "nonuniform:stochastic=true",
         "nonuniform:bits=3",  # bit planes
+        "adaptive:stochastic=true",
+        "adaptive:entropy=true",
     ],
 )
 def test_configs_without_kernels_keep_the_torch_path(spec):
