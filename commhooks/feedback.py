@@ -256,7 +256,9 @@ class ErrorFeedback:
     def exchange(
         self, keys: Sequence[str], tensors: Sequence[Tensor], world_size: int = 1
     ) -> Exchange:
-        """An all-reduce exchange of compensated tensors; residuals update when it finishes."""
+        """An all-reduce exchange of compensated tensors; residuals update when it finishes.
+        Leave ``tensors`` unchanged until ``result()`` is read: a fused exchange
+        (:meth:`Compressor.exchange_feedback`) reads them again then."""
         if len(keys) != len(tensors):
             raise ValueError(f"keys: got {len(keys)} keys for {len(tensors)} tensors")
         # A fused exchange updates stored residuals in place, so every key needs one (a key's

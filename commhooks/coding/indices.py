@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from commhooks import native
 from commhooks.coding.bitpack import bits_for, pack_bits, unpack_bits
 
 __all__ = ["IndexCoding", "decode_indices", "encode_indices", "index_nbytes"]
@@ -53,6 +54,8 @@ def index_nbytes(k: int, n: int, coding: str) -> int | None:
 
 
 def _delta_encode(idx: Tensor) -> Tensor:
+    if idx.dtype == torch.int64 and native.indices_ok(idx):
+        return native.varint_encode(idx)
     gaps = torch.diff(idx, prepend=idx.new_full((1,), -1)) - 1
     j = torch.arange(_VARINT_BYTES, device=idx.device, dtype=torch.int64)
     nbytes = 1 + (gaps.unsqueeze(1) >= (1 << (7 * (j[1:])))).sum(1)
@@ -63,6 +66,8 @@ def _delta_encode(idx: Tensor) -> Tensor:
 
 
 def _delta_decode(body: Tensor) -> Tensor:
+    if body.dtype == torch.uint8 and native.indices_ok(body):
+        return native.varint_decode(body)
     b = body.to(torch.int64)
     last = (b & 0x80) == 0
     if body.numel() and not bool(last[-1]):

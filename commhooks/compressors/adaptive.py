@@ -198,12 +198,19 @@ class Adaptive(NativeKernels, Compressor[AdaptiveConfig]):
         # Below 1e38 everywhere, c - decode(code) stays finite: the residual needs no undo.
         if old is not None and max(abs(old.lo), abs(old.hi)) >= 1e38:
             return None
-        st = native.chunk_stats(g, e, n, minmax=True, squares=True, signed=True)
+        # Sums of d = c - pivot, the pivot near the mean (the running range's centre, else the
+        # first element), so that E[d^2] - E[d]^2 does not cancel when the mean dominates.
+        pivot = (
+            (old.lo + old.hi) / 2 if old is not None else float(g[0] + (0 if e is None else e[0]))
+        )
+        st = native.chunk_stats(g, e, n, minmax=True, squares=True, pivot=pivot)
         if not math.isfinite(st.total) or st.amax >= 1e38:
             return None
         assert st.sumsq is not None and st.lo is not None and st.hi is not None
-        # E[c^2] - E[c]^2 in fp64 from sums in fp64: the torch path's var() to a few ulps,
-        # which can move the bit width only where it sits on a rounding boundary.
+        # fp32 lane sums gathered in fp64: torch's var() to about 1e-6 relative, not bit for
+        # bit, so the stored running variance differs in its low digits and the bit width can
+        # differ where its target sits within that of a rounding boundary (the payload is then
+        # valid, one width apart). Squares past fp32 (|d| > 1.8e19) fall back to the range.
         mean = st.total / n
         var = max(float(st.sumsq[0]) / n - mean * mean, 0.0)
         bits, lo, hi = self._plan(key, float(st.lo[0]), float(st.hi[0]), var, n)

@@ -147,8 +147,9 @@ class Exchange(ABC):
 
     def result_into(self, outs: Sequence[Tensor], divisor: float) -> None:
         """Write ``result()[i] / divisor`` into ``outs[i]`` (in its dtype): the transport's
-        mean, straight into the caller's memory. ``outs`` may be the input tensors: every
-        input is read before any is written. Fused exchanges decode into ``outs`` directly."""
+        mean, straight into the caller's memory, instead of :meth:`result` (the sums may be
+        divided in place). ``outs`` may be the input tensors: every input is read before any
+        is written. Fused exchanges decode into ``outs`` directly."""
         for o, r in zip(outs, self.result()):
             o.copy_(r.div_(divisor))
 
@@ -280,9 +281,10 @@ class Compressor(ABC, Generic[C]):
         """Error feedback's all-reduce exchange in fused kernels, where the compressor has them:
         an :class:`Exchange` of ``c = tensor + residual`` that, when :meth:`Exchange.result`
         is first read, overwrites each residual with ``decay * (c - local)`` (left as it was
-        where that is not finite, and untouched if the exchange is abandoned). None where it
-        has no such kernels; :class:`~commhooks.feedback.ErrorFeedback` then compensates and
-        updates op by op around :meth:`exchange`."""
+        where that is not finite, and untouched if the exchange is abandoned). It may read
+        ``tensors`` and ``residuals`` again then, so neither may change in between. None where
+        it has no such kernels; :class:`~commhooks.feedback.ErrorFeedback` then compensates
+        and updates op by op around :meth:`exchange`."""
         return None
 
     def subtract_sent_(self, target: Tensor, payload: Payload, ctx: Context) -> Tensor:

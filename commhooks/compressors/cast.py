@@ -115,6 +115,8 @@ class Cast(Compressor[CastConfig]):
         """Error feedback around the cast in two passes over the gradient where the native
         kernels load (fp32 gradients and residuals only); see :class:`FusedCastExchange`."""
         check_group(tensors, keys, world_size)
+        if len(residuals) != len(tensors):
+            raise ValueError(f"residuals: got {len(residuals)} for {len(tensors)} tensors")
         fp32 = all(_fp32(t, e) for t, e in zip(tensors, residuals))
         if not (fp32 and native.casts(self.config.target)):
             return None
@@ -137,9 +139,10 @@ class FusedCastExchange(Exchange):
 
     Encoding writes each ``h = half((g + e) * s)`` into one wire buffer (one pass, nothing
     else written, so an abandoned exchange leaves the residuals as they were); the residual
-    ``e = decay * ((g + e) - float(h) / s)`` is written when :meth:`result` is first read,
-    unless ``h`` was not finite; the result decodes ``float(sum h) / s``. Tensors the kernels
-    do not take (small, off the CPU) run the same formulas as torch ops.
+    ``e = decay * ((g + e) - float(h) / s)`` is written when :meth:`result` is first read
+    (from ``g`` and ``e`` read again, so the caller leaves them alone until then), unless
+    ``h`` or ``h / s`` was not finite; the result decodes ``float(sum h) / s``. Tensors the
+    kernels do not take (small, off the CPU) run the same formulas as torch ops.
     """
 
     def __init__(

@@ -201,7 +201,9 @@ class NonUniform(NativeKernels, Compressor[NonUniformConfig]):
         if not math.isfinite(st.total) or st.amax >= 1e38:
             return None
         assert st.lo is not None and st.hi is not None
-        scales = torch.maximum(st.hi, st.lo.neg())  # max |c| per chunk, exactly
+        # max |c| per chunk, exactly; abs_ turns an all-zero chunk's -0 (max(0, -0)) into the
+        # torch path's +0.
+        scales = torch.maximum(st.hi, st.lo.neg()).abs_()
         levels, mids = self._native_table()
         return native.table_encode(g, e, cfg.chunk, scales, mids, levels, cfg.bits), scales
 

@@ -34,7 +34,8 @@ __all__ = ["compiler", "enabled", "lib", "usable"]
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("codecs.c")
-# -ffp-contract=off: no fused multiply-adds, so float results match torch's op-by-op rounding.
+# -ffp-contract=off: no implicit fused multiply-adds, so float results match torch's op-by-op
+# rounding (the one explicit fmaf mirrors torch.addcmul, which fuses where torch's kernels do).
 # The two -fno-* let loops with float compares vectorize; neither changes a result.
 _FLAGS = [
     "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
@@ -52,7 +53,7 @@ _u32, _flt = ctypes.c_uint32, ctypes.c_float
 _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "ch_chunk_stats": (
         _dbl,
-        [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _int],
+        [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _flt, _int],
     ),
     "ch_stats_items": (_i64, [_i64, _i64]),
     "ch_sign_encode": (None, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _int]),
@@ -77,6 +78,8 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
         None,
         [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _int, _int, _ptr, _int, _int],
     ),
+    "ch_varint_encode": (_i64, [_ptr, _i64, _ptr]),
+    "ch_varint_decode": (_i64, [_ptr, _i64, _ptr]),
     "ch_cast_fp16": (_int, []),
     "ch_cast_encode": (_int, [_ptr, _ptr, _i64, _flt, _int, _ptr, _int]),
     "ch_cast_residual": (None, [_ptr, _ptr, _i64, _flt, _int, _ptr, _flt, _int]),
@@ -196,20 +199,21 @@ def ptr(t: Tensor | None) -> int | None:
 class Stats(NamedTuple):
     """Per-chunk statistics of ``c = g + e``."""
 
-    sums: Tensor  # sum |c| (fp64); sum c when asked for signed sums
+    sums: Tensor  # sum |c| (fp64); sum (c - pivot) when a pivot is given
     sumsq: Tensor | None  # sum c^2 (fp64), when asked for
     lo: Tensor | None  # min c (fp32), when asked for
     hi: Tensor | None  # max c
-    total: float  # sum |c| (or c) over the tensor: non-finite iff some c is
+    total: float  # sum |c| (or c - pivot) over the tensor: non-finite iff some c is
     amax: float  # max |c|
 
 
 def chunk_stats(
     g: Tensor, e: Tensor | None, chunk: int, minmax: bool = False, squares: bool = False,
-    signed: bool = False,
+    pivot: float | None = None,
 ) -> Stats:  # fmt: skip
-    """Per-chunk statistics of ``c = g + e`` (``e`` may be None) in one pass; ``signed``: sums
-    of ``c`` rather than ``|c|``."""
+    """Per-chunk statistics of ``c = g + e`` (``e`` may be None) in one pass. With ``pivot``,
+    ``sums`` and ``sumsq`` hold sums of ``d = c - pivot`` and ``d**2`` (signed; a pivot near
+    the mean keeps a variance from them accurate)."""
     h = lib()
     assert h is not None
     n = g.numel()
@@ -222,7 +226,7 @@ def chunk_stats(
     amax = ctypes.c_float()
     total = h.ch_chunk_stats(
         ptr(g), ptr(e), n, chunk, ptr(sums), ptr(sq), ptr(lo), ptr(hi), ctypes.addressof(amax),
-        ptr(scratch), int(signed), threads(),
+        ptr(scratch), int(pivot is not None), 0.0 if pivot is None else pivot, threads(),
     )  # fmt: skip
     return Stats(sums, sq, lo, hi, float(total), float(amax.value))
 
@@ -279,6 +283,12 @@ def uniform_decode(
     return out
 
 
+def _check_table(levels: Tensor, bits: int) -> None:
+    # The kernels' local tables hold 128 levels, and every code must name a level.
+    if bits not in (2, 4, 8) or 2 * levels.numel() != 1 << bits:
+        raise ValueError(f"table kernels: {levels.numel()} levels for {bits}-bit codes")
+
+
 def table_encode(
     g: Tensor, e: Tensor | None, chunk: int, scale: Tensor, mids: Tensor, levels: Tensor,
     bits: int,
@@ -288,6 +298,7 @@ def table_encode(
     updates ``e`` to the residual."""
     h = lib()
     assert h is not None
+    _check_table(levels, bits)
     n = g.numel()
     data = torch.empty((n * bits + 7) // 8, dtype=torch.uint8)
     h.ch_table_encode(
@@ -304,6 +315,7 @@ def table_decode(
     """``+-levels[symbol >> 1] * scale`` per element; added into ``out`` when given."""
     h = lib()
     assert h is not None
+    _check_table(levels, bits)
     acc = out is not None
     out = out if out is not None else torch.empty(n, dtype=torch.float32)
     h.ch_table_decode(
@@ -326,7 +338,7 @@ def stochastic_encode(
     kind: int, g: Tensor, e: Tensor | None, chunk: int, norm: Tensor, levels: int,
     alphabet: int, packing: tuple[int, int], seed: int,
 ) -> Tensor:  # fmt: skip
-    """Stochastic symbols (``kind`` 0: QSGD, 1: TernGrad) of ``g + e`` packed as
+    """Symbols (``kind`` 0: QSGD, 1: TernGrad, 2: :func:`grid_encode`'s grid) of ``g + e`` packed as
     ``pack_symbols(.., alphabet)``; updates ``e`` to the residual."""
     h = lib()
     assert h is not None
@@ -429,3 +441,31 @@ def cast_decode(
     bf16 = int(half.dtype == torch.bfloat16)
     h.ch_cast_decode(ptr(half), half.numel(), scale, divisor, bf16, ptr(out), threads())
     return out
+
+
+def indices_ok(*tensors: Tensor) -> bool:
+    """Whether the index-code kernels take these tensors (contiguous, on the CPU). No size
+    floor: the torch code they replace costs more than a ctypes call at any size."""
+    if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        return False
+    return lib() is not None
+
+
+def varint_encode(idx: Tensor) -> Tensor:
+    """LEB128 varints of the gaps between sorted int64 ``idx`` (the delta index code's body)."""
+    h = lib()
+    assert h is not None
+    out = torch.empty(5 * idx.numel(), dtype=torch.uint8)
+    size = h.ch_varint_encode(ptr(idx), idx.numel(), ptr(out))
+    return out[:size].clone()
+
+
+def varint_decode(body: Tensor) -> Tensor:
+    """Inverse of :func:`varint_encode`; ValueError for a cut-off or overlong varint."""
+    h = lib()
+    assert h is not None
+    idx = torch.empty(body.numel(), dtype=torch.int64)
+    k = h.ch_varint_decode(ptr(body), body.numel(), ptr(idx))
+    if k < 0:
+        raise ValueError("index code: delta varint stream is truncated or overlong")
+    return idx[:k].clone()

@@ -11,6 +11,7 @@
  * Threads: plain pthreads over contiguous ranges; reductions go through fixed work items, so
  * results do not depend on the thread count.
  */
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -78,7 +79,8 @@ typedef struct {
     double *sq;            /* per item: sum c^2 (NULL: not wanted) */
     float *lo, *hi;        /* per item: min c, max c (NULL: not wanted) */
     float *amax;           /* per item: max |c| */
-    int signed_sum;        /* sum c instead of sum |c| */
+    int signed_sum;        /* sums of d = c - pivot instead of |c|; squares of d */
+    float pivot;           /* 0 unless signed_sum */
 } stats_t;
 
 #define LANES 16
@@ -88,6 +90,7 @@ static void stats_range(void *arg, int64_t i0, int64_t i1) {
     stats_t *s = (stats_t *)arg;
     const float *g = s->g, *e = s->e;
     const int sgn = s->signed_sum;
+    const float pv = s->pivot;
     for (int64_t it = i0; it < i1; it++) {
         int64_t c = it / s->sub, b = it % s->sub;
         int64_t start = c * s->chunk + b * BLOCK;
@@ -111,8 +114,9 @@ static void stats_range(void *arg, int64_t i0, int64_t i1) {
                 for (int l = 0; l < LANES; l++) {
                     float v = e ? g[i + l] + e[i + l] : g[i + l];
                     float m = fabsf(v);
-                    ps[l] += sgn ? v : m;
-                    p2[l] += v * v; /* inf past |c| ~ 1.8e19: the caller checks */
+                    float d = v - pv; /* v itself when pv is 0 */
+                    ps[l] += sgn ? d : m;
+                    p2[l] += d * d; /* inf past |d| ~ 1.8e19: the caller checks */
                     am[l] = m > am[l] ? m : am[l];
                     lo[l] = v < lo[l] ? v : lo[l];
                     hi[l] = v > hi[l] ? v : hi[l];
@@ -120,8 +124,9 @@ static void stats_range(void *arg, int64_t i0, int64_t i1) {
             for (; i < z; i++) {
                 float v = e ? g[i] + e[i] : g[i];
                 float m = fabsf(v);
-                ps[0] += sgn ? v : m;
-                p2[0] += v * v;
+                float d = v - pv;
+                ps[0] += sgn ? d : m;
+                p2[0] += d * d;
                 am[0] = m > am[0] ? m : am[0];
                 lo[0] = v < lo[0] ? v : lo[0];
                 hi[0] = v > hi[0] ? v : hi[0];
@@ -148,18 +153,21 @@ static void stats_range(void *arg, int64_t i0, int64_t i1) {
     }
 }
 
-/* Per-chunk sum |c| (sum c with signed_sum) and, when asked for, sum c^2 (both as double), min
- * and max of c. scratch holds ch_stats_items() doubles. Returns the sum over the whole tensor
- * (non-finite iff some c is, either way) and writes max |c| to *amax_out. */
+/* Per-chunk sum |c| and, when asked for, sum c^2 (both as double), min and max of c; with
+ * signed_sum, sums of d = c - pivot and of d^2 instead (a pivot near the mean keeps
+ * E[d^2] - E[d]^2 from cancelling). scratch holds ch_stats_items() doubles. Returns the sum
+ * over the whole tensor (non-finite iff some c is, either way) and writes max |c| to
+ * *amax_out. */
 double ch_chunk_stats(const float *g, const float *e, int64_t n, int64_t chunk, double *sums,
                       double *sumsq, float *lo, float *hi, float *amax_out, double *scratch,
-                      int signed_sum, int nthreads) {
+                      int signed_sum, float pivot, int nthreads) {
     int64_t nchunks = (n + chunk - 1) / chunk;
     int64_t sub = (chunk + BLOCK - 1) / BLOCK;
     int64_t items = nchunks * sub;
     float *fl = (float *)(scratch + 2 * items); /* amax, lo, hi per item */
     double *sq = sumsq ? scratch + items : NULL;
-    stats_t s = {g, e, n, chunk, sub, scratch, sq, NULL, NULL, fl, signed_sum};
+    stats_t s = {g, e, n, chunk, sub, scratch, sq, NULL, NULL, fl, signed_sum,
+                 signed_sum ? pivot : 0.0f};
     if (lo) {
         s.lo = fl + items;
         s.hi = fl + 2 * items;
@@ -1107,10 +1115,12 @@ static void cast_encode_range(void *arg, int64_t i0, int64_t i1) {
     int bad = 0;
     int64_t i = i0;
     if (k->bf16) {
+        /* bf16 has fp32's range, so a finite h can still decode past it once divided by s
+         * (c near FLT_MAX over several ranks): that residual would not be finite either. */
         for (; i < i1; i++) {
             uint16_t q = bf16_bits((e ? g[i] + e[i] : g[i]) * s);
             h[i] = q;
-            bad |= (q & mask) == mask;
+            bad |= (q & mask) == mask || !(fabsf(bf16_value(q) / s) <= FLT_MAX);
         }
     }
 #if defined(__F16C__)
@@ -1136,7 +1146,7 @@ static void cast_encode_range(void *arg, int64_t i0, int64_t i1) {
     if (bad) __atomic_store_n(&k->bad, 1, __ATOMIC_RELAXED);
 }
 
-/* Returns 1 if every h is finite. */
+/* Returns 1 if every h, and every h / s, is finite (so is the residual then). */
 int ch_cast_encode(const float *g, const float *e, int64_t n, float s, int bf16, uint16_t *h,
                    int nthreads) {
     cast_t k = {g, NULL, h, NULL, s, 1.0f, bf16, 0};
@@ -1200,4 +1210,46 @@ void ch_cast_decode(const uint16_t *h, int64_t n, float s, float w, int bf16, fl
                     int nthreads) {
     cast_t k = {NULL, NULL, (uint16_t *)h, out, s, w, bf16, 0};
     parallel_for(n, 64, n, nthreads, cast_decode_range, &k);
+}
+
+/* ---- sparse index codes: LEB128 varints of the gaps ------------------------------------ */
+/* As commhooks.coding.indices' delta form: gap = idx[i] - idx[i-1] - 1 (idx[-1] = -1), 7 bits
+ * a byte, low group first, the top bit set on every byte but a gap's last; at most 5 bytes a
+ * gap (gaps below 2^35), as the torch path writes them. Sequential: a byte's position depends
+ * on every gap before it, and one pass at a byte or two an index is memory speed anyway. */
+
+/* Writes the code of k sorted indices to out (room for 5 k bytes); returns its length. */
+int64_t ch_varint_encode(const int64_t *idx, int64_t k, uint8_t *out) {
+    int64_t at = 0, prev = -1;
+    for (int64_t i = 0; i < k; i++) {
+        int64_t gap = idx[i] - prev - 1; /* signed, as torch's: unsorted input codes alike */
+        prev = idx[i];
+        for (int j = 0; j < 5; j++) {
+            int more = j < 4 && gap >= (int64_t)1 << (7 * (j + 1));
+            out[at++] = (uint8_t)(((gap >> (7 * j)) & 0x7F) | (more ? 0x80 : 0));
+            if (!more) break;
+        }
+    }
+    return at;
+}
+
+/* Decodes nbytes of code into idx (room for nbytes indices); returns the count, or -1 when the
+ * last varint is cut off or a gap runs past 9 bytes (no index that long fits 64 bits). */
+int64_t ch_varint_decode(const uint8_t *in, int64_t nbytes, int64_t *idx) {
+    int64_t k = 0, prev = -1;
+    uint64_t gap = 0;
+    int shift = 0;
+    for (int64_t p = 0; p < nbytes; p++) {
+        if (shift > 56) return -1;
+        gap |= (uint64_t)(in[p] & 0x7F) << shift;
+        if (in[p] & 0x80) {
+            shift += 7;
+            continue;
+        }
+        prev = prev + (int64_t)gap + 1;
+        idx[k++] = prev;
+        gap = 0;
+        shift = 0;
+    }
+    return shift ? -1 : k;
 }

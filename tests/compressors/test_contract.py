@@ -83,6 +83,28 @@ def test_spec_string_rebuilds_the_same_config(spec: str) -> None:
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if build(s).capabilities.summable])
+def test_result_into_writes_the_mean_over_its_own_inputs(spec: str) -> None:
+    """The transports' path into the caller's memory: the same values as result() / world,
+    with the inputs themselves as the outputs (every input read before any is written)."""
+    world = 3
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(16, 12), (30,)]
+    inputs = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(world)]
+    keys = ["a", "b"]
+
+    def exchanges(data: list[list[torch.Tensor]]) -> list:
+        exs = [build(spec).exchange(x, keys, world) for x in data]
+        simulate_allreduce(exs)
+        return exs
+
+    want = [r / world for r in exchanges([[t.clone() for t in x] for x in inputs])[0].result()]
+    exs = exchanges(inputs)
+    exs[0].result_into(inputs[0], world)
+    for got, expect in zip(inputs[0], want):
+        torch.testing.assert_close(got, expect, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if build(s).capabilities.summable])
 @pytest.mark.parametrize("world", [1, 3])
 def test_summable_exchange_decodes_to_the_sum_of_locals(spec: str, world: int) -> None:
     gen = torch.Generator().manual_seed(1)

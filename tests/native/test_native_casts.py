@@ -176,3 +176,38 @@ def test_result_into_writes_the_mean_into_the_inputs(spec, monkeypatch):
             [[ef.residual(k) for k in KEYS] for ef in fused],
             [[ef.residual(k) for k in KEYS] for ef in plain],
         )
+
+
+def test_bf16_near_the_fp32_maximum_keeps_the_residual(monkeypatch):
+    """c a hair under fp32's maximum casts to a finite bf16 whose h / s (two ranks) is not:
+    both paths keep the old residual rather than store a non-finite one."""
+    world = 2
+    fused = [ErrorFeedback("bf16") for _ in range(world)]
+    plain = [ErrorFeedback("bf16") for _ in range(world)]
+    for efs in (fused, plain):
+        _run(efs, _grads(world, 0))
+    grads = _grads(world, 1)
+    grads[0][2][3] = 3.4e38
+    before = fused[0].residual("large").clone()
+    _run(fused, grads)
+    with monkeypatch.context() as m:
+        m.setenv("COMMHOOKS_NATIVE", "0")
+        _run(plain, grads)
+    assert torch.equal(fused[0].residual("large"), before)
+    for ef_f, ef_p in zip(fused, plain):
+        for k in KEYS:
+            torch.testing.assert_close(ef_f.residual(k), ef_p.residual(k), rtol=0, atol=0)
+
+
+def test_result_into_half_precision_outputs():
+    """Outputs the kernel does not take (an fp16 bucket) get the torch formulas' values."""
+    world = 2
+    efs = [ErrorFeedback("fp16") for _ in range(world)]
+    _run(efs, _grads(world, 0))
+    grads = _grads(world, 1)
+    exchanges = [ef.exchange(KEYS, g, world) for ef, g in zip(efs, grads)]
+    simulate_allreduce(exchanges)
+    want = [(r / world).half() for r in exchanges[0].result()]
+    outs = [torch.empty(g.shape, dtype=torch.float16) for g in grads[0]]
+    exchanges[0].result_into(outs, world)
+    _assert_same([outs], [want])

@@ -200,6 +200,30 @@ def test_adaptive_matches_the_torch_path(spec, n, monkeypatch):
         assert a.var == pytest.approx(b.var, rel=1e-5)  # fp64 sums against torch's var()
 
 
+def test_adaptive_variance_survives_a_large_mean():
+    """A mean 1e4 times the spread: the pivoted sums keep the variance (and so the bit width)
+    where E[c^2] - E[c]^2 would cancel in fp32 lanes."""
+    x = _data(100_003, 8) * 1e-3 + 50.0
+    c = commhooks.compressor("adaptive")
+    c.compress(x, "w")
+    assert c.stats("w").var == pytest.approx(float(x.double().var(correction=0)), rel=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["nonuniform", "nonuniform:levels=mulaw,bits=2"])
+def test_nonuniform_zero_chunks_scale_is_positive_zero(spec, monkeypatch):
+    x = _data(30_000, 9)
+    x[:4096] = 0.0  # two all-zero chunks
+    c = commhooks.compressor(spec)
+    fast, ctx = c.compress(x)
+    with monkeypatch.context() as m:
+        _torch_path(m)
+        slow, _ = c.compress(x)
+    assert torch.equal(fast[1].view(torch.int32), slow[1].view(torch.int32))  # +0, not -0
+    assert torch.equal(
+        c.decompress(fast, ctx).view(torch.int32)[:4096], torch.zeros(4096, dtype=torch.int32)
+    )
+
+
 def test_adaptive_non_finite_input_leaves_statistics_alone():
     c = commhooks.compressor("adaptive")
     g = _data(30_000, 3)
