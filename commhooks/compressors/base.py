@@ -285,6 +285,23 @@ class Compressor(ABC, Generic[C]):
         ``tensors`` and ``residuals`` again then, so neither may change in between. None where
         it has no such kernels; :class:`~commhooks.feedback.ErrorFeedback` then compensates
         and updates op by op around :meth:`exchange`."""
+        keys = check_group(tensors, keys, world_size)
+        if len(residuals) != len(tensors):
+            raise ValueError(f"residuals: got {len(residuals)} for {len(tensors)} tensors")
+        if not tensors:
+            return None
+        return self._exchange_feedback(tensors, residuals, keys, world_size, decay)
+
+    def _exchange_feedback(
+        self,
+        tensors: Sequence[Tensor],
+        residuals: Sequence[Tensor],
+        keys: Sequence[str | None],
+        world_size: int,
+        decay: float,
+    ) -> Exchange | None:
+        """The fused exchange behind :meth:`exchange_feedback` (arguments checked, at least
+        one tensor); None where there is none."""
         return None
 
     def subtract_sent_(self, target: Tensor, payload: Payload, ctx: Context) -> Tensor:

@@ -104,19 +104,16 @@ class Cast(Compressor[CastConfig]):
         keys = check_group(tensors, keys, world_size)
         return SingleRoundExchange(self, tensors, keys, prescale=self._prescale(world_size))
 
-    def exchange_feedback(
+    def _exchange_feedback(
         self,
         tensors: Sequence[Tensor],
         residuals: Sequence[Tensor],
         keys: Sequence[str | None],
         world_size: int,
-        decay: float = 1.0,
+        decay: float,
     ) -> Exchange | None:
         """Error feedback around the cast in two passes over the gradient where the native
         kernels load (fp32 gradients and residuals only); see :class:`FusedCastExchange`."""
-        check_group(tensors, keys, world_size)
-        if len(residuals) != len(tensors):
-            raise ValueError(f"residuals: got {len(residuals)} for {len(tensors)} tensors")
         fp32 = all(_fp32(t, e) for t, e in zip(tensors, residuals))
         if not (fp32 and native.casts(self.config.target)):
             return None

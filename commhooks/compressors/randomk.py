@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from commhooks import native
 from commhooks._validate import check_bool, check_int, check_ratio
 from commhooks.compressors._sparse import Sparsifier, keep_count
 from commhooks.compressors.base import (
     Capabilities,
     CompressorConfig,
     Context,
+    Exchange,
     Kind,
+    Message,
     Payload,
+    ReduceOp,
     poison,
     shared_generator,
 )
 from commhooks.registry import register
 
-__all__ = ["RandomK", "RandomKConfig"]
+__all__ = ["FusedRandomKExchange", "RandomK", "RandomKConfig"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +97,113 @@ class RandomK(Sparsifier[RandomKConfig]):
 
     def indices(self, index_payload: Payload, ctx: Context) -> Tensor:
         return ctx.extra
+
+    def _exchange_feedback(
+        self,
+        tensors: Sequence[Tensor],
+        residuals: Sequence[Tensor],
+        keys: Sequence[str | None],
+        world_size: int,
+        decay: float,
+    ) -> Exchange | None:
+        """Error feedback around random-k without a dense compensated tensor or decode, where
+        every tensor suits the native statistics pass (fp32, CPU, large) and the values go
+        unscaled; see :class:`FusedRandomKExchange`."""
+        if self.config.unbiased:
+            return None
+        if not all(native.usable(t, e) for t, e in zip(tensors, residuals)):
+            return None
+        # One statistics pass per tensor, before any index is drawn. The torch path poisons
+        # the values by a fp32 sum of c; with every |c| below 1e29 that sum cannot overflow, so
+        # its finiteness is c's, which the pass (summing in double) reports. Larger finite
+        # values go op by op, where that sum decides.
+        stats = [
+            native.chunk_stats(t.reshape(-1), e.view(-1), t.numel())
+            for t, e in zip(tensors, residuals)
+        ]
+        finite = [math.isfinite(st.total) for st in stats]
+        if any(f and st.amax >= 1e29 for f, st in zip(finite, stats)):
+            return None
+        return FusedRandomKExchange(self, tensors, residuals, keys, finite, decay)
+
+
+class FusedRandomKExchange(Exchange):
+    """Random-k's error-feedback exchange with the op-by-op path's numbers in fewer passes.
+
+    Given each tensor's finiteness (from :meth:`RandomK.exchange_feedback`'s statistics
+    pass), construction gathers ``c = g + e`` at the shared indices (poisoned to NaN where
+    some ``c`` is not finite, as the torch path does) and writes nothing. The residual, ``c``
+    with the sent elements cleared (they go exactly), is written when :meth:`result` is first
+    read, only where every ``c`` was finite; the result scatters the summed values into
+    zeros. The caller leaves ``g`` and ``e`` alone until then.
+    """
+
+    def __init__(
+        self,
+        compressor: RandomK,
+        tensors: Sequence[Tensor],
+        residuals: Sequence[Tensor],
+        keys: Sequence[str | None],
+        finite: Sequence[bool],
+        decay: float,
+    ) -> None:
+        self._grads = [t.reshape(-1) for t in tensors]
+        self._residuals = [e.view(-1) for e in residuals]
+        self._shapes = [t.shape for t in tensors]
+        self._decay = decay
+        self._finite = list(finite)
+        self._idx: list[Tensor] = []
+        self._sent: list[Tensor] = []
+        for g, e, k, ok in zip(self._grads, self._residuals, keys, self._finite):
+            idx, _ = compressor._strata(g.numel(), k, g.device)
+            self._idx.append(idx)
+            self._sent.append(poison(g[idx] + e[idx], torch.tensor(0.0 if ok else math.nan)))
+        self._reduced: list[Tensor] | None = None
+        self._done = False
+
+    def message(self) -> Message | None:
+        if self._reduced is not None or not self._grads:
+            return None
+        return Message(tuple(self._sent), ReduceOp.SUM)
+
+    def receive(self, reduced: Sequence[Tensor]) -> None:
+        self._reduced = list(reduced)
+
+    def _ready(self) -> list[Tensor]:
+        if self._reduced is None:
+            if not self._grads:
+                return []
+            raise RuntimeError("exchange: result() called before its round was received")
+        if not self._done:
+            self._done = True
+            for g, e, idx, finite in zip(self._grads, self._residuals, self._idx, self._finite):
+                if finite:
+                    e.add_(g).index_fill_(0, idx, 0.0)
+                    if self._decay != 1.0:
+                        e.mul_(self._decay)
+        return self._reduced
+
+    def _scatter(self, values: Sequence[Tensor]) -> list[Tensor]:
+        out = []
+        for v, idx, g, shape in zip(values, self._idx, self._grads, self._shapes):
+            dense = torch.zeros(g.numel(), dtype=torch.float32)
+            dense[idx] = v
+            out.append(dense.view(shape))
+        return out
+
+    def result(self) -> list[Tensor]:
+        return self._scatter(self._ready())
+
+    def result_into(self, outs: Sequence[Tensor], divisor: float) -> None:
+        """Zeros and the summed values / ``divisor`` straight into ``outs``, after the
+        residuals (which read the inputs) are written."""
+        for v, idx, o in zip(self._ready(), self._idx, outs):
+            flat = o.view(-1)
+            flat.zero_()
+            flat[idx] = (v / divisor).to(flat.dtype)
+
+    def local(self) -> list[Tensor]:
+        return self._scatter(self._sent)
+
+    def abandon(self) -> None:
+        self._done = True

@@ -121,3 +121,74 @@ def test_non_finite_input_reaches_the_wire_and_keeps_the_residual(bad):
     payload, _ = ef.compress("w", x)
     assert not bool(torch.isfinite(payload[0]).all())  # GradScaler will see it
     assert torch.equal(ef.residual("w"), before)
+
+
+# -- random-k's fused error-feedback exchange (all-reduce) --------------------------------
+
+
+def _rk_run(efs, grads):
+    from commhooks.testing import simulate_allreduce
+
+    exchanges = [ef.exchange(["a", "b"], g, len(efs)) for ef, g in zip(efs, grads)]
+    simulate_allreduce(exchanges)
+    return exchanges, [ex.result() for ex in exchanges], [ex.local() for ex in exchanges]
+
+
+def _rk_grads(world: int, step: int) -> list[list[torch.Tensor]]:
+    return [[_data(n, 10 * step + r + n % 7) for n in (100_003, 300_007)] for r in range(world)]
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.9])
+@pytest.mark.parametrize("bad", [None, float("nan"), 1e30])
+def test_randomk_fused_exchange_matches_op_by_op(decay, bad, monkeypatch):
+    """The same values, results, locals and residuals as the op-by-op exchange; a NaN is sent
+    on (poisoned values) with the residual kept; huge finite values go op by op."""
+    from commhooks.compressors.randomk import FusedRandomKExchange
+
+    world = 3
+    fused = [commhooks.ErrorFeedback("randomk:ratio=0.05", decay=decay) for _ in range(world)]
+    plain = [commhooks.ErrorFeedback("randomk:ratio=0.05", decay=decay) for _ in range(world)]
+    for step in range(3):
+        grads = _rk_grads(world, step)
+        if step == 2 and bad is not None:
+            grads[1][0][77] = bad
+        exchanges, results, locals_ = _rk_run(fused, grads)
+        # Each rank decides alone (the messages have the same layout either way): rank 1,
+        # holding the huge value, goes op by op.
+        fused_type = isinstance(exchanges[1], FusedRandomKExchange)
+        assert fused_type == (step > 0 and not (step == 2 and bad == 1e30))
+        with monkeypatch.context() as m:
+            m.setenv("COMMHOOKS_NATIVE", "0")
+            _, want_results, want_locals = _rk_run(plain, grads)
+        for got, want in ((results, want_results), (locals_, want_locals)):
+            for xs, ys in zip(got, want):
+                for x, y in zip(xs, ys):
+                    torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+        for ef_f, ef_p in zip(fused, plain):
+            for k in ("a", "b"):
+                assert torch.equal(ef_f.residual(k), ef_p.residual(k))
+
+
+def test_randomk_fused_result_into_and_abandon():
+    from commhooks.compressors.randomk import FusedRandomKExchange
+    from commhooks.testing import simulate_allreduce
+
+    world = 2
+    solo = [commhooks.ErrorFeedback("randomk")]
+    _rk_run(solo, _rk_grads(1, 0))
+    before = solo[0].residual("a").clone()
+    abandoned = solo[0].exchange(["a", "b"], _rk_grads(1, 1)[0], 1)
+    assert isinstance(abandoned, FusedRandomKExchange)
+    abandoned.abandon()
+    assert torch.equal(solo[0].residual("a"), before)
+    efs = [commhooks.ErrorFeedback("randomk") for _ in range(world)]
+    _rk_run(efs, _rk_grads(world, 0))
+    twins = [commhooks.ErrorFeedback("randomk") for _ in range(world)]
+    _rk_run(twins, _rk_grads(world, 0))
+    grads = _rk_grads(world, 2)
+    _, want, _ = _rk_run(twins, [[g.clone() for g in gs] for gs in grads])
+    exchanges = [ef.exchange(["a", "b"], g, world) for ef, g in zip(efs, grads)]
+    simulate_allreduce(exchanges)
+    exchanges[0].result_into(grads[0], world)  # into the inputs themselves
+    for got, w in zip(grads[0], want[0]):
+        torch.testing.assert_close(got, w / world, rtol=0, atol=0)
