@@ -180,9 +180,9 @@ class FusedCastExchange(Exchange):
         self._reduced = list(summed.reshape(-1).split([g.numel() for g in self._grads]))
 
     def result(self) -> list[Tensor]:
-        return self._decode(self.result_ready())
+        return self._decode(self._ready())
 
-    def result_ready(self) -> list[Tensor]:
+    def _ready(self) -> list[Tensor]:
         """The reduced wire pieces, the residuals committed first (once)."""
         if self._reduced is None:
             if not self._grads:
@@ -195,7 +195,7 @@ class FusedCastExchange(Exchange):
     def result_into(self, outs: Sequence[Tensor], divisor: float) -> None:
         """``float(sum h) / s / divisor`` decoded straight into ``outs`` (after the residuals,
         which read the inputs, are written)."""
-        for h, g, o in zip(self.result_ready(), self._grads, outs):
+        for h, g, o in zip(self._ready(), self._grads, outs):
             if o.dtype == torch.float32 and native.usable(g, o) and h.is_contiguous():
                 native.cast_decode(h, self._scale, o.view(-1), divisor)
             else:
