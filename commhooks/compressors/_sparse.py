@@ -21,6 +21,7 @@ from commhooks.compressors.base import (
 
 __all__ = [
     "Sparsifier",
+    "clear_sent_",
     "keep_count",
     "native_candidates",
     "sample_positions",
@@ -115,6 +116,12 @@ def select_at_least(magnitude: Tensor, threshold: Tensor) -> Tensor:
     return (~(magnitude < threshold.to(magnitude.dtype))).nonzero().squeeze(1)
 
 
+def clear_sent_(e: Tensor, g: Tensor, idx: Tensor) -> Tensor:
+    """Error feedback's new residual in ``e``'s memory for a sparsifier that sent the exact
+    values of ``c = g + e`` at ``idx``: ``c`` with those elements cleared."""
+    return e.add_(g).index_fill_(0, idx, 0.0)
+
+
 class Sparsifier(Compressor[C]):
     """Base of the index-coded sparsifiers: payload ``(values, index_code)``.
 
@@ -154,8 +161,7 @@ class Sparsifier(Compressor[C]):
         if picked is None:
             return None
         idx, val = picked
-        # The new residual is c with the sent elements (sent exactly) cleared.
-        e.add_(g).index_fill_(0, idx, 0.0)
+        clear_sent_(e, g, idx)
         return self._payload(idx, val, g.numel()), None
 
     def _payload(self, idx: Tensor, values: Tensor, n: int) -> Payload:

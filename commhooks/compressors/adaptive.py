@@ -227,10 +227,8 @@ class Adaptive(NativeKernels, Compressor[AdaptiveConfig]):
         bits = int(head[0])
         if not 1 <= bits <= 8:
             return False
-        nbits, radix = native.symbol_packing(1 << bits)
-        n = ctx.numel
-        size = -(-n // radix) if radix else (n * nbits + 7) // 8
-        return data.numel() == size and self._native_ok(data, rng, numel=n)
+        size = native.packed_size(ctx.numel, native.symbol_packing(1 << bits))
+        return data.numel() == size and self._native_ok(data, rng, numel=ctx.numel)
 
     def _native_decode(self, payload: Payload, ctx: Context, out: Tensor | None) -> Tensor:
         head, rng, data = payload

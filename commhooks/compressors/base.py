@@ -36,6 +36,7 @@ __all__ = [
     "Kind",
     "Message",
     "Payload",
+    "FusedFeedbackExchange",
     "ReduceOp",
     "SingleRoundExchange",
     "all_finite",
@@ -392,6 +393,39 @@ class Compressor(ABC, Generic[C]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+
+class FusedFeedbackExchange(Exchange):
+    """Base of the exchanges :meth:`Compressor.exchange_feedback` returns: it holds the flat
+    gradients and residuals and commits the residuals (:meth:`_commit`) once, when the
+    result is first read, and never after :meth:`abandon`. Subclasses set ``_reduced`` in
+    :meth:`receive`."""
+
+    def __init__(self, tensors: Sequence[Tensor], residuals: Sequence[Tensor], decay: float):
+        self._grads = [t.reshape(-1) for t in tensors]
+        self._residuals = [e.view(-1) for e in residuals]
+        self._shapes = [t.shape for t in tensors]
+        self._decay = decay
+        self._reduced: list[Tensor] | None = None
+        self._done = False
+
+    @abstractmethod
+    def _commit(self) -> None:
+        """Write every new residual (in place, where finite)."""
+
+    def _ready(self) -> list[Tensor]:
+        """The reduced pieces, one per tensor, the residuals committed first (once)."""
+        if self._reduced is None:
+            if not self._grads:
+                return []
+            raise RuntimeError("exchange: result() called before its round was received")
+        if not self._done:
+            self._done = True
+            self._commit()
+        return self._reduced
+
+    def abandon(self) -> None:
+        self._done = True
 
 
 class SingleRoundExchange(Exchange):

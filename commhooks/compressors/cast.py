@@ -17,6 +17,7 @@ from commhooks.compressors.base import (
     CompressorConfig,
     Context,
     Exchange,
+    FusedFeedbackExchange,
     Kind,
     Message,
     Payload,
@@ -130,7 +131,7 @@ def _fp32(tensor: Tensor, residual: Tensor) -> bool:
     return tensor.dtype == residual.dtype == torch.float32
 
 
-class FusedCastExchange(Exchange):
+class FusedCastExchange(FusedFeedbackExchange):
     """A cast's error-feedback exchange, fused: the same numbers as compensating, casting and
     updating the residual op by op, in fewer passes over memory.
 
@@ -150,10 +151,8 @@ class FusedCastExchange(Exchange):
         scale: float,
         decay: float,
     ) -> None:
-        self._grads = [t.reshape(-1) for t in tensors]
-        self._residuals = [e.view(-1) for e in residuals]
-        self._shapes = [t.shape for t in tensors]
-        self._scale, self._decay = scale, decay
+        super().__init__(tensors, residuals, decay)
+        self._scale = scale
         sizes = [g.numel() for g in self._grads]
         device = self._grads[0].device if self._grads else torch.device("cpu")
         self._wire = torch.empty(sum(sizes), dtype=target, device=device)
@@ -167,8 +166,6 @@ class FusedCastExchange(Exchange):
             else:
                 h.copy_((g + e).mul_(scale) if scale != 1.0 else g + e)
                 self._finite.append(None)
-        self._reduced: list[Tensor] | None = None
-        self._done = False
 
     def message(self) -> Message | None:
         if self._reduced is not None or not self._grads:
@@ -182,16 +179,6 @@ class FusedCastExchange(Exchange):
     def result(self) -> list[Tensor]:
         return self._decode(self._ready())
 
-    def _ready(self) -> list[Tensor]:
-        """The reduced wire pieces, the residuals committed first (once)."""
-        if self._reduced is None:
-            if not self._grads:
-                return []
-            raise RuntimeError("exchange: result() called before its round was received")
-        if not self._done:
-            self._commit()
-        return self._reduced
-
     def result_into(self, outs: Sequence[Tensor], divisor: float) -> None:
         """``float(sum h) / s / divisor`` decoded straight into ``outs`` (after the residuals,
         which read the inputs, are written)."""
@@ -204,11 +191,7 @@ class FusedCastExchange(Exchange):
     def local(self) -> list[Tensor]:
         return self._decode(self._sent)
 
-    def abandon(self) -> None:
-        self._done = True
-
     def _commit(self) -> None:
-        self._done = True
         s, decay = self._scale, self._decay
         for g, e, h, finite in zip(self._grads, self._residuals, self._sent, self._finite):
             if finite:

@@ -12,12 +12,13 @@ from torch import Tensor
 
 from commhooks import native
 from commhooks._validate import check_bool, check_int, check_ratio
-from commhooks.compressors._sparse import Sparsifier, keep_count
+from commhooks.compressors._sparse import Sparsifier, clear_sent_, keep_count
 from commhooks.compressors.base import (
     Capabilities,
     CompressorConfig,
     Context,
     Exchange,
+    FusedFeedbackExchange,
     Kind,
     Message,
     Payload,
@@ -127,7 +128,7 @@ class RandomK(Sparsifier[RandomKConfig]):
         return FusedRandomKExchange(self, tensors, residuals, keys, finite, decay)
 
 
-class FusedRandomKExchange(Exchange):
+class FusedRandomKExchange(FusedFeedbackExchange):
     """Random-k's error-feedback exchange with the op-by-op path's numbers in fewer passes.
 
     Given each tensor's finiteness (from :meth:`RandomK.exchange_feedback`'s statistics
@@ -147,10 +148,7 @@ class FusedRandomKExchange(Exchange):
         finite: Sequence[bool],
         decay: float,
     ) -> None:
-        self._grads = [t.reshape(-1) for t in tensors]
-        self._residuals = [e.view(-1) for e in residuals]
-        self._shapes = [t.shape for t in tensors]
-        self._decay = decay
+        super().__init__(tensors, residuals, decay)
         self._finite = list(finite)
         self._idx: list[Tensor] = []
         self._sent: list[Tensor] = []
@@ -158,8 +156,6 @@ class FusedRandomKExchange(Exchange):
             idx, _ = compressor._strata(g.numel(), k, g.device)
             self._idx.append(idx)
             self._sent.append(poison(g[idx] + e[idx], torch.tensor(0.0 if ok else math.nan)))
-        self._reduced: list[Tensor] | None = None
-        self._done = False
 
     def message(self) -> Message | None:
         if self._reduced is not None or not self._grads:
@@ -169,19 +165,12 @@ class FusedRandomKExchange(Exchange):
     def receive(self, reduced: Sequence[Tensor]) -> None:
         self._reduced = list(reduced)
 
-    def _ready(self) -> list[Tensor]:
-        if self._reduced is None:
-            if not self._grads:
-                return []
-            raise RuntimeError("exchange: result() called before its round was received")
-        if not self._done:
-            self._done = True
-            for g, e, idx, finite in zip(self._grads, self._residuals, self._idx, self._finite):
-                if finite:
-                    e.add_(g).index_fill_(0, idx, 0.0)
-                    if self._decay != 1.0:
-                        e.mul_(self._decay)
-        return self._reduced
+    def _commit(self) -> None:
+        for g, e, idx, finite in zip(self._grads, self._residuals, self._idx, self._finite):
+            if finite:
+                clear_sent_(e, g, idx)
+                if self._decay != 1.0:
+                    e.mul_(self._decay)
 
     def _scatter(self, values: Sequence[Tensor]) -> list[Tensor]:
         out = []
@@ -204,6 +193,3 @@ class FusedRandomKExchange(Exchange):
 
     def local(self) -> list[Tensor]:
         return self._scatter(self._sent)
-
-    def abandon(self) -> None:
-        self._done = True

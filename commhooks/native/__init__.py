@@ -334,6 +334,12 @@ def symbol_packing(alphabet: int) -> tuple[int, int]:
     return (0, size) if kind == "radix" else (size, 0)
 
 
+def packed_size(n: int, packing: tuple[int, int]) -> int:
+    """Bytes of ``n`` symbols packed as :func:`symbol_packing` says."""
+    bits, radix = packing
+    return -(-n // radix) if radix else (n * bits + 7) // 8
+
+
 def stochastic_encode(
     kind: int, g: Tensor, e: Tensor | None, chunk: int, norm: Tensor, levels: int,
     alphabet: int, packing: tuple[int, int], seed: int,
@@ -344,8 +350,7 @@ def stochastic_encode(
     assert h is not None
     n = g.numel()
     bits, radix = packing
-    size = -(-n // radix) if radix else (n * bits + 7) // 8
-    data = torch.empty(size, dtype=torch.uint8)
+    data = torch.empty(packed_size(n, packing), dtype=torch.uint8)
     h.ch_stoch_encode(
         kind, ptr(g), ptr(e), n, chunk, ptr(norm), levels, bits, radix, alphabet, ptr(data),
         seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, threads(),
