@@ -100,8 +100,10 @@ def test_result_into_writes_the_mean_over_its_own_inputs(spec: str) -> None:
     want = [r / world for r in exchanges([[t.clone() for t in x] for x in inputs])[0].result()]
     exs = exchanges(inputs)
     exs[0].result_into(inputs[0], world)
+    # PowerSGD divides the small Q rather than the decoded product: rounding apart, the same.
+    tol = {"rtol": 1e-6, "atol": 1e-7} if spec.startswith("powersgd") else {"rtol": 0, "atol": 0}
     for got, expect in zip(inputs[0], want):
-        torch.testing.assert_close(got, expect, rtol=0, atol=0)
+        torch.testing.assert_close(got, expect, **tol)
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if build(s).capabilities.summable])

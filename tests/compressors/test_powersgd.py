@@ -593,3 +593,135 @@ def test_cuda_round_trip_and_exchange(method: str) -> None:
     out = exchanges[0].result()
     assert out[0].dtype == torch.float16 and out[0].is_cuda
     torch.testing.assert_close(out[0].float(), 2 * x.half().float(), rtol=1e-2, atol=1e-2)
+
+
+# -- the fused error-feedback exchange -------------------------------------------------------------
+
+FUSED_SHAPES = [(24, 16), (24, 16), (30,), (6, 4, 3, 3), (40, 9), (2, 2)]
+FUSED_KEYS = [f"p{i}" for i in range(len(FUSED_SHAPES))]
+
+
+def _ef_step(efs, grads, outs=None):
+    exchanges = [ef.exchange(FUSED_KEYS, g, len(efs)) for ef, g in zip(efs, grads)]
+    simulate_allreduce(exchanges)
+    if outs is None:
+        return exchanges, [ex.result() for ex in exchanges]
+    for ex, o in zip(exchanges, outs):
+        ex.result_into(o, len(efs))
+    return exchanges, outs
+
+
+def _ef_grads(world: int, step: int, dtype=torch.float32) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(10 * step + world)
+    return [
+        [torch.randn(s, generator=gen, dtype=dtype) for s in FUSED_SHAPES] for _ in range(world)
+    ]
+
+
+@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("decay", [1.0, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_feedback_exchange_matches_op_by_op(world, decay, dtype, monkeypatch) -> None:
+    from commhooks.compressors.powersgd import FusedPowerSGDExchange
+    from commhooks.feedback import ErrorFeedback
+
+    spec = "powersgd:rank=2"
+    fused = [ErrorFeedback(spec, decay=decay) for _ in range(world)]
+    plain = [ErrorFeedback(spec, decay=decay) for _ in range(world)]
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
+    for step in range(4):
+        grads = _ef_grads(world, step, dtype)
+        exchanges, results = _ef_step(fused, grads)
+        # A key's first step has no residual to update in place: op by op, as compress() does.
+        assert isinstance(exchanges[0], FusedPowerSGDExchange) == (step > 0)
+        locals_ = [ex.local() for ex in exchanges]
+        with monkeypatch.context() as m:
+            m.setattr(PowerSGD, "_exchange_feedback", lambda *a, **k: None)
+            want_ex, want = _ef_step(plain, grads)
+        for r in range(world):
+            for i, k in enumerate(FUSED_KEYS):
+                torch.testing.assert_close(results[r][i], want[r][i], **tol)
+                torch.testing.assert_close(locals_[r][i], want_ex[r].local()[i], **tol)
+                torch.testing.assert_close(fused[r].residual(k), plain[r].residual(k), **tol)
+                assert results[r][i].dtype == dtype and results[r][i].shape == grads[r][i].shape
+            for k, q in plain[r].compressor._q.items():
+                torch.testing.assert_close(fused[r].compressor._q[k], q, **tol)
+
+
+def test_fused_result_into_writes_the_mean_over_the_gradients() -> None:
+    from commhooks.compressors.powersgd import FusedPowerSGDExchange
+    from commhooks.feedback import ErrorFeedback
+
+    world = 2
+    a = [ErrorFeedback("powersgd:rank=2") for _ in range(world)]
+    b = [ErrorFeedback("powersgd:rank=2") for _ in range(world)]
+    for step in range(3):
+        grads = _ef_grads(world, step)
+        _, want = _ef_step(a, [[g.clone() for g in gs] for gs in grads])
+        # The outputs are the gradients themselves, as in the DDP hook: the residuals must
+        # read them before the mean overwrites them.
+        exchanges, outs = _ef_step(b, grads, outs=grads)
+        assert isinstance(exchanges[0], FusedPowerSGDExchange) == (step > 0)
+        for r in range(world):
+            for i, k in enumerate(FUSED_KEYS):
+                torch.testing.assert_close(outs[r][i], want[r][i] / world, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(b[r].residual(k), a[r].residual(k), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=str)
+def test_fused_non_finite_reaches_the_result_and_keeps_every_residual(bad) -> None:
+    from commhooks.compressors.powersgd import FusedPowerSGDExchange
+    from commhooks.feedback import ErrorFeedback
+
+    efs = [ErrorFeedback("powersgd") for _ in range(2)]
+    _ef_step(efs, _ef_grads(2, 0))
+    before = [[ef.residual(k).clone() for k in FUSED_KEYS] for ef in efs]
+    grads = _ef_grads(2, 1)
+    grads[1][0][3, 5] = bad  # a compressed matrix on one rank
+    exchanges, results = _ef_step(efs, grads)
+    assert isinstance(exchanges[0], FusedPowerSGDExchange)
+    assert not torch.isfinite(results[0][0]).all() and not torch.isfinite(results[1][0]).all()
+    for ef, old in zip(efs, before):  # the NaN spread to every rank's P: nobody commits
+        for k, e in zip(FUSED_KEYS, old):
+            assert torch.equal(ef.residual(k), e)
+    assert torch.isfinite(_ef_step(efs, _ef_grads(2, 2))[1][0][0]).all()
+
+
+def test_fused_abandon_keeps_residuals_and_overflow_resets_one() -> None:
+    from commhooks.compressors.powersgd import FusedPowerSGDExchange
+    from commhooks.feedback import ErrorFeedback
+
+    ef = ErrorFeedback("powersgd")
+    _ef_step([ef], _ef_grads(1, 0))
+    before = [ef.residual(k).clone() for k in FUSED_KEYS]
+    ex = ef.exchange(FUSED_KEYS, _ef_grads(1, 1)[0], 2)
+    assert isinstance(ex, FusedPowerSGDExchange)
+    assert ex.message() is not None
+    ex.abandon()
+    for k, e in zip(FUSED_KEYS, before):
+        assert torch.equal(ef.residual(k), e)
+    # Finite values whose sum g + e overflows: with a warm-start Q blind to that column, P and
+    # Q stay finite while the new residual cannot; it is reset rather than left non-finite
+    # (which would poison every later step).
+    k = FUSED_KEYS[4]
+    grads = _ef_grads(1, 2)[0]
+    grads[4][0, 0] = 2e38
+    ef.residual(k)[0, 0] = 2e38
+    q = ef.compressor._q[k]
+    q[0] = 0.0
+    q /= torch.linalg.vector_norm(q, dim=0)
+    exchanges, _ = _ef_step([ef], [grads])
+    assert isinstance(exchanges[0], FusedPowerSGDExchange)
+    assert torch.equal(ef.residual(k), torch.zeros(FUSED_SHAPES[4]))
+    assert torch.isfinite(ef.residual(FUSED_KEYS[0])).all()
+
+
+def test_fused_needs_contiguous_matching_fp32_or_fp64() -> None:
+    from commhooks.compressors.powersgd import FusedPowerSGDExchange
+
+    c = build()
+    g, e = torch.randn(20, 10), torch.randn(20, 10)
+    assert isinstance(c.exchange_feedback([g], [e], ["w"], 2), FusedPowerSGDExchange)
+    assert c.exchange_feedback([g.half()], [e], ["w"], 2) is None
+    assert c.exchange_feedback([g.t()], [e.t()], ["w"], 2) is None
+    assert c.exchange_feedback([g.double()], [e], ["w"], 2) is None
