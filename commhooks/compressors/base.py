@@ -283,10 +283,10 @@ class Compressor(ABC, Generic[C]):
         an :class:`Exchange` of ``c = tensor + residual`` that, when :meth:`Exchange.result`
         is first read, overwrites each residual with ``decay * (c - local)`` (left as it was
         where that is not finite, and untouched if the exchange is abandoned; an exchange that
-        cannot roll back an overflow of finite values in place says so and resets to zero). It may read
-        ``tensors`` and ``residuals`` again then, so neither may change in between. None where
-        it has no such kernels; :class:`~commhooks.feedback.ErrorFeedback` then compensates
-        and updates op by op around :meth:`exchange`."""
+        cannot roll back an overflow of finite values in place says so, and resets to zero).
+        It may read ``tensors`` and ``residuals`` again then, so neither may change in
+        between. None where it has no such kernels; :class:`~commhooks.feedback.ErrorFeedback`
+        then compensates and updates op by op around :meth:`exchange`."""
         keys = check_group(tensors, keys, world_size)
         if len(residuals) != len(tensors):
             raise ValueError(f"residuals: got {len(residuals)} for {len(tensors)} tensors")

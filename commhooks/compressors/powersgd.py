@@ -239,7 +239,7 @@ class PowerSGD(Compressor[PowerSGDConfig]):
         if not self.compresses(n, m):
             return (tensor.reshape(-1),), None
         cd = compute_dtype(tensor.dtype)
-        mat = tensor.reshape(1, n, m).to(cd)
+        mat = _stack([tensor.reshape(n, m)], cd)
         q_used = self._start_q(key, m, cd, tensor.device).unsqueeze(0)
         p = orthogonalize(torch.bmm(mat, q_used), self.config.orthogonalization)
         q = mtp(mat, p)
@@ -326,8 +326,16 @@ class PowerSGD(Compressor[PowerSGDConfig]):
 
 
 def _stack(mats: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """``(B, n, m)`` in ``dtype``: a view for a single matrix already in it, else one copy."""
-    if len(mats) == 1:
+    """``(B, n, m)`` in ``dtype``: a view for a single matrix already in it whose data starts
+    on 16 bytes, else one copy.
+
+    MKL's matrix-vector products (rank 1) round differently when the data starts elsewhere,
+    and DDP puts a gradient wherever its bucket layout does, which changes when it rebuilds
+    its buckets or resumes from a checkpoint: the copy keeps ``M Q`` independent of where
+    the gradient lies. Measured here: 16-byte aligned views round as new memory does, at
+    every offset, rank and shape tried; the others differ at rank 1.
+    """
+    if len(mats) == 1 and (mats[0].dtype != dtype or mats[0].data_ptr() % 16 == 0):
         return mats[0].unsqueeze(0).to(dtype)
     out = torch.empty((len(mats), *mats[0].shape), dtype=dtype, device=mats[0].device)
     for j, mat in enumerate(mats):

@@ -725,3 +725,25 @@ def test_fused_needs_contiguous_matching_fp32_or_fp64() -> None:
     assert c.exchange_feedback([g.half()], [e], ["w"], 2) is None
     assert c.exchange_feedback([g.t()], [e.t()], ["w"], 2) is None
     assert c.exchange_feedback([g.double()], [e], ["w"], 2) is None
+
+
+@pytest.mark.parametrize("offset", [0, 1, 3, 4])
+def test_fused_result_does_not_depend_on_where_the_gradient_lies(offset: int) -> None:
+    """DDP places gradients at any offset of its buckets, and rebuilds them: the numbers must
+    not follow (a checkpoint resumed into fresh buckets stays bit-exact)."""
+    from commhooks.feedback import ErrorFeedback
+
+    gen = torch.Generator().manual_seed(offset)
+    g = torch.randn(33, 77, generator=gen)
+    bucket = torch.zeros(g.numel() + 8)
+    placed = bucket[offset : offset + g.numel()].view(33, 77)
+    outs = []
+    for grad in (torch.empty_like(g), placed):
+        ef = ErrorFeedback("powersgd")
+        for step in range(3):
+            grad.copy_(g * (step + 1))
+            ex = ef.exchange(["w"], [grad], 1)
+            simulate_allreduce([ex])
+            out = ex.result()[0]
+        outs.append((out, ef.residual("w")))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
