@@ -18,8 +18,8 @@ from commhooks.compressors.base import ReduceOp
 
 __all__ = ["Collectives", "TorchCollectives", "as_collectives"]
 
-#: a gloo all-gather or all-to-all of at least twice this many bytes per rank goes in pieces of
-#: at least this size ...
+#: a gloo all-gather of at least twice this many bytes per rank goes in pieces of at least
+#: this size ...
 PIECE_BYTES = 1 << 20
 #: ... and at most this many (see :meth:`TorchCollectives._pieces`)
 MAX_PIECES = 8
@@ -84,18 +84,16 @@ class TorchCollectives(Collectives):
         return out
 
     def _pieces(self, own: Tensor) -> int:
-        """How many collectives to cut a per-rank block ``own`` into: several only for large
-        blocks on gloo.
+        """How many all-gathers to cut ``own`` into: several only for large buffers on gloo.
 
         gloo runs one collective over one TCP connection per peer, and the process group's
         threads (two by default) run collectives side by side on connections of their own, so
         pieces in flight together keep a shaped link busy where one long message stalls.
         Measured side by side in the benchmarks' network namespaces, 2 ranks over 100 Mbit/s,
         min / median: one 8.4 MB all-gather 0.71 / 1.00 s, in 8 pieces 0.69 / 0.72 s, the
-        all-reduce of as many bytes 0.68 / 0.70 s; an all-to-all of 8.4 MB blocks 0.70 / 1.10 s
-        whole, 0.71 / 0.71 s in 8 pieces (4 ranks: 2.53 / 3.10 s against 2.44 / 2.53 s).
-        Unshaped, 8 pieces cost nothing (13 / 16 ms either way) while 32 cost 30-40 ms, hence
-        few pieces of at least a MiB.
+        all-reduce of as many bytes 0.68 / 0.70 s. Unshaped, 8 pieces cost nothing (2 ranks:
+        10 / 16 ms either way; 4 ranks: 65 / 72 ms whole, 53 / 66 ms in pieces) while 32 cost
+        30-40 ms, hence few pieces of at least a MiB.
         """
         gloo = "gloo" in str(dist.get_backend(self.group))  # "gloo", or "cpu:gloo,cuda:nccl"
         if self.world < 2 or own.device.type != "cpu" or not gloo:
@@ -103,25 +101,11 @@ class TorchCollectives(Collectives):
         return max(1, min(MAX_PIECES, own.numel() * own.element_size() // PIECE_BYTES))
 
     def all_to_all(self, send: Tensor) -> Tensor:
-        send = send.contiguous()
+        # Not in pieces: gloo's all-to-all takes contiguous buffers only, so pieces cost a copy
+        # in and out, and measured slower unshaped (8.4 MB blocks, 4 ranks: 69 ms against 36,
+        # median of 10) for a gain only at 2 ranks over 100 Mbit/s (0.71 s against 1.10 s).
         recv = torch.empty_like(send)
-        block = send.numel() // self.world
-        pieces = self._pieces(send[:block])
-        if pieces == 1:
-            dist.all_to_all_single(recv, send, group=self.group)
-            return recv
-        # The same columns of every destination's block form one piece (gloo's all-to-all
-        # takes only contiguous buffers, hence the copies in and out).
-        blocks, into = send.view(self.world, block), recv.view(self.world, block)
-        works = []
-        for piece in _slices(block, pieces):
-            part = blocks[:, piece].contiguous()
-            got = torch.empty_like(part)
-            works.append((dist.all_to_all_single(got, part, group=self.group, async_op=True),
-                          got, piece))  # fmt: skip
-        for w, got, piece in works:
-            w.wait()
-            into[:, piece].copy_(got)
+        dist.all_to_all_single(recv, send, group=self.group)
         return recv
 
 
