@@ -64,7 +64,7 @@ class TorchCollectives(Collectives):
         dist.all_reduce(buf, op=self._OPS[op], group=self.group)
 
     def all_gather(self, own: Tensor) -> Tensor:
-        own = own.contiguous()
+        own = own.reshape(-1)
         out = torch.empty(self.world * own.numel(), dtype=own.dtype, device=own.device)
         pieces = self._pieces(own)
         if pieces == 1:

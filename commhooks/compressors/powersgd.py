@@ -326,8 +326,8 @@ class PowerSGD(Compressor[PowerSGDConfig]):
 
 
 def _stack(mats: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """``(B, n, m)`` in ``dtype``: a view for a single matrix already in it whose data starts
-    on 16 bytes, else one copy.
+    """``(B, n, m)`` in ``dtype``: a view for a single matrix already in it (whose data starts
+    on 16 bytes, on the CPU), else one copy.
 
     MKL's matrix-vector products (rank 1) round differently when the data starts elsewhere,
     and DDP puts a gradient wherever its bucket layout does, which changes when it rebuilds
@@ -335,8 +335,9 @@ def _stack(mats: list[Tensor], dtype: torch.dtype) -> Tensor:
     the gradient lies. Measured here: 16-byte aligned views round as new memory does, at
     every offset, rank and shape tried; the others differ at rank 1.
     """
-    if len(mats) == 1 and (mats[0].dtype != dtype or mats[0].data_ptr() % 16 == 0):
-        return mats[0].unsqueeze(0).to(dtype)
+    m = mats[0]
+    if len(mats) == 1 and (m.dtype != dtype or m.device.type != "cpu" or m.data_ptr() % 16 == 0):
+        return m.unsqueeze(0).to(dtype)
     out = torch.empty((len(mats), *mats[0].shape), dtype=dtype, device=mats[0].device)
     for j, mat in enumerate(mats):
         out[j].copy_(mat)  # converts while copying: no half-precision intermediate stack
@@ -534,7 +535,8 @@ class PowerSGDExchange(Exchange):
 
     def result_into(self, outs: Sequence[Tensor], divisor: float) -> None:
         """``P (Q_sum / divisor)^T`` multiplied straight into ``outs`` where an output is
-        contiguous and in the compute dtype (no decoded copy), dense sums copied."""
+        contiguous and in the compute dtype (no decoded copy), dense sums copied. Where
+        ``outs`` are the inputs, read :meth:`local` first: it reads dense inputs again."""
         if self._round < len(self._messages):
             raise RuntimeError("exchange: result() called before every round was received")
         for b in self._batches.values():
@@ -573,6 +575,11 @@ class PowerSGDExchange(Exchange):
         ]
 
 
+def _finite_rows(stack: Tensor) -> list[bool]:
+    """Per matrix of a ``(B, ...)`` stack, whether every element is finite (one host sync)."""
+    return torch.isfinite(stack).flatten(1).all(dim=1).tolist()
+
+
 class FusedPowerSGDExchange(PowerSGDExchange):
     """PowerSGD's error-feedback exchange without a compensated copy of the gradients.
 
@@ -584,11 +591,12 @@ class FusedPowerSGDExchange(PowerSGDExchange):
     :meth:`result_into` multiplies ``P Q_sum^T`` straight into the caller's memory. Dense
     (small) tensors send ``g + e`` and keep a zero residual, as op by op.
 
-    Residuals are left as they were where this rank's ``P`` (round 1, which reads every
-    element of ``g`` and ``e``), its ``Q`` or its dense values are not finite, or the exchange
-    is abandoned. Finite inputs whose new residual overflows fp32 (elements near 3.4e38)
-    cannot be rolled back in place: that residual is reset to zero. The caller leaves ``g``
-    and ``e`` alone until the result is read.
+    A matrix's residual is left as it was where this rank's ``P`` of it (round 1, which reads
+    every element of ``g`` and ``e``) or its ``Q`` is not finite, a dense tensor's where its
+    ``g + e`` is not, and all of them if the exchange is abandoned. Finite inputs whose new
+    residual overflows fp32 (elements near 3.4e38) cannot be rolled back in place: that
+    residual is reset to zero. The caller leaves ``g`` and ``e`` alone until the result is
+    read.
     """
 
     def __init__(
@@ -604,9 +612,11 @@ class FusedPowerSGDExchange(PowerSGDExchange):
         self._committed = False
         self._sent: dict[int, Tensor] = {}  # dense g + e, kept for local() after the commit
         super().__init__(compressor, tensors, keys)
-        # Round 1 holds every P = M Q and every dense g + e: tiny, and non-finite wherever an
-        # element of g or e is (a product with NaN or Inf is never finite, even by 0).
-        self._finite = all(all_finite(t) for msg in self._messages[:1] for t in msg)
+        # Per matrix, this rank's P = M Q before round 1 (tiny) is non-finite wherever an
+        # element of its g or e is (a product with NaN or Inf is never finite, even by 0); per
+        # dense tensor, its g + e. Each commits or keeps its residual on its own, as op by op.
+        self._finite = {k: _finite_rows(b.p) for k, b in self._batches.items()}
+        self._finite_dense = {i: all_finite(v) for i, v in self._sent.items()}
 
     def _sources(self, members: list[int], n: int, m: int, dtype: torch.dtype) -> list[Tensor]:
         grads = [self._tensors[i].reshape(n, m) for i in members]
@@ -622,19 +632,20 @@ class FusedPowerSGDExchange(PowerSGDExchange):
         if self._committed:
             return
         self._committed = True
-        q_ok = all(b.q_local is not None and all_finite(b.q_local) for b in self._batches.values())
-        if not (self._finite and q_ok):
-            return
-        for b in self._batches.values():
+        for key, b in self._batches.items():
             assert b.q_local is not None
+            ok = [p and q for p, q in zip(self._finite[key], _finite_rows(b.q_local))]
             for j, i in enumerate(b.members):
+                if not ok[j]:
+                    continue
                 e = self._residuals[i].view(b.n, b.m)
                 e.add_(self._tensors[i].reshape(b.n, b.m))
                 e.addmm_(b.p[j], b.q_local[j].T, beta=self._decay, alpha=-self._decay)
                 if not all_finite(e):
                     e.zero_()
         for i in self._dense:
-            self._residuals[i].zero_()
+            if self._finite_dense[i]:
+                self._residuals[i].zero_()
 
     def result(self) -> list[Tensor]:
         out = super().result()

@@ -669,7 +669,7 @@ def test_fused_result_into_writes_the_mean_over_the_gradients() -> None:
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=str)
-def test_fused_non_finite_reaches_the_result_and_keeps_every_residual(bad) -> None:
+def test_fused_non_finite_reaches_the_result_and_keeps_that_residual(bad) -> None:
     from commhooks.compressors.powersgd import FusedPowerSGDExchange
     from commhooks.feedback import ErrorFeedback
 
@@ -681,9 +681,9 @@ def test_fused_non_finite_reaches_the_result_and_keeps_every_residual(bad) -> No
     exchanges, results = _ef_step(efs, grads)
     assert isinstance(exchanges[0], FusedPowerSGDExchange)
     assert not torch.isfinite(results[0][0]).all() and not torch.isfinite(results[1][0]).all()
-    for ef, old in zip(efs, before):  # the NaN spread to every rank's P: nobody commits
-        for k, e in zip(FUSED_KEYS, old):
-            assert torch.equal(ef.residual(k), e)
+    for ef, old in zip(efs, before):  # the NaN spread to every rank's P of that matrix
+        assert torch.equal(ef.residual(FUSED_KEYS[0]), old[0])
+        assert torch.isfinite(ef.residual(FUSED_KEYS[1])).all()
     assert torch.isfinite(_ef_step(efs, _ef_grads(2, 2))[1][0][0]).all()
 
 
@@ -728,9 +728,11 @@ def test_fused_needs_contiguous_matching_fp32_or_fp64() -> None:
 
 
 @pytest.mark.parametrize("offset", [0, 1, 3, 4])
-def test_fused_result_does_not_depend_on_where_the_gradient_lies(offset: int) -> None:
+@pytest.mark.parametrize("rank", [1, 2])
+def test_fused_result_does_not_depend_on_where_the_gradient_lies(offset: int, rank: int) -> None:
     """DDP places gradients at any offset of its buckets, and rebuilds them: the numbers must
-    not follow (a checkpoint resumed into fresh buckets stays bit-exact)."""
+    not follow (a checkpoint resumed into fresh buckets stays bit-exact). As in the hook, the
+    mean is written back over the gradient."""
     from commhooks.feedback import ErrorFeedback
 
     gen = torch.Generator().manual_seed(offset)
@@ -739,11 +741,37 @@ def test_fused_result_does_not_depend_on_where_the_gradient_lies(offset: int) ->
     placed = bucket[offset : offset + g.numel()].view(33, 77)
     outs = []
     for grad in (torch.empty_like(g), placed):
-        ef = ErrorFeedback("powersgd")
+        ef = ErrorFeedback(f"powersgd:rank={rank}")
         for step in range(3):
             grad.copy_(g * (step + 1))
             ex = ef.exchange(["w"], [grad], 1)
             simulate_allreduce([ex])
-            out = ex.result()[0]
-        outs.append((out, ef.residual("w")))
+            ex.result_into([grad], 1)
+        outs.append((grad.clone(), ef.residual("w")))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_fused_non_finite_keeps_only_the_affected_residuals(monkeypatch) -> None:
+    """A NaN in one matrix of a same-shape batch and in one small tensor, on one rank: the
+    other tensors' residuals update on every rank, as op by op."""
+    from commhooks.compressors.powersgd import FusedPowerSGDExchange
+    from commhooks.feedback import ErrorFeedback
+
+    fused = [ErrorFeedback("powersgd:rank=2") for _ in range(2)]
+    plain = [ErrorFeedback("powersgd:rank=2") for _ in range(2)]
+    for efs in (fused, plain):
+        _ef_step(efs, _ef_grads(2, 0))
+    before = [[ef.residual(k).clone() for k in FUSED_KEYS] for ef in fused]
+    grads = _ef_grads(2, 1)
+    grads[1][0][2, 2] = float("nan")  # one of the two (24, 16) matrices
+    grads[1][2][4] = float("nan")  # the 1-D tensor, sent dense
+    exchanges, _ = _ef_step(fused, grads)
+    assert isinstance(exchanges[0], FusedPowerSGDExchange)
+    with monkeypatch.context() as m:
+        m.setattr(PowerSGD, "_exchange_feedback", lambda *a, **k: None)
+        _ef_step(plain, grads)
+    for r in range(2):
+        for i, k in enumerate(FUSED_KEYS):
+            torch.testing.assert_close(fused[r].residual(k), plain[r].residual(k))
+            if i in (0, 1, 3, 4):  # the compressed ones (dense residuals stay zero)
+                assert torch.equal(fused[r].residual(k), before[r][i]) == (i == 0), (r, k)
