@@ -518,9 +518,12 @@ class PowerSGDExchange(Exchange):
             self._wires.append(wire2)
             self._messages.append(tuple(self._pack_round2(d) for d in wire2))
 
-    def result(self) -> list[Tensor]:
+    def _require_done(self) -> None:
         if self._round < len(self._messages):
             raise RuntimeError("exchange: result() called before every round was received")
+
+    def result(self) -> list[Tensor]:
+        self._require_done()
         if self._result is None:
             self._result = self._assemble(lambda b: b.q_sum, self._dense_sum, summed=True)
         return list(self._result)
@@ -537,8 +540,7 @@ class PowerSGDExchange(Exchange):
         """``P (Q_sum / divisor)^T`` multiplied straight into ``outs`` where an output is
         contiguous and in the compute dtype (no decoded copy), dense sums copied. Where
         ``outs`` are the inputs, read :meth:`local` first: it reads dense inputs again."""
-        if self._round < len(self._messages):
-            raise RuntimeError("exchange: result() called before every round was received")
+        self._require_done()
         for b in self._batches.values():
             assert b.q_sum is not None
             q = b.q_sum.div(divisor).transpose(1, 2)
@@ -654,8 +656,7 @@ class FusedPowerSGDExchange(PowerSGDExchange):
 
     def result_into(self, outs: Sequence[Tensor], divisor: float) -> None:
         """The residuals first (they read the inputs, which ``outs`` may be), then the mean."""
-        if self._round < len(self._messages):
-            raise RuntimeError("exchange: result() called before every round was received")
+        self._require_done()
         self._commit()
         super().result_into(outs, divisor)
 
