@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from commhooks._validate import check_bool, check_int, check_real
 from commhooks.comm.transport import Traffic
 from commhooks.compressors.base import Compressor, CompressorConfig
-from commhooks.ddp.hooks import average_buffer
-from commhooks.ddp.state import CommStats, CompressionState
+from commhooks.engine.average import average_buffer
+from commhooks.engine.state import CommStats, CompressionState
 
 __all__ = ["FedConfig", "FedStats", "FederatedAverager"]
 

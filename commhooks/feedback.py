@@ -13,7 +13,9 @@ bucket indices, which DDP renumbers when it rebuilds its buckets.
 
 A non-finite gradient is passed through to the payload, so GradScaler sees it and skips the
 step; the stored residual and momentum are left as they were, since the skipped step applies
-nothing.
+nothing. A step is one transaction: every change a step makes to the memory is journaled
+until :meth:`ErrorFeedback.commit_step`, and :meth:`ErrorFeedback.rollback` restores what the
+step found, for a step that some rank's overflow in another tensor makes the optimizer skip.
 """
 
 from __future__ import annotations
@@ -110,6 +112,9 @@ class ErrorFeedback:
         self._residuals: dict[str, Tensor] = {}
         self._momenta: dict[str, Tensor] = {}
         self._pending: dict[str, tuple[Tensor, Tensor | None, bool]] = {}
+        # Per key, the residual and momentum before this step's first change to them.
+        self._journal: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+        self._journal_in_place = False
         self._step = 0
         self._current = self._compressor_for(0)
 
@@ -140,6 +145,41 @@ class ErrorFeedback:
         if self._step <= self.config.warmup_steps:
             self._current = self._compressor_for(self._step)
 
+    # -- the step as a transaction -------------------------------------------------------------
+
+    def journal(self, in_place: bool) -> None:
+        """Whether the updates that follow, until the next call, must keep a copy of what they
+        overwrite in place (fused kernels update residuals in place). Replaced residuals are
+        always journaled, by reference. Copies cost a pass over the residuals, so the engine
+        asks for them only for exchanges that other exchanges of the same step follow: the
+        last one abandons itself on non-finite input, and once a step is known to be
+        non-finite the engine sends the rest of it dense, without touching the memory."""
+        self._journal_in_place = in_place
+
+    def _touch(self, key: str, in_place: bool = False) -> None:
+        """Journal ``key`` before its first change this step."""
+        if key in self._journal:
+            return
+        e = self._residuals.get(key)
+        if in_place and e is not None and self._journal_in_place:
+            e = e.clone()
+        self._journal[key] = (e, self._momenta.get(key))
+
+    def commit_step(self) -> None:
+        """Keep this step's changes."""
+        self._journal.clear()
+
+    def rollback(self) -> None:
+        """Undo this step's changes: every residual and momentum is as the step found it."""
+        for key, (e, m) in self._journal.items():
+            for store, old in ((self._residuals, e), (self._momenta, m)):
+                if old is None:
+                    store.pop(key, None)
+                elif store.get(key) is not old:
+                    store[key] = old
+        self._journal.clear()
+        self._pending.clear()
+
     # -- compensation ---------------------------------------------------------------------------
 
     def residual(self, key: str) -> Tensor | None:
@@ -151,6 +191,7 @@ class ErrorFeedback:
     def pop(self, key: str) -> Tensor | None:
         """Remove and return ``key``'s residual (and forget its momentum): for a caller that
         sends what is left uncompressed and stops compressing the tensor."""
+        self._touch(key)
         self._momenta.pop(key, None)
         return self._residuals.pop(key, None)
 
@@ -190,6 +231,7 @@ class ErrorFeedback:
         if momentum is not None:
             if self.config.momentum_masking:
                 momentum = momentum.masked_fill(sent != 0, 0.0)
+            self._touch(key)
             self._momenta[key] = momentum
         self._store(key, residual)
 
@@ -199,6 +241,7 @@ class ErrorFeedback:
             return
         if self.config.decay != 1.0:
             residual.mul_(self.config.decay)
+        self._touch(key)
         self._residuals[key] = residual
 
     def compress(self, key: str, tensor: Tensor) -> tuple[Payload, Context]:
@@ -214,6 +257,8 @@ class ErrorFeedback:
         e = self._stored(key, tensor)
         # A key's first step has no residual to update in place; it goes op by op.
         if self.config.momentum == 0 and e is not None:
+            if type(c)._compress_feedback is not Compressor._compress_feedback:
+                self._touch(key, in_place=True)
             fused = c.compress_feedback(tensor, e, key)
             if fused is not None:
                 # Updated in place, and finite: kernels refuse input that could overflow it.
@@ -271,6 +316,9 @@ class ErrorFeedback:
                     tensors, residuals, keys, world_size, self.config.decay
                 )
                 if fused is not None:
+                    # It updates the residuals in place only when its result is first read.
+                    for k in keys:
+                        self._touch(k, in_place=True)
                     return fused
         return _FeedbackExchange(self, list(keys), list(tensors), world_size)
 
@@ -286,6 +334,7 @@ class ErrorFeedback:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._journal.clear()
         self._residuals = {k: v.clone() for k, v in state["residuals"].items()}
         self._momenta = {k: v.clone() for k, v in state["momenta"].items()}
         self._step = int(state["step"])

@@ -5,7 +5,7 @@
 """
 
 from commhooks.ddp.hooks import bf16_wrapper, compression_hook, fp16_wrapper, register
-from commhooks.ddp.state import CommStats, CompressionState, HookOptions
+from commhooks.engine.state import CommStats, CompressionState, HookOptions
 
 __all__ = [
     "CommStats",

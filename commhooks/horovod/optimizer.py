@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from commhooks.compressors.base import Compressor, CompressorConfig
-from commhooks.ddp.hooks import average_buffer
-from commhooks.ddp.state import CommStats, CompressionState
+from commhooks.engine.average import average_buffer
+from commhooks.engine.state import CommStats, CompressionState
 from commhooks.horovod.collectives import HorovodCollectives, horovod
 
 __all__ = ["DistributedOptimizer", "broadcast_initial_state"]

@@ -11,6 +11,8 @@ processes once. A case is a dict:
 * ``accumulate``: micro-batches per step, all but the last under ``no_sync()``;
 * ``first_step`` / ``save`` / ``load``: start at a global step, save or load a checkpoint;
 * ``inf_at``: the step on which rank 1 feeds an inf (trained under a GradScaler);
+* ``nan_at``: the step on which rank 1's gradient of the first layer's weight (in DDP's last
+  bucket) gets one NaN, and nothing else (trained under a GradScaler);
 * ``errors``: whether the dense error of each averaged bucket is measured.
 """
 
@@ -144,8 +146,18 @@ def run_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
         case = {**case, "hook": ("ours", hook[1][rank], hook[2])}
     ddp, state = build(case)
     opt = torch.optim.SGD(ddp.parameters(), lr=case.get("lr", 0.1), momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if "inf_at" in case else None
+    scaler = (
+        torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        if "inf_at" in case or "nan_at" in case
+        else None
+    )
     first = case.get("first_step", 0)
+    armed = [False]
+    if "nan_at" in case and rank == 1:
+        weight = next(ddp.module.parameters())
+        weight.register_hook(
+            lambda g: g.index_fill(0, torch.tensor([0]), float("nan")) if armed[0] else g
+        )
     if "load" in case:
         ckpt = torch.load(case["load"].format(rank=rank), weights_only=False)
         ddp.module.load_state_dict(ckpt["model"])
@@ -160,6 +172,7 @@ def run_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
             x, y = batch(rank, step, m)
             if step == case.get("inf_at") and rank == 1:
                 x[0, 0] = float("inf")
+            armed[0] = step == case.get("nan_at")
             ctx = ddp.no_sync() if m < micro - 1 else _nullcontext()
             with ctx:
                 loss = nn.functional.cross_entropy(ddp(x), y) / micro
@@ -279,6 +292,62 @@ def fallback_run(rank: int, world: int, store_path: str, out: str, spec: str, st
             },
             out,
         )
+        dist.barrier()
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def overlap_run(rank: int, world: int, store_path: str, out: str, spec: str, steps: int) -> None:
+    """Train with the hook while its worker is held up during each backward: record whether
+    every future was still pending when the hook returned, and the averaged gradients; then
+    the same steps with a reference hook that averages each bucket synchronously."""
+    import threading
+
+    from commhooks.engine import average_buffer
+
+    init(rank, world, store_path)
+    try:
+        results = {}
+        for mode in ("overlap", "sync"):
+            ddp = nn.parallel.DistributedDataParallel(make_model(), bucket_cap_mb=0.005)
+            state = commhooks.ddp.CompressionState(spec, model=ddp, min_numel=256)
+            pending: list[bool] = []
+
+            def spy(st: Any, bucket: dist.GradBucket, pending: list[bool] = pending) -> Any:
+                fut = commhooks.ddp.compression_hook(st, bucket)
+                pending.append(not fut.done())
+                return fut
+
+            def sync(st: Any, bucket: dist.GradBucket) -> Any:
+                average_buffer(st, bucket.buffer(), list(bucket.parameters()),
+                               final=bucket.is_last())  # fmt: skip
+                if bucket.is_last():
+                    st.end_step()
+                fut = torch.futures.Future()
+                fut.set_result(bucket.buffer())
+                return fut
+
+            hook = spy if mode == "overlap" else sync
+            # torch checks the annotation's class, and this module's annotations are strings.
+            hook.__annotations__["bucket"] = dist.GradBucket
+            hook.__annotations__["return"] = torch.futures.Future[torch.Tensor]
+            ddp.register_comm_hook(state, hook)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+            grads = []
+            for step in range(steps):
+                opt.zero_grad()
+                x, y = batch(rank, step)
+                if mode == "overlap":
+                    state.bind()  # the engine's group, at the same point on every rank
+                    gate = threading.Event()
+                    state.worker.submit(lambda gate=gate: gate.wait(30))
+                    threading.Timer(0.5, gate.set).start()
+                nn.functional.cross_entropy(ddp(x), y).backward()
+                grads.append([p.grad.clone() for p in ddp.parameters()])
+                opt.step()
+            results[mode] = {"grads": grads, "pending": pending, "stats": state.stats()}
+        torch.save(results, out)
         dist.barrier()
     finally:
         gc.collect()

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from _workers import run_cases, run_cases_per_rank
+from _workers import overlap_run, run_cases, run_cases_per_rank
 
 import commhooks
 
@@ -161,8 +161,8 @@ def test_lossless_settings_give_the_dense_result(run_ranks) -> None:
 
 
 def test_coalesced_buckets_match_bucket_by_bucket(run_ranks) -> None:
-    """``coalesce`` (the default) holds the buckets until the last and exchanges them with one
-    set of collectives per step: the same gradients as one exchange per bucket."""
+    """``coalesce`` holds the buckets until the last and exchanges them with one set of
+    collectives per step: the same gradients as one exchange per bucket (the default)."""
     specs = ["topk:ratio=0.05", "powersgd", "sign", "uniform:shared_scale=true"]
     cases = [
         {"hook": ours(spec, coalesce=c), "steps": 4, "keep_grads": True}
@@ -289,6 +289,38 @@ def test_nonfinite_gradients_reach_gradscaler_and_leave_feedback_alone(run_ranks
             assert rank["ef"][3] == rank["ef"][2], spec
             assert rank["stats"].nonfinite_steps == 1
         assert_replicas_identical(res, spec)
+
+
+def test_a_nan_in_the_last_bucket_rolls_back_the_earlier_buckets_feedback(run_ranks) -> None:
+    """One NaN in the first layer's gradient (DDP's last bucket) on one rank: the buckets
+    exchanged before it were finite and compressed, but the step is skipped, so their
+    error-feedback changes are rolled back with the rest (fused and op-by-op paths)."""
+    specs = ["topk:ratio=0.1", "powersgd", "sign", "fp16", "randomk"]
+    cases = [{"hook": ours(s), "steps": 5, "nan_at": 3} for s in specs]
+    for spec, res in zip(specs, per_case(run_ranks(run_cases, 2, cases))):
+        for rank in res:
+            assert rank["finite"] == [True, True, True, False, True], spec
+            assert rank["params"][3] == rank["params"][2], spec
+            assert rank["ef"][3] == rank["ef"][2], spec
+            assert rank["ef"][4] != rank["ef"][3], spec
+        assert_replicas_identical(res, spec)
+
+
+@pytest.mark.parametrize("spec", ["sign", "powersgd", "uniform:shared_scale=true", "topk"])
+def test_the_hook_returns_before_the_exchange_and_matches_the_synchronous_engine(
+    run_ranks, spec: str
+) -> None:
+    """With the worker held up, every bucket's future is still pending when the hook returns
+    (backward goes on); the averaged gradients equal those of the engine called bucket by
+    bucket on the autograd thread, bit for bit, over several steps of error feedback."""
+    res = run_ranks(overlap_run, 2, spec, 4)
+    for rank in res:
+        over, sync = rank["overlap"], rank["sync"]
+        assert len(over["pending"]) > 4 and all(over["pending"])  # several buckets a step
+        assert over["stats"].wire_bytes < over["stats"].raw_bytes
+        for a_step, b_step in zip(over["grads"], sync["grads"]):
+            for a, b in zip(a_step, b_step):
+                assert torch.equal(a, b), spec
 
 
 def test_start_iter_steps_are_dense(run_ranks) -> None:

@@ -97,7 +97,7 @@ def _train(ddp: nn.Module, steps: int, first: int = 0) -> None:
 def test_stats_count_bytes_and_are_logged(world_of_one: None, caplog: Any) -> None:
     ddp = nn.parallel.DistributedDataParallel(make_model())
     state = commhooks.ddp.register(ddp, "topk:ratio=0.01", log_every=2, min_numel=0)
-    with caplog.at_level(logging.INFO, logger="commhooks.ddp.state"):
+    with caplog.at_level(logging.INFO, logger="commhooks.engine.state"):
         _train(ddp, 4)
     stats = state.stats()
     n = sum(p.numel() for p in ddp.parameters())

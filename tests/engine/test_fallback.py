@@ -8,7 +8,7 @@ from _workers import fallback_run
 
 from commhooks.comm.collectives import Collectives, ReduceOp
 from commhooks.ddp import HookOptions
-from commhooks.ddp.fallback import COMPRESSED, DENSE, Fallback
+from commhooks.engine.fallback import COMPRESSED, DENSE, Fallback
 
 
 class _OneRank(Collectives):

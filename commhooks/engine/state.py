@@ -1,4 +1,5 @@
-"""The hook state: options, per-rank runtime state (error feedback, step counter) and stats."""
+"""The engine's state: options, per-rank runtime state (error feedback, step counter), stats,
+and the communication worker and collectives it runs on."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from commhooks.comm.transport import (
 )
 from commhooks.compressors._quant import NativeKernels
 from commhooks.compressors.base import Compressor, CompressorConfig
-from commhooks.ddp.fallback import BucketChoice, Fallback
+from commhooks.engine.fallback import BucketChoice, Fallback
+from commhooks.engine.worker import CommWorker
 from commhooks.feedback import ErrorFeedback, FeedbackConfig
 from commhooks.registry import compressor as build_compressor
 
@@ -66,17 +68,17 @@ class HookOptions:
         fallback: ``"off"`` (the default) or ``"auto"``: time each bucket's compressed path
             against a dense all-reduce for ``fallback_probes`` calls each, and send the bucket
             dense from then on where compression took longer (decided alike on every rank; see
-            :mod:`commhooks.ddp.fallback`). For links whose speed you do not know in advance;
+            :mod:`commhooks.engine.fallback`). For links whose speed you do not know in advance;
             a dense bucket's error-feedback residual is sent with its first dense step.
         fallback_probes: timed calls per path before a bucket is settled (>= 1); the median
             is compared, so 3 tolerates one disturbed call.
         coalesce: exchange all of a step's buckets together, when DDP hands over the last
             one: one small all-reduce and one transport run per step instead of one per
-            bucket. The hook is synchronous, so holding the earlier buckets loses no overlap;
-            it saves a collective's latency per bucket and round (PowerSGD: three). Off, each
-            bucket is exchanged as it arrives, with transient memory (compensated tensors) of
-            one bucket instead of the whole model. Ignored with ``fallback="auto"``, which
-            times and settles each bucket on its own.
+            bucket, but no overlap with backward. Off (the default), each bucket is exchanged
+            on the communication worker as soon as DDP hands it over, while backward goes
+            on. Turn it on for high-latency links where a collective's start-up cost per
+            bucket and round (PowerSGD: two) outweighs the overlap. Ignored with
+            ``fallback="auto"``, which times and settles each bucket on its own.
         log_every: log the stats with the module logger every this many steps (0: never).
         seed: seed of the rank-local randomness (stochastic rounding); the rank is mixed in.
         check_config: on the first compressed step, check that every rank uses the same
@@ -92,7 +94,7 @@ class HookOptions:
     min_ratio: float = 1.0
     fallback: str = "off"
     fallback_probes: int = 3
-    coalesce: bool = True
+    coalesce: bool = False
     log_every: int = 0
     seed: int = 0
     check_config: bool = True
@@ -152,7 +154,10 @@ class CompressionState:
         process_group: the group to communicate in (None: the default group).
         options: a :class:`HookOptions`; or give its fields as keyword arguments.
         comm: other collectives to run over instead of torch.distributed (the Horovod front
-            end passes its own); ``process_group`` is then unused.
+            end passes its own); ``process_group`` is then unused. Without them the state
+            communicates over a process group of its own with ``process_group``'s ranks,
+            created on first use, so its collectives never interleave with those DDP issues
+            itself (buffer broadcasts, the unused-parameter bitmap).
         named_parameters: ``(name, parameter)`` pairs naming the parameters, when there is no
             model to take them from.
     """
@@ -198,6 +203,10 @@ class CompressionState:
         )
         #: buckets of this step held for the last one (``coalesce``): buffer, params, future
         self.deferred: list[tuple[torch.Tensor, list[torch.Tensor], Future[torch.Tensor]]] = []
+        # The compressor and its state before this step's first exchange (for a rollback).
+        self._snapshot: tuple[Compressor[Any], dict[str, Any]] | None = None
+        #: runs the exchanges of the front ends that overlap them with backward
+        self.worker = CommWorker()
         if self.fallback is not None and isinstance(self.compressor, NativeKernels):
             native.lib()  # a build during a timed probe would count against compression
 
@@ -205,10 +214,18 @@ class CompressionState:
 
     @property
     def comm(self) -> Collectives:
-        """The collectives: torch.distributed over ``process_group`` unless others were given."""
+        """The collectives: torch.distributed over a group of ``process_group``'s ranks,
+        unless others were given. Every rank of the group must first call this at the same
+        point (the hook does, on its first bucket)."""
         if self._comm is None:
-            self._comm = TorchCollectives(self.process_group)
+            self._comm = TorchCollectives(_own_group(self.process_group))
         return self._comm
+
+    def bind(self) -> Collectives:
+        """Create the collectives now, on the calling thread: with torch.distributed that is
+        a new process group, which every rank of it must create at the same point. The DDP
+        hook calls this on every bucket, before handing it to the worker."""
+        return self.comm
 
     @property
     def world_size(self) -> int:
@@ -288,12 +305,49 @@ class CompressionState:
         self._step.add(step)
         self._step.extra.update(step.extra)
 
+    def memories(self) -> list[ErrorFeedback]:
+        """Every error-feedback memory of this state: the workers' and the transport's own
+        (the reduce-scatter transport's server side)."""
+        server = getattr(self._transport, "server", None)
+        return [m for m in (self.feedback, server) if m is not None]
+
+    @property
+    def step_nonfinite(self) -> bool:
+        """Whether some rank had non-finite gradients in an exchange of the current step."""
+        return bool(self._step.extra.get("nonfinite"))
+
+    def journal(self, in_place: bool) -> None:
+        """Before an exchange: whether more exchanges of this step follow it, so that fused
+        in-place residual updates must be journaled (see :meth:`ErrorFeedback.journal`).
+        The first call of a step also notes the compressor's state (PowerSGD's Q, the
+        shared generators' counters), which a rolled-back step restores."""
+        if self._snapshot is None:
+            current = self.transport.current
+            self._snapshot = (current, current.state_dict())
+        for m in self.memories():
+            m.journal(in_place)
+
     def end_step(self) -> None:
-        """Close a step (after the last bucket): fold its stats in, advance counters, log."""
+        """Close a step (after the last bucket): commit or roll back its error-feedback
+        changes, fold its stats in, advance counters, log.
+
+        A step on which any rank had non-finite gradients is rolled back: the optimizer or
+        GradScaler skips it, so the residuals must stay as they were before it.
+        """
         s, st = self._stats, self._step
+        nonfinite = bool(st.extra.get("nonfinite"))
+        for m in self.memories():
+            if nonfinite:
+                m.rollback()
+            else:
+                m.commit_step()
+        if nonfinite and self._snapshot is not None:
+            compressor, saved = self._snapshot
+            compressor.load_state_dict(saved)
+        self._snapshot = None
         s.steps += 1
         s.add(st)
-        s.nonfinite_steps += int(bool(st.extra.get("nonfinite")))
+        s.nonfinite_steps += int(nonfinite)
         s.last_raw_bytes, s.last_wire_bytes = st.raw_bytes, st.wire_bytes
         s.last_link_bytes = st.link_bytes
         self._step = TransportStats()
@@ -313,7 +367,8 @@ class CompressionState:
     # -- public --------------------------------------------------------------------------------
 
     def stats(self) -> CommStats:
-        """A copy of the cumulative stats."""
+        """A copy of the cumulative stats (after the exchanges queued so far)."""
+        self.worker.drain()
         return dataclasses.replace(self._stats)
 
     def fallback_report(self) -> list[BucketChoice]:
@@ -325,6 +380,7 @@ class CompressionState:
 
         The process group is not included.
         """
+        self.worker.drain()
         return {
             "iteration": self.iteration,
             "feedback": self.feedback.state_dict() if self.feedback is not None else None,
@@ -335,6 +391,7 @@ class CompressionState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.worker.drain()
         if state.get("fingerprint") not in (None, self.fingerprint()):
             raise ValueError("state: saved by a hook with another compressor, options or transport")
         transport = self.transport  # bind (and seed) first, so what is loaded is not reseeded
@@ -346,3 +403,12 @@ class CompressionState:
         if hasattr(transport, "load_state_dict"):
             transport.load_state_dict(state.get("transport") or {})
         self._stats = CommStats(**state["stats"])
+
+
+def _own_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """A new process group with ``group``'s ranks (None: every rank), for the engine's
+    collectives alone; only its own ranks take part in creating it."""
+    if not dist.is_initialized():
+        raise RuntimeError("process group: call torch.distributed.init_process_group first")
+    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    return dist.new_group(ranks, use_local_synchronization=True)

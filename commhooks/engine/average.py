@@ -1,0 +1,245 @@
+"""The averaging engine: a group of gradient tensors in, their average over ranks out.
+
+Every front end calls these: DDP's hook once per bucket (on the communication worker, see
+:mod:`commhooks.engine.worker`), Horovod's optimizer once per bucket of parameters, the
+federated averager once per round. All collectives go through ``state.comm`` (a
+:class:`~commhooks.comm.collectives.Collectives`), warm-up included, in an order that depends
+only on the shapes and the config.
+
+What one call does with a buffer (the concatenated gradients of some parameters):
+
+* before ``start_iter`` steps: one dense all-reduce, in place;
+* after: the small and 1-D tensors, plus a count of ranks holding non-finite values, in one
+  dense all-reduce (riding in the transport's first round when it sums); the rest through the
+  state's transport, with error feedback per parameter. A step on which some rank overflowed
+  goes dense everywhere, so the optimizer and GradScaler see the inf/nan, and the step's
+  error-feedback changes are rolled back when it closes (:meth:`CompressionState.end_step`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.futures import Future
+
+from commhooks.comm.transport import AllReduceTransport, TransportStats, count_allreduce
+from commhooks.compressors.base import all_finite
+from commhooks.engine.fallback import COMPRESSED
+from commhooks.engine.state import CompressionState
+from commhooks.engine.worker import HELD
+
+__all__ = ["average_bucket", "average_buffer", "param_views"]
+
+
+def param_views(buffer: Tensor, params: list[Tensor]) -> list[Tensor]:
+    """Per-parameter views of a flat buffer holding the gradients of ``params`` in order."""
+    views, pos = [], 0
+    for p in params:
+        views.append(buffer[pos : pos + p.numel()].view(p.shape))
+        pos += p.numel()
+    return views
+
+
+def average_bucket(
+    state: CompressionState,
+    buffer: Tensor,
+    params: list[Tensor],
+    future: Future[Tensor],
+    *,
+    first: bool,
+    last: bool,
+) -> Any:
+    """Average one DDP bucket in place and return it; runs on the communication worker.
+
+    With ``coalesce`` the buckets before the last are held (the return value is
+    :data:`~commhooks.engine.worker.HELD`) and exchanged together with the last, which then
+    completes their futures. ``first``/``last``: the bucket opens/closes a step.
+    """
+    state.check_agreement(buffer.device)
+    held = False
+    if state.iteration < state.options.start_iter:
+        _dense_in_place(state, buffer)
+    elif state.fallback is not None:
+        _measured(state, buffer, params, final=last)
+    elif state.options.coalesce and not last:
+        if first:
+            _drop_stale(state)
+        state.deferred.append((buffer, params, future))
+        held = True
+    else:
+        _average_deferred(state, buffer, params, final=last)
+    if last:
+        state.end_step()
+    return HELD if held else buffer
+
+
+def average_buffer(
+    state: CompressionState, buffer: Tensor, params: list[Tensor], *, final: bool = True
+) -> None:
+    """Average ``buffer`` (the concatenated gradients of ``params``) over ranks, in place and
+    synchronously on the calling thread: dense before ``start_iter``, compressed after.
+
+    Does not close the step (call ``state.end_step()``). ``final=False`` says more buffers of
+    this step follow: the in-place error-feedback updates are then journaled, so that a later
+    buffer's overflow can roll the whole step back.
+    """
+    state.check_agreement(buffer.device)
+    if state.iteration < state.options.start_iter:
+        _dense_in_place(state, buffer)
+    else:
+        _average_parts(state, [(buffer, params)], final=final)
+
+
+def _drop_stale(state: CompressionState) -> None:
+    """A step starts with buckets still held: the last step's backward stopped before its last
+    bucket. Drop them, or their buffers, which DDP refills, would be averaged twice."""
+    stale, state.deferred = state.deferred, []
+    for _, _, fut in stale:
+        fut.set_exception(RuntimeError("commhooks: backward ended before the last bucket"))
+
+
+def _average_deferred(
+    state: CompressionState, buffer: Tensor, params: list[Tensor], final: bool
+) -> None:
+    """Average the held buckets and this one in one go, then complete the held futures."""
+    held, state.deferred = state.deferred, []
+    try:
+        _average_parts(state, [*((b, p) for b, p, _ in held), (buffer, params)], final=final)
+    except BaseException as e:
+        for _, _, fut in held:
+            fut.set_exception(e)
+        raise
+    for b, _, fut in held:
+        fut.set_result(b)
+
+
+def _measured(state: CompressionState, buffer: Tensor, params: list[Tensor], final: bool) -> None:
+    """``fallback="auto"``: probe both paths, then keep the faster (see ``engine/fallback.py``)."""
+    assert state.fallback is not None
+    keys = tuple(state.key_of(p) for p in params)
+    path, probe = state.fallback.plan(keys, state.comm, buffer.device)
+    if probe:
+        _sync(buffer)  # backward's queued kernels must not be charged to either path
+    t0 = time.perf_counter()
+    if path == COMPRESSED:
+        _average_parts(state, [(buffer, params)], final=final)
+    else:
+        # Settled dense: what error feedback still holds for these tensors goes now (popped
+        # under the step's journal, so a skipped step gives it back).
+        if not probe and state.feedback is not None and all_finite(buffer):
+            for view, key in zip(param_views(buffer, params), keys):
+                residual = state.feedback.pop(key)
+                if residual is not None:
+                    view.add_(residual.to(view.dtype))
+        _dense_in_place(state, buffer)
+    if probe:
+        _sync(buffer)
+        state.fallback.record(keys, path, time.perf_counter() - t0)
+
+
+def _sync(buffer: Tensor) -> None:
+    if buffer.is_cuda:
+        torch.cuda.synchronize(buffer.device)
+
+
+def _dense_in_place(state: CompressionState, buffer: Tensor) -> None:
+    """A plain all-reduce of the whole buffer, divided by the world size (warm-up, fallback)."""
+    step = TransportStats(raw_bytes=buffer.numel() * buffer.element_size())
+    t0 = time.perf_counter()
+    state.comm.all_reduce(buffer)
+    step.comm_s += time.perf_counter() - t0
+    count_allreduce(step, buffer, state.world_size)
+    buffer.div_(state.world_size)
+    state.record(step)
+
+
+def _dense_average(
+    state: CompressionState,
+    views: list[Tensor],
+    idx: list[int],
+    step: TransportStats,
+    extra: Tensor | None = None,
+) -> Tensor | None:
+    """Average ``views[i]`` for ``i in idx`` in place with one all-reduce; ``extra`` rides
+    along at the end and is returned summed over ranks."""
+    tail = [extra] if extra is not None else []
+    flat = torch.cat([*(views[i].reshape(-1) for i in idx), *tail])
+    state.comm.all_reduce(flat)
+    count_allreduce(step, flat, state.world_size)
+    _write_mean(state, views, idx, flat[: flat.numel() - len(tail)])
+    return flat[-1] if extra is not None else None
+
+
+def _write_mean(
+    state: CompressionState, views: list[Tensor], idx: list[int], summed: Tensor
+) -> None:
+    """Copy the sum over ranks of ``views[i]`` for ``i in idx`` (concatenated), divided by
+    the world size, into them."""
+    body = summed.div_(state.world_size)
+    for i, piece in zip(idx, body.split([views[i].numel() for i in idx])):
+        views[i].copy_(piece.view(views[i].shape))
+
+
+def _average_parts(
+    state: CompressionState, parts: list[tuple[Tensor, list[Tensor]]], *, final: bool
+) -> None:
+    """Average several buffers (DDP buckets) in place with one set of collectives."""
+    opts = state.options
+    params = [p for _, ps in parts for p in ps]
+    views = [v for b, ps in parts for v in param_views(b, ps)]
+    dense, sparse = [], []
+    for i, v in enumerate(views):
+        small = (
+            v.numel() < opts.min_numel
+            or (v.dim() <= 1 and not opts.compress_1d)
+            or not state.pays(v)
+        )
+        (dense if small else sparse).append(i)
+
+    # The small tensors' all-reduce also carries a count of ranks holding non-finite values,
+    # so every rank learns of an overflow before anything is committed: such a step goes
+    # dense (the optimizer and GradScaler see the inf/nan) and error feedback is not touched.
+    # Over an all-reduce transport they ride in its first round (one collective fewer); the
+    # round's work is then dropped on every rank alike.
+    buffers = [b for b, _ in parts]
+    step = TransportStats(raw_bytes=sum(b.numel() * b.element_size() for b in buffers))
+    if state.step_nonfinite:
+        # An earlier exchange of this step overflowed on some rank, so the step will be
+        # skipped: the rest goes dense, leaving error feedback alone.
+        _dense_average(state, views, list(range(len(views))), step)
+        step.extra["nonfinite"] = True
+        state.record(step)
+        return
+    finite = all(all_finite(b) for b in buffers)
+    flag = buffers[-1].new_full((1,), 0.0 if finite else 1.0)
+    keys = [state.key_of(params[i]) for i in sparse]
+    out: list[Tensor] | None = None
+    moved: TransportStats | None = None
+    state.journal(in_place=not final)
+    if sparse and isinstance(state.transport, AllReduceTransport):
+        ride = torch.cat([*(views[i].reshape(-1) for i in dense), flag])
+        grads = [views[i] for i in sparse]
+        # The means go straight into the bucket (nothing left to copy below).
+        done, _, moved = state.transport.run_riding(
+            keys, grads, ride, lambda summed: bool(summed[-1] == 0), out=grads
+        )
+        _write_mean(state, views, dense, ride[:-1])
+        nonfinite = done is None
+    else:
+        nonfinite = bool(_dense_average(state, views, dense, step, extra=flag) != 0)
+        if sparse and not nonfinite:
+            out, moved = state.transport.run(keys, [views[i] for i in sparse])
+    if sparse and nonfinite:
+        _dense_average(state, views, sparse, step)
+    if nonfinite:
+        step.extra["nonfinite"] = True
+    if moved is not None:
+        moved.raw_bytes = 0  # the buckets' raw bytes are counted once, above
+        step.add(moved)
+    if out is not None:
+        for i, o in zip(sparse, out):
+            views[i].copy_(o)
+    state.record(step)

@@ -1,0 +1,69 @@
+"""The communication worker: order, held futures, errors, re-entry."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from commhooks.engine import HELD, CommWorker
+
+
+def test_jobs_run_in_submission_order_on_one_thread() -> None:
+    worker = CommWorker()
+    seen: list[tuple[int, str]] = []
+    futs = [
+        worker.submit(lambda i=i: seen.append((i, threading.current_thread().name)) or i)
+        for i in range(50)
+    ]
+    assert [f.wait() for f in futs] == list(range(50))
+    assert [i for i, _ in seen] == list(range(50))
+    assert {name for _, name in seen} == {"commhooks-comm"}
+
+
+def test_submit_returns_before_the_job_runs() -> None:
+    worker = CommWorker()
+    gate = threading.Event()
+    first = worker.submit(lambda: gate.wait(10))
+    second = worker.submit(lambda: 2)
+    assert not first.done() and not second.done()
+    gate.set()
+    assert second.wait() == 2 and first.done()
+
+
+def test_a_held_job_leaves_its_future_to_a_later_job() -> None:
+    worker = CommWorker()
+    held = worker.future()
+    assert worker.submit(lambda: HELD, future=held) is held
+    later = worker.submit(lambda: held.set_result("from later") or "later")
+    assert later.wait() == "later"
+    assert held.wait() == "from later"
+
+
+def test_an_exception_reaches_the_waiter_and_the_worker_goes_on() -> None:
+    worker = CommWorker()
+
+    def boom() -> None:
+        raise ValueError("field: why")
+
+    with pytest.raises(ValueError, match="field: why"):
+        worker.submit(boom).wait()
+    assert worker.submit(lambda: 3).wait() == 3
+
+
+def test_run_from_the_worker_itself_does_not_deadlock() -> None:
+    worker = CommWorker()
+    outer = worker.submit(lambda: worker.run(lambda: worker.on_worker()))
+    assert outer.wait() is True
+    assert worker.run(lambda: 5) == 5 and not worker.on_worker()
+
+
+def test_drain_waits_for_every_queued_job() -> None:
+    worker = CommWorker()
+    done: list[int] = []
+    gate = threading.Event()
+    worker.submit(lambda: gate.wait(10))
+    worker.submit(lambda: done.append(1))
+    threading.Timer(0.2, gate.set).start()
+    worker.drain()
+    assert done == [1]
