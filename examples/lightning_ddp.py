@@ -1,19 +1,20 @@
-"""Lightning: pass commhooks' state and hook to DDPStrategy, no glue.
+"""Lightning: CompressedDDPStrategy registers the commhooks hook, on CPU as on CUDA.
 
-    python examples/lightning_ddp.py        # 2 CPU processes
+    python examples/lightning_ddp.py                           # 2 CPU processes (gloo)
+    torchrun --standalone --nproc_per_node=2 examples/lightning_ddp.py   # the same
 
-Lightning is not a commhooks dependency: pip install lightning.
+Each rank prints the hook's stats after fit(). Needs Lightning: pip install lightning.
 """
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from commhooks.ddp import CompressionState, compression_hook
+from commhooks.integrations import stats_line
+from commhooks.integrations.lightning import CompressedDDPStrategy
 
 
 class Net(pl.LightningModule):
@@ -30,19 +31,17 @@ class Net(pl.LightningModule):
 
 
 def main() -> None:
+    torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(512, 64, generator=g), torch.randint(10, (512,), generator=g))
-    # The state names parameters by the order the hook meets them (no model needed here).
-    strategy = DDPStrategy(
-        process_group_backend="gloo",
-        ddp_comm_state=CompressionState("sign"),
-        ddp_comm_hook=compression_hook,
-    )
+    # Hook options (start_iter, log_every, ...) and DDPStrategy's own arguments mix freely.
+    strategy = CompressedDDPStrategy("topk:ratio=0.05", process_group_backend="gloo")
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(Net(), DataLoader(data, batch_size=32))
+    print(stats_line(strategy.compression_state, trainer.global_rank), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import pathlib
-import subprocess
 import sys
 
-import pytest
+from _frameworks import ACCELERATE, BIN, ROOT, TORCHRUN, assert_compressed
+from _frameworks import run as _run
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 EX = ROOT / "examples"
-BIN = pathlib.Path(sys.executable).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"]
-
-
-def _run(cmd: list[str]) -> str:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
-    assert res.returncode == 0, f"{cmd}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
-    return res.stdout
 
 
 def test_ddp_train_with_options() -> None:
@@ -46,14 +33,18 @@ def test_horovod_train() -> None:
     assert "compressor=sign test accuracy" in out
 
 
-def test_accelerate_snippet() -> None:
-    out = _run([*TORCHRUN, str(EX / "accelerate_ddp.py")])
-    assert "accelerate + commhooks: ratio" in out
+def test_accelerate_under_accelerate_launch_compresses() -> None:
+    assert_compressed(_run([*ACCELERATE, str(EX / "accelerate_ddp.py")]))
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("lightning") is None,
-    reason="lightning is not installed (and not on this project's package index)",
-)
-def test_lightning_snippet() -> None:
-    _run([sys.executable, str(EX / "lightning_ddp.py")])
+def test_accelerate_under_torchrun_compresses() -> None:
+    assert_compressed(_run([*TORCHRUN, str(EX / "accelerate_ddp.py")]))
+
+
+def test_lightning_on_cpu_compresses() -> None:
+    # Lightning's own launcher starts the second process.
+    assert_compressed(_run([sys.executable, str(EX / "lightning_ddp.py")]))
+
+
+def test_hf_trainer_compresses() -> None:
+    assert_compressed(_run([*TORCHRUN, str(EX / "hf_trainer.py")]))

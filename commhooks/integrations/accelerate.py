@@ -1,0 +1,65 @@
+"""accelerate: register the commhooks hook on the model ``accelerator.prepare()`` wrapped in DDP.
+
+``state = register_accelerate(accelerator, model, "topk:ratio=0.01")`` after ``prepare()``.
+
+accelerate's ``DistributedDataParallelKwargs(comm_hook=...)`` takes only accelerate's own hook
+names; this registers a commhooks hook instead, on CPU (gloo) and CUDA alike. Needs
+``accelerate`` only to have produced ``model``; this module does not import it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from commhooks.ddp import CompressionState
+from commhooks.integrations._ddp import Spec, check_hook, find_ddp, register_on
+
+__all__ = ["register_accelerate"]
+
+
+def register_accelerate(
+    accelerator: Any,
+    model: nn.Module,
+    compressor: Spec = "topk:ratio=0.01",
+    *,
+    wrapper: str | None = None,
+    **options: Any,
+) -> CompressionState:
+    """Register the compression hook on ``model`` as ``accelerator.prepare()`` returned it.
+
+    Args:
+        accelerator: the ``accelerate.Accelerator`` that prepared ``model`` (named in errors).
+        model: the model ``accelerator.prepare()`` returned: a DistributedDataParallel module
+            (possibly inside torch.compile) when the script runs on several processes.
+        compressor: a spec string (``"topk:ratio=0.01"``, ``"powersgd:rank=4"``), config or
+            compressor.
+        wrapper: ``"fp16"`` or ``"bf16"`` to cast each bucket first; None sends fp32.
+        **options: fields of :class:`commhooks.ddp.HookOptions` (``start_iter``,
+            ``transport``, ``min_numel``, ``log_every``, ...).
+
+    Tuning: as for :func:`commhooks.ddp.register`; ``start_iter`` of a few hundred dense steps
+    helps a fresh model, and the returned state's ``stats().ratio`` shows what compression
+    bought.
+
+    Returns:
+        The hook's :class:`~commhooks.ddp.CompressionState`.
+
+    Raises:
+        ValueError: a bad compressor spec, wrapper or hook option.
+        RuntimeError: ``model`` is not wrapped in DDP: accelerate runs one process (on a CPU
+            machine without an accelerate config, ``accelerate launch --num_processes 2``
+            starts one; add ``--multi_gpu``), or it uses DeepSpeed, FSDP or XLA.
+    """
+    check_hook(compressor, wrapper, options)
+    kind = getattr(accelerator, "distributed_type", "?")
+    procs = getattr(accelerator, "num_processes", "?")
+    ddp = find_ddp(
+        model,
+        "model",
+        f"The accelerator runs distributed_type={kind} on num_processes={procs}; launch "
+        "several processes (on CPU: accelerate launch --multi_gpu --num_processes 2 script.py, "
+        "or torchrun) and pass the model accelerator.prepare() returned.",
+    )
+    return register_on(ddp, compressor, wrapper, options)

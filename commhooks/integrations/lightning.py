@@ -1,0 +1,94 @@
+"""Lightning: a ``DDPStrategy`` that registers the commhooks hook on CPU and CUDA alike.
+
+``Trainer(strategy=CompressedDDPStrategy("topk:ratio=0.01"), accelerator="cpu", devices=2)``
+
+Lightning's own ``DDPStrategy(ddp_comm_hook=...)`` registers comm hooks only when the root
+device is CUDA; this strategy registers right after Lightning wraps the module in DDP, whatever
+the device. Needs ``lightning`` (``pip install lightning``); ``pytorch_lightning`` is not
+supported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    from lightning.pytorch.strategies import DDPStrategy
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "commhooks.integrations.lightning needs Lightning: pip install lightning"
+    ) from e
+
+from commhooks.ddp import CompressionState
+from commhooks.integrations._ddp import HOOK_OPTIONS, Spec, check_hook, find_ddp, register_on
+
+__all__ = ["CompressedDDPStrategy"]
+
+_LIGHTNING_HOOK_ARGS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper")
+
+
+class CompressedDDPStrategy(DDPStrategy):
+    """Lightning's DDP strategy with the commhooks compression hook on every device.
+
+    Args:
+        compressor: a spec string (``"topk:ratio=0.01"``, ``"powersgd:rank=4"``, ``"sign"``),
+            config or compressor; checked here, before training starts.
+        wrapper: ``"fp16"`` or ``"bf16"`` casts each bucket before compressing (halves the
+            dense part of the traffic too); None (the default) sends fp32.
+        **kwargs: fields of :class:`commhooks.ddp.HookOptions` (``start_iter``, ``transport``,
+            ``error_feedback``, ``min_numel``, ``log_every``, ...) go to the hook; everything
+            else goes to ``DDPStrategy`` (``process_group_backend``, ``timeout``,
+            ``find_unused_parameters``, ...). ``ddp_comm_state``, ``ddp_comm_hook`` and
+            ``ddp_comm_wrapper`` are refused: this strategy owns the hook.
+
+    Tuning: start with ``"topk:ratio=0.01"`` or ``"powersgd:rank=4"``; give ``start_iter`` a
+    few hundred dense steps on a new model; ``log_every=100`` logs the stats as it trains.
+    :attr:`compression_state` ``.stats()`` tells how many bytes went on the wire; a ratio near
+    1 means the model's tensors are below ``min_numel`` or compression did not pay.
+
+    Raises:
+        ValueError: an unknown hook option, a bad value or compressor spec, or one of
+            Lightning's own hook arguments.
+    """
+
+    def __init__(
+        self, compressor: Spec = "topk:ratio=0.01", *, wrapper: str | None = None, **kwargs: Any
+    ) -> None:
+        refused = [name for name in _LIGHTNING_HOOK_ARGS if name in kwargs]
+        if refused:
+            raise ValueError(
+                f"{', '.join(refused)}: CompressedDDPStrategy registers its own hook; "
+                "give the compressor and hook options instead"
+            )
+        self._hook_options = {k: v for k, v in kwargs.items() if k in HOOK_OPTIONS}
+        check_hook(compressor, wrapper, self._hook_options)
+        super().__init__(**{k: v for k, v in kwargs.items() if k not in HOOK_OPTIONS})
+        self._compressor = compressor
+        self._wrapper = wrapper
+        self._compression_state: CompressionState | None = None
+
+    @property
+    def compression_state(self) -> CompressionState:
+        """The hook's state (``.stats()``, ``.state_dict()``) on this rank.
+
+        Raises:
+            RuntimeError: before ``trainer.fit()`` has wrapped the model in DDP.
+        """
+        if self._compression_state is None:
+            raise RuntimeError(
+                "compression_state: the hook is registered when trainer.fit() wraps the model "
+                "in DistributedDataParallel; read it during or after fit()"
+            )
+        return self._compression_state
+
+    def configure_ddp(self) -> None:
+        """Wrap the module in DDP as Lightning does, then register the compression hook."""
+        super().configure_ddp()
+        ddp = find_ddp(
+            self.model,
+            "CompressedDDPStrategy.model",
+            "Lightning's configure_ddp() did not wrap the module in DDP.",
+        )
+        self._compression_state = register_on(
+            ddp, self._compressor, self._wrapper, self._hook_options
+        )
