@@ -80,7 +80,11 @@ def _launch(cmd: list[str], timeout: float = 400) -> subprocess.CompletedProcess
 
 def _trained(stdout: str, compressor: str) -> tuple[float, float]:
     """The test accuracy and the compression ratio rank 0 printed (each exactly once)."""
-    acc = re.findall(rf"^compressor={re.escape(compressor)} test accuracy ([0-9.]+)%", stdout, re.M)
+    # horovodrun prefixes each line with the rank's stream, "[0]<stdout>:".
+    prefix = r"^(?:\[\d+\]<stdout>:)?"
+    acc = re.findall(
+        rf"{prefix}compressor={re.escape(compressor)} test accuracy ([0-9.]+)%", stdout, re.M
+    )
     ratio = re.findall(r"ratio ([0-9.]+)x", stdout)
     assert len(acc) == 1 and len(ratio) == 1, stdout
     return float(acc[0]), float(ratio[0])
