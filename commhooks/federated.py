@@ -99,7 +99,9 @@ class FedConfig:
 class FedStats(CommStats):
     """:class:`CommStats` of this client, plus its rounds. ``uplink_bytes`` counts only the
     rounds it took part in (absent clients still join the collectives with empty deltas,
-    which a deployment would not send); ``wire_bytes`` counts everything handed over."""
+    which a deployment would not send); ``wire_bytes`` counts everything handed over. The
+    ``last_*`` fields and :attr:`last_ratio` hold the last round (deltas and, with SCAFFOLD,
+    control variates together)."""
 
     rounds: int = 0
     participated: int = 0
@@ -209,15 +211,19 @@ class FederatedAverager:
                 p.copy_((start[i].float() - cfg.server_lr * m).to(p.dtype))
             if cfg.scaffold:
                 self._scaffold(deltas, mine, len(who))
-        wire_before = self._stats.wire_bytes
-        self._fold(self.state)
+        moved = self._fold(self.state)
         if self.cstate is not None:
-            self._fold(self.cstate)
+            moved.add(self._fold(self.cstate))
         s = self._stats
+        s.add(moved)
+        s.last_raw_bytes, s.last_wire_bytes = moved.raw_bytes, moved.wire_bytes
+        s.last_link_bytes = moved.link_bytes
+        s.last_compress_s, s.last_comm_s = moved.compress_s, moved.comm_s
+        s.last_decompress_s = moved.decompress_s
         s.steps = s.rounds = s.rounds + 1
         if self._participating:
             s.participated += 1
-            s.uplink_bytes += s.wire_bytes - wire_before
+            s.uplink_bytes += moved.wire_bytes
         self.round += 1
         self._start = None
         return self.stats()
@@ -263,16 +269,16 @@ class FederatedAverager:
             for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)
         ]
 
-    def _fold(self, state: CompressionState) -> None:
-        """Close the state's step and add its bytes and times to this client's stats."""
+    def _fold(self, state: CompressionState) -> Traffic:
+        """Close the state's step; return the bytes and times it moved this round (and count
+        its non-finite steps in this client's stats)."""
         before = state.stats()
         state.end_step()
         after = state.stats()
-        moved = Traffic(
+        self._stats.nonfinite_steps += after.nonfinite_steps - before.nonfinite_steps
+        return Traffic(
             **{f.name: getattr(after, f.name) - getattr(before, f.name) for f in fields(Traffic)}
         )
-        self._stats.add(moved)
-        self._stats.nonfinite_steps += after.nonfinite_steps - before.nonfinite_steps
 
     # -- public state ---------------------------------------------------------------------------
 

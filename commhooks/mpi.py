@@ -11,7 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["MpiWorld", "init_process_group"]
+__all__ = ["MpiWorld", "init_from_launcher", "init_process_group", "launched_by_mpi"]
+
+#: what MPI launchers (Open MPI, MPICH/PMI, PMIx under srun) export to every process
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
 
 @dataclass(frozen=True)
@@ -91,3 +94,38 @@ def init_process_group(
         backend, init_method="env://", rank=world.rank, world_size=world.world_size, timeout=timeout
     )
     return world
+
+
+def launched_by_mpi() -> bool:
+    """Whether an MPI launcher (mpirun, mpiexec, ``srun --mpi=...``) started this process and
+    no torch launcher did (torchrun's ``RANK`` is not set)."""
+    return "RANK" not in os.environ and any(v in os.environ for v in _MPI_RANK_VARS)
+
+
+def init_from_launcher(
+    backend: str | None = None, timeout: datetime.timedelta = datetime.timedelta(minutes=5)
+) -> None:
+    """Initialise torch.distributed under whichever launcher started this process.
+
+    Under torchrun (or anything that exports ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
+    ``MASTER_PORT``) the group starts from those variables; under an MPI launcher it starts
+    through :func:`init_process_group`. Scripts that call this run unchanged under
+    ``commhooks-launch torchrun``, ``mpirun`` and ``shaped``.
+
+    Args:
+        backend: ``"gloo"`` or ``"nccl"``; default nccl where CUDA is available, else gloo.
+        timeout: for the rendezvous and every collective.
+    """
+    if launched_by_mpi():
+        init_process_group(backend, timeout)
+        return
+    if "RANK" not in os.environ:
+        raise RuntimeError(
+            "RANK: not set; start this script with torchrun, mpirun or commhooks-launch "
+            "(no launcher variables found)"
+        )
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, init_method="env://", timeout=timeout)

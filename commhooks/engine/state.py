@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.futures import Future
 
-from commhooks import native
+from commhooks import metrics, native
 from commhooks._validate import check_bool, check_choice, check_int, check_real
 from commhooks.comm.collectives import Collectives, TorchCollectives
 from commhooks.comm.transport import (
@@ -79,7 +79,9 @@ class HookOptions:
             on. Turn it on for high-latency links where a collective's start-up cost per
             bucket and round (PowerSGD: two) outweighs the overlap. Ignored with
             ``fallback="auto"``, which times and settles each bucket on its own.
-        log_every: log the stats with the module logger every this many steps (0: never).
+        log_every: log a line of stats every this many steps (0: never): rank 0 at INFO, the
+            others at DEBUG, with a stderr handler attached if logging is not configured
+            (see :mod:`commhooks.metrics`).
         seed: seed of the rank-local randomness (stochastic rounding); the rank is mixed in.
         check_config: on the first compressed step, check that every rank uses the same
             compressor, options and transport, and raise instead of hanging if not.
@@ -129,18 +131,28 @@ class CommStats(Traffic):
     ``comm_s``, ``decompress_s``: seconds spent. All cumulative; the ``last_*`` fields hold the
     last completed step. ``nonfinite_steps`` counts steps on which some rank had inf/nan
     gradients, which were then all-reduced dense and left error feedback untouched.
+    :mod:`commhooks.metrics` logs these and writes them to TensorBoard.
     """
 
     steps: int = 0
     last_raw_bytes: int = 0
     last_wire_bytes: int = 0
     last_link_bytes: float = 0.0
+    last_compress_s: float = 0.0
+    last_comm_s: float = 0.0
+    last_decompress_s: float = 0.0
     nonfinite_steps: int = 0
 
     @property
     def ratio(self) -> float:
-        """Compression ratio so far: raw bytes / wire bytes."""
+        """Compression ratio so far: raw bytes / wire bytes (dense ``start_iter`` steps count
+        at 1x)."""
         return self.raw_bytes / self.wire_bytes if self.wire_bytes else 1.0
+
+    @property
+    def last_ratio(self) -> float:
+        """Compression ratio of the last completed step alone."""
+        return self.last_raw_bytes / self.last_wire_bytes if self.last_wire_bytes else 1.0
 
 
 class CompressionState:
@@ -350,19 +362,14 @@ class CompressionState:
         s.nonfinite_steps += int(nonfinite)
         s.last_raw_bytes, s.last_wire_bytes = st.raw_bytes, st.wire_bytes
         s.last_link_bytes = st.link_bytes
+        s.last_compress_s, s.last_comm_s = st.compress_s, st.comm_s
+        s.last_decompress_s = st.decompress_s
         self._step = TransportStats()
         self._seen.clear()
         self.iteration += 1
         if self.feedback is not None and self.iteration > self.options.start_iter:
             self.feedback.step()
-        every = self.options.log_every
-        if every and s.steps % every == 0:
-            logger.info(
-                "step %d: %d raw bytes, %d wire bytes (ratio %.1f), compress %.3fs, "
-                "comm %.3fs, decompress %.3fs",
-                s.steps, s.raw_bytes, s.wire_bytes, s.ratio, s.compress_s, s.comm_s,
-                s.decompress_s,
-            )  # fmt: skip
+        metrics.step_ended(self, s)  # the log_every line and stats callbacks
 
     # -- public --------------------------------------------------------------------------------
 

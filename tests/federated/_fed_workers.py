@@ -53,7 +53,9 @@ def rounds(rank: int, world: int, store: str, out: str, cases: list[dict]) -> No
         if "load" in case:
             fed.load_state_dict(saved["fed"])
         first, last = case.get("first", 0), case["rounds"]
-        res: dict[str, Any] = {"params": [], "participants": [], "residuals": [], "deltas": []}
+        res: dict[str, Any] = {
+            "params": [], "participants": [], "residuals": [], "deltas": [], "round_stats": []
+        }  # fmt: skip
         for r in range(first, last):
             start = flat(model)
             if fed.begin_round():
@@ -61,7 +63,7 @@ def rounds(rank: int, world: int, store: str, out: str, cases: list[dict]) -> No
             delta = start - flat(model)  # this client's own, unweighted
             everyone = [torch.empty_like(delta) for _ in range(world)]
             dist.all_gather(everyone, delta)
-            fed.end_round()
+            res["round_stats"].append(fed.end_round())
             res["params"].append(flat(model))
             res["participants"].append(fed.participants(r))
             res["deltas"].append(torch.stack(everyone))

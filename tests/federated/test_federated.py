@@ -115,3 +115,23 @@ def test_resumed_run_equals_an_uninterrupted_one(run_ranks, tmp_path: pathlib.Pa
 def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         FedConfig(**kwargs)
+
+
+def test_last_round_stats_are_the_rounds_own_bytes(run_ranks) -> None:
+    cases = [
+        {"spec": "topk:ratio=0.05", "rounds": 3, "config": {"local_steps": 2}},
+        {"spec": "sign", "rounds": 2,
+         "config": {"local_steps": 2, "scaffold": True, "local_lr": 0.05}},
+    ]  # fmt: skip
+    for case in run_ranks(rounds, 2, cases)[0]:
+        per_round = case["round_stats"]
+        for s in per_round:
+            assert s.last_raw_bytes > 0 and s.last_link_bytes > 0
+            assert 0 < s.last_wire_bytes < s.last_raw_bytes
+            assert s.last_ratio == s.last_raw_bytes / s.last_wire_bytes > 1.5
+            assert s.last_compress_s > 0 and s.last_comm_s > 0
+        # The rounds' own bytes add up to the cumulative counts.
+        final = per_round[-1]
+        assert sum(s.last_wire_bytes for s in per_round) == final.wire_bytes
+        assert sum(s.last_raw_bytes for s in per_round) == final.raw_bytes
+        assert final.uplink_bytes == final.wire_bytes  # every client took part in every round

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -67,33 +68,117 @@ def test_bad_arguments_name_the_field(call: object, field: str) -> None:
         call()  # type: ignore[operator]
 
 
-def test_thin_script_runs_a_real_job() -> None:
-    res = subprocess.run(
-        ["bash", str(ROOT / "launch" / "torchrun.sh"), "--nproc", "2", "--",
-         str(ROOT / "examples" / "ddp_train.py"), "--epochs", "1"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+EX = ROOT / "examples"
+
+
+def _launch(cmd: list[str], timeout: float = 400) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    assert res.returncode == 0, f"{cmd}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+def _trained(stdout: str, compressor: str) -> tuple[float, float]:
+    """The test accuracy and the compression ratio rank 0 printed (each exactly once)."""
+    # horovodrun prefixes each line with the rank's stream, "[0]<stdout>:".
+    prefix = r"^(?:\[\d+\]<stdout>:)?"
+    acc = re.findall(
+        rf"{prefix}compressor={re.escape(compressor)} test accuracy ([0-9.]+)%", stdout, re.M
+    )
+    ratio = re.findall(r"ratio ([0-9.]+)x", stdout)
+    assert len(acc) == 1 and len(ratio) == 1, stdout
+    return float(acc[0]), float(ratio[0])
+
+
+def test_torchrun_mode_runs_an_example_through_the_thin_script() -> None:
+    res = _launch(["bash", str(ROOT / "launch" / "torchrun.sh"), "--nproc", "2", "--",
+                   str(EX / "ddp_train.py"), "--epochs", "1", "--compressor", "sign"])  # fmt: skip
     assert "--nproc_per_node=2 --standalone" in res.stderr
-    assert "test accuracy" in res.stdout
+    acc, ratio = _trained(res.stdout, "sign")
+    assert acc > 50 and ratio > 10
+
+
+def test_mpirun_mode_runs_the_ddp_and_federated_examples() -> None:
+    res = _launch([str(BIN / "commhooks-launch"), "mpirun", "--np", "2", "--",
+                   str(EX / "ddp_train.py"), "--epochs", "1", "--compressor", "sign"])  # fmt: skip
+    assert " -np 2 " in res.stderr
+    acc, ratio = _trained(res.stdout, "sign")
+    assert acc > 50 and ratio > 10
+    res = _launch([str(BIN / "commhooks-launch"), "mpirun", "--np", "2", "--",
+                   str(EX / "federated_clients.py"), "--epochs", "1"])  # fmt: skip
+    assert re.search(r"test, ratio [0-9.]+x", res.stdout), res.stdout
+    assert float(re.findall(r"ratio ([0-9.]+)x", res.stdout)[0]) > 10
+    assert len(re.findall(r"^\| [01] \| \d+ \|", res.stdout, re.M)) == 2
+
+
+def test_horovodrun_mode_runs_the_horovod_example_reproducibly() -> None:
+    cmd = [str(BIN / "commhooks-launch"), "horovodrun", "--np", "2", "--",
+           str(EX / "horovod_train.py"), "--epochs", "1", "--compressor", "sign"]  # fmt: skip
+    first, second = (_launch(cmd).stdout for _ in range(2))
+    acc, ratio = _trained(first, "sign")
+    assert acc > 50 and ratio > 10
+    line = [x for x in first.splitlines() if "test accuracy" in x]
+    assert "last loss" in line[0]
+    assert line == [x for x in second.splitlines() if "test accuracy" in x]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the shaped cluster needs root")
-def test_shaped_launcher_runs_a_real_job() -> None:
-    res = subprocess.run(
-        [str(BIN / "commhooks-launch"), "shaped", "--n", "2", "--rate", "200mbit", "--",
-         str(ROOT / "examples" / "ddp_train.py"), "--epochs", "1", "--compressor", "sign"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "compressor=sign test accuracy" in res.stdout
+def test_shaped_mode_runs_an_example() -> None:
+    res = _launch([str(BIN / "commhooks-launch"), "shaped", "--n", "2", "--rate", "200mbit", "--",
+                   str(EX / "ddp_train.py"), "--epochs", "1", "--compressor", "sign"])  # fmt: skip
+    acc, ratio = _trained(res.stdout, "sign")
+    assert acc > 50 and ratio > 10
+
+
+def test_help_has_whole_sentences_and_defaults() -> None:
+    top = subprocess.run([str(BIN / "commhooks-launch"), "--help"], capture_output=True,
+                         text=True, timeout=60, env=ENV)  # fmt: skip
+    assert top.returncode == 0
+    assert "mpirun, or on a bandwidth-shaped local cluster, printing the exact command" in " ".join(
+        top.stdout.split()
+    )
+    for name, default in [("torchrun", "(default: 2)"), ("horovodrun", "(default: gloo)"),
+                          ("mpirun", "(default: 2)"), ("shaped", "(default: 1800.0)")]:  # fmt: skip
+        res = subprocess.run([str(BIN / "commhooks-launch"), name, "--help"],
+                             capture_output=True, text=True, timeout=60, env=ENV)  # fmt: skip
+        assert res.returncode == 0 and default in " ".join(res.stdout.split()), res.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["torchrun", "--nproc", "0", "--", "t.py"], "nproc=0: must be an int >= 1"),
+        (["torchrun", "--nnodes", "2", "--", "t.py"], "rdzv_endpoint=None: multi-node"),
+        (["mpirun", "--np", "-1", "--", "t.py"], "np=-1"),
+        (["shaped", "--n", "1", "--dry-run", "--", "t.py"], "n=1: must be an int in [2, 64]"),
+        (["shaped", "--rate", "fast", "--dry-run", "--", "t.py"], "rate='fast'"),
+        (["horovodrun", "--np", "2"], "give the training script after --"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(args: list[str], message: str) -> None:
+    res = subprocess.run([str(BIN / "commhooks-launch"), *args], capture_output=True, text=True,
+                         timeout=60, env=ENV)  # fmt: skip
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert res.stderr.startswith(f"usage: commhooks-launch {args[0]} "), res.stderr
+    assert f"commhooks-launch {args[0]}: error: {message}" in res.stderr
 
 
 @pytest.mark.parametrize("name", ["torchrun.sbatch", "horovod.sbatch"])
-def test_slurm_templates_parse_and_use_the_launchers(name: str) -> None:
+def test_slurm_templates_use_the_venv_job_id_and_gpus(name: str) -> None:
     path = ROOT / "launch" / "slurm" / name
     subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
     text = path.read_text()
-    assert "#SBATCH" in text and "srun " in text
+    code = [ln for ln in text.splitlines() if not ln.startswith("#")]
+    assert "#SBATCH" in text and any(ln.startswith("srun ") for ln in code)
+    # Every Python the job runs is the venv's: no bare python on any command line.
+    assert not [ln for ln in code if re.search(r"(^|[\s\"'])python3?([\s\"']|$)", ln)], code
+    assert "${VENV:-" in text and "/bin/python" in text
+    assert "$SLURM_JOB_ID" in text
+    # GPUs are asked of srun and the submit line, and checked against the allocation.
+    assert 'gpus=(--gpus-per-node="$GPUS_PER_NODE")' in text and '"${gpus[@]}"' in text
+    assert "sbatch --gpus-per-node=$GPUS_PER_NODE" in text
     if name.startswith("torchrun"):
         assert "commhooks.launch.cli torchrun" in text and "--rdzv-endpoint" in text
+        assert '--rdzv-id "$SLURM_JOB_ID"' in text and "nproc=$GPUS_PER_NODE" in text
+        assert '--nproc "$nproc"' in text

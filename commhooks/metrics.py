@@ -1,0 +1,224 @@
+"""Per-step and cumulative communication stats: log lines, callbacks, TensorBoard.
+
+:meth:`commhooks.ddp.CompressionState.end_step` hands every closed step to
+:func:`step_ended`, which
+
+- logs one line every ``HookOptions.log_every`` steps (0: never), with the rank, the last
+  step's ratio and bytes (so dense warm-up steps, ``start_iter``, do not hide what compression
+  does now), the cumulative ratio and bytes, and the last step's compress / comm / decompress
+  seconds. Rank 0 logs at INFO, the other ranks at DEBUG: set the ``commhooks`` logger to
+  DEBUG to see every rank;
+- calls the callbacks registered with :func:`add_stats_callback`, such as a
+  :class:`TensorBoardLogger`.
+
+Logging needs no set-up: when the first line is due and neither the ``commhooks`` logger nor
+the root logger has a handler, a stderr handler is attached to ``commhooks`` (level INFO), as
+transformers and accelerate do. Configure logging before the first step (e.g.
+``logging.basicConfig``) and that handler is never added.
+
+    state = commhooks.ddp.register(model, "topk:ratio=0.01", log_every=100)
+    if dist.get_rank() == 0:
+        TensorBoardLogger("runs/topk", every=10).attach(state)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import sys
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from commhooks.ddp.state import CommStats, CompressionState
+
+__all__ = [
+    "StatsCallback",
+    "TensorBoardLogger",
+    "add_stats_callback",
+    "ensure_handler",
+    "feedback_norm",
+    "log_step",
+    "remove_stats_callback",
+    "step_ended",
+    "tensorboard_available",
+]
+
+logger = logging.getLogger(__name__)
+
+#: called with the state and a copy of its stats after every step
+StatsCallback = Callable[["CompressionState", "CommStats"], None]
+
+_callbacks: weakref.WeakKeyDictionary[Any, list[StatsCallback]] = weakref.WeakKeyDictionary()
+_handler: logging.Handler | None = None
+
+
+def ensure_handler() -> None:
+    """Attach a stderr handler (level INFO) to the ``commhooks`` logger, once, if neither it
+    nor the root logger has a handler; otherwise leave logging as the application set it."""
+    global _handler
+    package, root = logging.getLogger("commhooks"), logging.getLogger()
+    if _handler is not None or package.handlers or root.handlers:
+        return
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    package.addHandler(_handler)
+    if package.level == logging.NOTSET:
+        package.setLevel(logging.INFO)
+
+
+def log_step(stats: CommStats, rank: int) -> None:
+    """Log one line of ``stats``: INFO on rank 0, DEBUG on the other ranks.
+
+    Args:
+        stats: the state's stats after a step (``last_*``: that step; the rest: cumulative).
+        rank: this process's rank, written first on the line.
+    """
+    ensure_handler()
+    logger.log(
+        logging.INFO if rank == 0 else logging.DEBUG,
+        "rank %d step %d: last step ratio %.1fx (%d raw B, %d wire B, %.0f link B), "
+        "compress %.4fs comm %.4fs decompress %.4fs; cumulative ratio %.1fx "
+        "(%d raw B, %d wire B)",
+        rank, stats.steps, stats.last_ratio, stats.last_raw_bytes, stats.last_wire_bytes,
+        stats.last_link_bytes, stats.last_compress_s, stats.last_comm_s, stats.last_decompress_s,
+        stats.ratio, stats.raw_bytes, stats.wire_bytes,
+    )  # fmt: skip
+
+
+def add_stats_callback(state: CompressionState, fn: StatsCallback) -> None:
+    """Call ``fn(state, stats)`` after every step of ``state`` (``stats``: a copy).
+
+    Args:
+        state: a :class:`commhooks.ddp.CompressionState` (held weakly: the callback goes with
+            it).
+        fn: the callback; keep it cheap, it runs inside the step (DDP's last bucket).
+    """
+    if not callable(fn):
+        raise ValueError(f"fn={fn!r}: must be callable")
+    _callbacks.setdefault(state, []).append(fn)
+
+
+def remove_stats_callback(state: CompressionState, fn: StatsCallback) -> None:
+    """Stop calling ``fn`` for ``state`` (ValueError if it was not added)."""
+    fns = _callbacks.get(state, [])
+    if fn not in fns:
+        raise ValueError(f"fn={fn!r}: not a callback of this state")
+    fns.remove(fn)
+
+
+def step_ended(state: CompressionState, stats: CommStats) -> None:
+    """What :meth:`CompressionState.end_step` calls once a step's stats are folded in: the
+    ``log_every`` line, then the callbacks."""
+    every = state.options.log_every
+    if every and stats.steps % every == 0:
+        log_step(stats, state.rank)
+    fns = _callbacks.get(state)
+    if fns:
+        snapshot = state.stats()
+        for fn in list(fns):
+            fn(state, snapshot)
+
+
+def feedback_norm(state: CompressionState) -> float | None:
+    """The l2 norm over every error-feedback residual of ``state`` (None without error
+    feedback). One read of the residual memory (the size of the compressed parameters)."""
+    if state.feedback is None:
+        return None
+    total = 0.0
+    # The state names every parameter it has seen; residuals are stored under those names.
+    for key in list(state._names.values()):
+        e = state.feedback.residual(key)
+        if e is not None:
+            total += float(e.double().square().sum())
+    return math.sqrt(total)
+
+
+def tensorboard_available() -> bool:
+    """Whether the ``tensorboard`` package (needed by torch's SummaryWriter) is installed."""
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class TensorBoardLogger:
+    """A stats callback that writes each step's scalars to a TensorBoard ``SummaryWriter``.
+
+    Tags, under ``prefix`` (x axis: the state's step count):
+
+    - ``ratio/last_step``, ``ratio/cumulative``: raw / wire bytes;
+    - ``bytes/raw``, ``bytes/wire``, ``bytes/link``: the last step's bytes (link: the
+      estimated bytes on this rank's link for the collective algorithms used);
+    - ``time/compress_s``, ``time/comm_s``, ``time/decompress_s``: the last step's split;
+    - ``feedback/norm``: the l2 norm of the error-feedback memory (with error feedback and
+      ``feedback_norm=True``; a growing norm means compression drops more than it sends back).
+
+    Attach it on rank 0 only (or give each rank its own directory). Use
+    ``TensorBoardLogger(...).attach(state)`` or :func:`add_stats_callback`.
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter``, or a log directory to open one in
+            (needs the ``tensorboard`` package; imported only then).
+        every: write every this many steps (>= 1); 10-100 keeps event files small on long
+            runs.
+        prefix: the tag prefix.
+        feedback_norm: write ``feedback/norm``; it reads every residual, about the cost of one
+            optimizer step's memory traffic, so raise ``every`` on large models.
+    """
+
+    def __init__(
+        self, writer: Any, every: int = 1, prefix: str = "commhooks", feedback_norm: bool = True
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r}: must be an int >= 1")
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"prefix={prefix!r}: must be a non-empty string")
+        if isinstance(writer, str):
+            if not tensorboard_available():
+                raise ImportError(
+                    "TensorBoardLogger(log_dir) needs the tensorboard package: "
+                    "pip install tensorboard"
+                )
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(writer)
+        if not hasattr(writer, "add_scalar"):
+            raise ValueError(f"writer={writer!r}: must be a SummaryWriter or a log directory")
+        self.writer = writer
+        self.every = every
+        self.prefix = prefix
+        self.feedback_norm = feedback_norm
+
+    def attach(self, state: CompressionState) -> TensorBoardLogger:
+        """Register this logger as a callback of ``state``; returns itself."""
+        add_stats_callback(state, self)
+        return self
+
+    def __call__(self, state: CompressionState, stats: CommStats) -> None:
+        if stats.steps % self.every:
+            return
+        step, p = stats.steps, self.prefix
+        scalars = {
+            "ratio/last_step": stats.last_ratio,
+            "ratio/cumulative": stats.ratio,
+            "bytes/raw": stats.last_raw_bytes,
+            "bytes/wire": stats.last_wire_bytes,
+            "bytes/link": stats.last_link_bytes,
+            "time/compress_s": stats.last_compress_s,
+            "time/comm_s": stats.last_comm_s,
+            "time/decompress_s": stats.last_decompress_s,
+        }
+        if self.feedback_norm:
+            norm = feedback_norm(state)
+            if norm is not None:
+                scalars["feedback/norm"] = norm
+        for tag, value in scalars.items():
+            self.writer.add_scalar(f"{p}/{tag}", value, step)
+
+    def flush(self) -> None:
+        """Write pending events to disk."""
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the writer."""
+        self.writer.close()
