@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from commhooks.ddp.state import CommStats, CompressionState
+    from commhooks.engine.state import CommStats, CompressionState
 
 __all__ = [
     "StatsCallback",

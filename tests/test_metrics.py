@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import commhooks.metrics as metrics
-from commhooks.ddp.state import CommStats, CompressionState
+from commhooks.engine.state import CommStats, CompressionState
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BIN = pathlib.Path(sys.executable).parent

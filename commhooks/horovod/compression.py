@@ -8,9 +8,10 @@ from typing import Any
 from torch import Tensor
 
 from commhooks.compressors.base import Compressor, CompressorConfig, Context
+from commhooks.registry import available
 from commhooks.registry import compressor as build_compressor
 
-__all__ = ["Compression", "HorovodAdapter"]
+__all__ = ["Compression", "HorovodAdapter", "UnsupportedCompression"]
 
 # Payloads that are one tensor, decode linearly (the decoded average is the average of the
 # decoded) and need no exchange beyond the all-reduce itself. Quantizers with a shared scale
@@ -56,8 +57,32 @@ class HorovodAdapter:
         return f"HorovodAdapter({self.compressor.config.spec()!r})"
 
 
-class Compression:
-    """Like ``hvd.Compression``: ``none`` and ``fp16`` instances, plus :meth:`randomk`."""
+class UnsupportedCompression(AttributeError, ValueError):
+    """``Compression.<name>`` for a compressor Horovod's own optimizer cannot carry; says why.
+    A ValueError (as from :meth:`Compression.of`) and an AttributeError (so ``hasattr`` and
+    ``getattr(..., default)`` work)."""
+
+
+class _Members(type):
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("_") or name not in available():
+            raise AttributeError(f"type object 'Compression' has no attribute {name!r}")
+        try:
+            HorovodAdapter(name)
+        except ValueError as e:
+            raise UnsupportedCompression(
+                f"Compression.{name}: {e}; or pass compression={name!r} to "
+                "commhooks.horovod.DistributedOptimizer, which carries every compressor"
+            ) from None
+        raise AttributeError(f"Compression.{name}: use Compression.of({name!r})")
+
+
+class Compression(metaclass=_Members):
+    """Like ``hvd.Compression``: ``none`` and ``fp16`` instances, plus :meth:`randomk`.
+
+    Other compressor names (``Compression.bf16``, ``Compression.topk``) raise
+    :class:`UnsupportedCompression`, a ValueError saying why Horovod's optimizer cannot carry
+    them."""
 
     none = HorovodAdapter("identity")
     fp16 = HorovodAdapter("fp16")

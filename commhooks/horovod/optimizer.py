@@ -1,4 +1,5 @@
-"""commhooks' own Horovod ``DistributedOptimizer``: every compressor, per-name error feedback."""
+"""commhooks' own Horovod ``DistributedOptimizer``: every compressor, per-name error feedback,
+exchanges overlapped with backward."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.futures import Future
 
 from commhooks.compressors.base import Compressor, CompressorConfig
 from commhooks.engine.average import average_buffer
 from commhooks.engine.state import CommStats, CompressionState
 from commhooks.horovod.collectives import HorovodCollectives, horovod
+from commhooks.horovod.compression import HorovodAdapter
 
 __all__ = ["DistributedOptimizer", "broadcast_initial_state"]
 
@@ -32,6 +35,7 @@ class _Distributed(torch.optim.Optimizer):
         backward_passes_per_step: int,
         sum_instead: bool,
         process_set: Any,
+        bucket_cap_mb: float,
         options: dict[str, Any],
     ) -> None:
         super(self.__class__, self).__init__(params)
@@ -48,9 +52,13 @@ class _Distributed(torch.optim.Optimizer):
             **options,
         )
         self._ch_params = [p for _, p in named_parameters if p.requires_grad]
+        self._buckets = _buckets(self._ch_params, bucket_cap_mb)
+        self._bucket_of = {id(p): i for i, b in enumerate(self._buckets) for p in b}
         self.backward_passes_per_step = backward_passes_per_step
         self._sum = sum_instead
         self._passes: dict[int, int] = {}
+        self._done_in: list[int] = [0] * len(self._buckets)  # parameters done, per bucket
+        self._started: list[tuple[Tensor, Future[Tensor]]] = []  # per bucket, in order
         self._synchronized = False
         self._should_synchronize = True
         for p in self._ch_params:
@@ -65,28 +73,54 @@ class _Distributed(torch.optim.Optimizer):
                 "accumulate gradients locally"
             )
         self._passes[id(p)] = n
+        if n == self.backward_passes_per_step:
+            i = self._bucket_of[id(p)]
+            self._done_in[i] += 1
+            # Buckets start strictly in order, so every rank's worker sees the same sequence
+            # whatever order the gradients arrive in.
+            while len(self._started) < len(self._buckets) and self._done_in[
+                len(self._started)
+            ] == len(self._buckets[len(self._started)]):
+                self._start(len(self._started))
 
-    def synchronize(self) -> None:
-        """Average every parameter's gradient over the process set, compressed, in place.
-
-        Parameters without a gradient on this rank contribute zeros, as in Horovod, so every
-        rank issues the same collectives. Tensors are grouped by dtype and device, each group
-        going through the transport as one buffer.
-        """
-        groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-        for p in self._ch_params:
+    def _start(self, i: int) -> None:
+        """Hand bucket ``i``'s gradients to the communication worker."""
+        params = self._buckets[i]
+        for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            groups.setdefault((p.grad.dtype, p.grad.device), []).append(p)
-        for params in groups.values():
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            average_buffer(self._ch, flat, params)
-            if self._sum:
-                flat.mul_(self._ch.world_size)
-            for p, piece in zip(params, flat.split([p.numel() for p in params])):
-                p.grad.copy_(piece.view(p.grad.shape))
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        final = i == len(self._buckets) - 1
+        ch = self._ch
+
+        def job() -> Tensor:
+            average_buffer(ch, flat, params, final=final)
+            return flat
+
+        self._started.append((flat, ch.worker.submit(job, flat.device)))
+
+    def synchronize(self) -> None:
+        """Wait for every parameter's gradient to be averaged over the process set, compressed,
+        and write the averages into the gradients.
+
+        The exchanges start during backward, bucket by bucket in a fixed order, as the
+        gradients become final; what has not started by now (parameters without a gradient on
+        this rank, which contribute zeros as in Horovod) starts here, in the same order.
+        """
+        for i in range(len(self._started), len(self._buckets)):
+            self._start(i)
+        try:
+            for params, (flat, fut) in zip(self._buckets, self._started):
+                fut.wait()
+                if self._sum:
+                    flat.mul_(self._ch.world_size)
+                for p, piece in zip(params, flat.split([p.numel() for p in params])):
+                    p.grad.copy_(piece.view(p.grad.shape))
+        finally:
+            self._started = []
+            self._done_in = [0] * len(self._buckets)
+            self._passes.clear()
         self._ch.end_step()
-        self._passes.clear()
         self._synchronized = True
 
     @contextlib.contextmanager
@@ -171,13 +205,52 @@ def _names(
     return [(name_of[id(p)], p) for p in params]
 
 
+def _buckets(params: list[Tensor], cap_mb: float) -> list[list[Tensor]]:
+    """Parameters in reverse order (backward produces the last layers' gradients first), cut
+    into buckets of one dtype and device of at most ``cap_mb`` megabytes (at least one
+    parameter each)."""
+    buckets: list[list[Tensor]] = []
+    size, kind = 0, None
+    for p in reversed(params):
+        nbytes = p.numel() * p.element_size()
+        if not buckets or (p.dtype, p.device) != kind or size + nbytes > cap_mb * 2**20:
+            buckets.append([])
+            size, kind = 0, (p.dtype, p.device)
+        buckets[-1].append(p)
+        size += nbytes
+    return buckets
+
+
+def _as_compressor(value: Any, hvd: Any) -> str | CompressorConfig | Compressor[Any]:
+    """What Horovod users pass as ``compression``: our specs, configs and compressors, our
+    :class:`~commhooks.horovod.Compression` adapters, and Horovod's own ``hvd.Compression``
+    members, mapped to ours."""
+    if isinstance(value, str | CompressorConfig | Compressor):
+        return value
+    if isinstance(value, HorovodAdapter):
+        return value.compressor
+    theirs = getattr(hvd, "Compression", None)
+    if value is getattr(theirs, "none", object()):
+        return "identity"
+    if value is getattr(theirs, "fp16", object()):
+        return "fp16"
+    raise ValueError(
+        f"compression={value!r}: expected a spec string such as 'topk:ratio=0.01', a "
+        "compressor config or compressor, commhooks.horovod.Compression.*, or "
+        "hvd.Compression.none / hvd.Compression.fp16"
+    )
+
+
 def DistributedOptimizer(
     optimizer: torch.optim.Optimizer,
     named_parameters: Iterable[tuple[str, Tensor]] | None = None,
-    compressor: str | CompressorConfig | Compressor[Any] = "identity",
+    compressor: Any = "identity",
     backward_passes_per_step: int = 1,
     op: Any = None,
     process_set: Any = None,
+    *,
+    compression: Any = None,
+    bucket_cap_mb: float = 25.0,
     **options: Any,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` first averages the gradients over Horovod ranks,
@@ -195,19 +268,36 @@ def DistributedOptimizer(
             any, is not carried over, as in Horovod).
         named_parameters: ``model.named_parameters()``. Names key the error feedback and must
             match across ranks; without them parameters are named by position.
-        compressor: a spec string (``"topk:ratio=0.01"``), config or compressor.
+        compressor: a spec string (``"topk:ratio=0.01"``), config or compressor; also
+            Horovod's ``hvd.Compression.none`` / ``.fp16`` and our ``Compression`` adapters.
         backward_passes_per_step: backward passes accumulated locally per ``step()``; more
             raise an error, as in Horovod.
         op: ``hvd.Average`` (default) or ``hvd.Sum``.
         process_set: a Horovod process set (default: all ranks).
+        compression: Horovod's keyword for the same thing; give it or ``compressor``.
+        bucket_cap_mb: gradients go to the exchange in buckets of about this size, each as
+            soon as backward has produced all of its gradients (as DDP's ``bucket_cap_mb``).
+            Smaller buckets start communication earlier; larger ones pay fewer collectives.
         **options: fields of :class:`commhooks.ddp.HookOptions` (``error_feedback``,
             ``start_iter``, ``transport``, ``min_numel``, ``log_every``, ...).
 
-    Tuning: the exchange runs when ``step()`` (or ``synchronize()``) is called, not during
-    backward, so it does not overlap with backward as Horovod's does; compression pays where
-    the link, not the compute, is the bottleneck. See docs/horovod.md.
+    Each bucket's exchange starts on a communication worker as soon as backward has produced
+    its gradients (a copy of them is taken then, as Horovod's own optimizer reads them then),
+    and ``step()``/``synchronize()`` waits for them. See docs/horovod.md.
     """
     hvd = horovod()
+    if compression is not None:
+        if not (isinstance(compressor, str) and compressor == "identity"):
+            raise ValueError(
+                f"compression={compression!r}: give either compression= (Horovod's keyword) "
+                f"or compressor=, not both (compressor={compressor!r})"
+            )
+        compressor = compression
+    compressor = _as_compressor(compressor, hvd)
+    if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, int | float):
+        raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r}: must be a number")
+    if not bucket_cap_mb > 0:
+        raise ValueError(f"bucket_cap_mb={bucket_cap_mb}: must be > 0")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer)}")
     if isinstance(optimizer, _Distributed):
@@ -231,6 +321,7 @@ def DistributedOptimizer(
         backward_passes_per_step,
         op == hvd.Sum,
         process_set,
+        float(bucket_cap_mb),
         options,
     )
 

@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import sys
+import threading
 from typing import Any
 
 import horovod.torch as hvd
@@ -204,6 +205,62 @@ def api() -> dict[str, Any]:
     return out
 
 
+def overlap() -> dict[str, Any]:
+    """The exchanges start from the gradient hooks during backward: with the worker held up,
+    every bucket has started (and none finished) when backward returns; the result still
+    equals Horovod's uncompressed optimizer."""
+    model, opt = ours("identity", error_feedback=False, bucket_cap_mb=0.0001)
+    gate = threading.Event()
+    opt.compression_state.worker.submit(lambda: gate.wait(30))
+    opt.zero_grad()
+    x, y = batch(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    out: dict[str, Any] = {
+        "buckets": len(opt._buckets),
+        "started": len(opt._started),
+        "pending": all(not f.done() for _, f in opt._started),
+    }
+    gate.set()
+    opt.step()
+    train(model, opt, range(1, STEPS))
+    ref, ref_opt = horovods(hvd.Compression.none)
+    train(ref, ref_opt, range(STEPS))
+    out["diff"] = (flat(model) - flat(ref)).abs().max().item()
+    return out
+
+
+def conventions() -> dict[str, Any]:
+    """What Horovod users pass as ``compression=``: our specs, and hvd.Compression's members."""
+    out: dict[str, Any] = {}
+    kinds = {
+        "topk:ratio=0.01": "topk:ratio=0.01",
+        "hvd.Compression.fp16": hvd.Compression.fp16,
+        "hvd.Compression.none": hvd.Compression.none,
+    }
+    for label, compression in kinds.items():
+        model = make_model()
+        sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        opt = DistributedOptimizer(sgd, model.named_parameters(), compression=compression)
+        res = train(model, opt, range(3))
+        out[label] = {
+            "spec": opt.compression_state.compressor.config.name,
+            "equal": res["equal"],
+            "ratio": opt.stats().ratio,
+        }
+    model = make_model()
+    try:
+        DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model.named_parameters(),
+            compressor="sign",
+            compression=hvd.Compression.fp16,
+        )
+        out["both"] = ""
+    except ValueError as e:
+        out["both"] = str(e)
+    return out
+
+
 def mismatch() -> str:
     ratio = 0.01 if hvd.rank() == 0 else 0.02
     model, opt = ours(f"topk:ratio={ratio}")
@@ -226,6 +283,8 @@ def main() -> None:
         "checkpoint": checkpoint(),
         "api": api(),
         "mismatch": mismatch(),
+        "overlap": overlap(),
+        "conventions": conventions(),
     }
     with open(os.path.join(out_dir, f"rank{hvd.rank()}.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -81,3 +81,21 @@ def test_synchronize_zero_grad_and_broadcast(ranks: list[dict]) -> None:
 def test_mismatched_config_raises_on_every_rank(ranks: list[dict]) -> None:
     for r in ranks:
         assert "ranks disagree on the compressor" in r["mismatch"]
+
+
+def test_exchanges_start_during_backward_and_match_horovod(ranks: list[dict]) -> None:
+    for r in ranks:
+        o = r["overlap"]
+        assert o["buckets"] > 1 and o["started"] == o["buckets"] and o["pending"], o
+        assert o["diff"] == 0.0
+
+
+def test_compression_keyword_takes_specs_and_horovods_members(ranks: list[dict]) -> None:
+    for r in ranks:
+        c = r["conventions"]
+        assert c["topk:ratio=0.01"]["spec"] == "topk" and c["topk:ratio=0.01"]["ratio"] > 10
+        assert c["hvd.Compression.fp16"]["spec"] == "fp16"
+        assert 1.5 < c["hvd.Compression.fp16"]["ratio"] <= 2.0  # small tensors go dense
+        assert c["hvd.Compression.none"]["spec"] == "identity"
+        assert all(v["equal"] for k, v in c.items() if k != "both")
+        assert c["both"].startswith("compression=") and "not both" in c["both"]

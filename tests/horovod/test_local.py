@@ -29,6 +29,15 @@ def test_adapter_refuses_bf16_and_says_why() -> None:
         HorovodAdapter("bf16")
 
 
+@pytest.mark.parametrize("name", ["bf16", "topk", "powersgd"])
+def test_compression_members_horovod_cannot_carry_raise_the_documented_error(name: str) -> None:
+    with pytest.raises(ValueError, match=f"Compression.{name}: .*DistributedOptimizer"):
+        getattr(Compression, name)
+    assert not hasattr(Compression, name)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        Compression.nothing  # noqa: B018
+
+
 def test_fp16_adapter_round_trips_like_a_cast() -> None:
     t = torch.randn(3, 5)
     payload, ctx = Compression.fp16.compress(t)
