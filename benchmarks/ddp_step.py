@@ -1,7 +1,7 @@
 """DDP step time with every commhooks compressor, against plain all-reduce and torch's fp16 hook.
 
-Usage: ``.venv/bin/python benchmarks/ddp_step.py [--specs "topk;sign"] [--steps 5] [--warmup 1]
-[--reps 5] [--out F.json] [--markdown F.md] [--smoke]``
+Usage: ``.venv/bin/python benchmarks/ddp_step.py [--specs "topk;sign@coalesce=True"]
+[--steps 5] [--warmup 1] [--reps 5] [--out F.json] [--markdown F.md] [--smoke]``
 
 Two gloo ranks on the CPU (one thread each, rendezvous through a ``FileStore`` in a temporary
 directory) each hold a DDP copy of the same ~8.4M-parameter MLP (1024-2048-2048-1024, ReLU) and
@@ -27,6 +27,7 @@ runs a small model for a few seconds, for tests.
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import gc
 import itertools
@@ -117,7 +118,8 @@ class Variant:
         if label == TORCH_FP16:
             self.model.register_comm_hook(dist.group.WORLD, default_hooks.fp16_compress_hook)
         elif label != ALLREDUCE:
-            self.state = commhooks.ddp.register(self.model, label)
+            spec, options = parse_variant(label)
+            self.state = commhooks.ddp.register(self.model, spec, **options)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
         self.built: CommStats | None = None  # our hook's stats once built, before the reps
 
@@ -125,6 +127,17 @@ class Variant:
         self.opt.zero_grad()
         nn.functional.mse_loss(self.model(x), y).backward()
         self.opt.step()
+
+
+def parse_variant(label: str) -> tuple[str, dict[str, object]]:
+    """``"spec"`` or ``"spec@option=value,..."`` (hook options, e.g. ``sign@coalesce=True``):
+    the spec and the options, values read as Python literals."""
+    spec, _, rest = label.partition("@")
+    options: dict[str, object] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = ast.literal_eval(value)
+    return spec, options
 
 
 def _max_over_ranks(value: float) -> float:

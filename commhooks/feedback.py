@@ -82,6 +82,9 @@ class ErrorFeedback:
     Args:
         compressor: a spec string, config or compressor.
         config: a :class:`FeedbackConfig`; keyword arguments build one when omitted.
+        fused: take the compressors' fused kernels and exchanges where they have them (the
+            default). ``False`` runs every step op by op: the reference the fused paths are
+            tested against, bit for bit.
 
     ``compress(key, g)`` serves all-gather transports (send the payload, every rank decodes);
     ``exchange(keys, tensors, world_size)`` serves all-reduce transports of summable
@@ -92,10 +95,14 @@ class ErrorFeedback:
         self,
         compressor: str | CompressorConfig | Compressor[Any],
         config: FeedbackConfig | None = None,
+        *,
+        fused: bool = True,
         **options: Any,
     ) -> None:
         if config is not None and options:
             raise ValueError("options: pass either a FeedbackConfig or keyword options, not both")
+        check_bool("fused", fused)
+        self.fused = fused
         self.config = config if config is not None else FeedbackConfig(**options)
         self._base = build_compressor(compressor)
         kind = self._base.capabilities.kind
@@ -256,7 +263,7 @@ class ErrorFeedback:
         c = self._current
         e = self._stored(key, tensor)
         # A key's first step has no residual to update in place; it goes op by op.
-        if self.config.momentum == 0 and e is not None:
+        if self.fused and self.config.momentum == 0 and e is not None:
             if type(c)._compress_feedback is not Compressor._compress_feedback:
                 self._touch(key, in_place=True)
             fused = c.compress_feedback(tensor, e, key)
@@ -308,7 +315,7 @@ class ErrorFeedback:
             raise ValueError(f"keys: got {len(keys)} keys for {len(tensors)} tensors")
         # A fused exchange updates stored residuals in place, so every key needs one (a key's
         # first step goes op by op, as in compress()).
-        if self.config.momentum == 0 and tensors:
+        if self.fused and self.config.momentum == 0 and tensors:
             stored = [self._stored(k, t) for k, t in zip(keys, tensors)]
             residuals = [e for e in stored if e is not None]
             if len(residuals) == len(stored):
