@@ -132,7 +132,7 @@ def test_a_non_finite_exchange_keeps_the_memory_as_the_reference_does(spec: str)
     world, keys = 2, ["w", "v"]
     efs = {f: [ErrorFeedback(spec, fused=f) for _ in range(world)] for f in (True, False)}
     for step in range(3):
-        for f, ranks in efs.items():
+        for ranks in efs.values():
             bad = float("inf") if step == 1 else None
             exchanges = [
                 ef.exchange(keys, _grads(step, r, bad=bad if r == 1 else None), world)
