@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from commhooks._validate import check_bool, check_int, check_ratio, check_real
@@ -122,6 +123,7 @@ class ErrorFeedback:
         # Per key, the residual and momentum before this step's first change to them.
         self._journal: dict[str, tuple[Tensor | None, Tensor | None]] = {}
         self._journal_in_place = False
+        self._on_device = False
         self._step = 0
         self._current = self._compressor_for(0)
 
@@ -154,14 +156,19 @@ class ErrorFeedback:
 
     # -- the step as a transaction -------------------------------------------------------------
 
-    def journal(self, in_place: bool) -> None:
+    def journal(self, in_place: bool, on_device: bool = False) -> None:
         """Whether the updates that follow, until the next call, must keep a copy of what they
         overwrite in place (fused kernels update residuals in place). Replaced residuals are
         always journaled, by reference. Copies cost a pass over the residuals, so the engine
         asks for them only for exchanges that other exchanges of the same step follow: the
         last one abandons itself on non-finite input, and once a step is known to be
-        non-finite the engine sends the rest of it dense, without touching the memory."""
+        non-finite the engine sends the rest of it dense, without touching the memory.
+
+        ``on_device``: the step is decided without host reads (:meth:`rollback_where`), so
+        the updates store their residuals without checking them on the host; a non-finite
+        one is undone with the rest of the step."""
         self._journal_in_place = in_place
+        self._on_device = on_device
 
     def _touch(self, key: str, in_place: bool = False) -> None:
         """Journal ``key`` before its first change this step."""
@@ -184,6 +191,23 @@ class ErrorFeedback:
                     store.pop(key, None)
                 elif store.get(key) is not old:
                     store[key] = old
+        self._journal.clear()
+        self._pending.clear()
+
+    def rollback_where(self, bad: Tensor) -> None:
+        """:meth:`rollback` where the 0-d bool tensor ``bad`` is true, else :meth:`commit_step`,
+        decided on the device (no host read). A key the step created is zeroed rather than
+        removed where ``bad``; zero memory and none send the same."""
+        for key, (e, m) in self._journal.items():
+            for store, old in ((self._residuals, e), (self._momenta, m)):
+                new = store.get(key)
+                if new is None or new is old:
+                    continue
+                flag = bad.to(new.device)
+                if old is None:
+                    new.masked_fill_(flag, 0.0)
+                else:
+                    torch.where(flag, old, new, out=new)  # elementwise: in place is safe
         self._journal.clear()
         self._pending.clear()
 
@@ -233,7 +257,7 @@ class ErrorFeedback:
         # check below then leaves nothing that matters behind).
         sent = sent.to(compensated.dtype)
         residual = compensated.sub_(sent) if in_place else compensated - sent
-        if not all_finite(residual):
+        if not self._on_device and not all_finite(residual):
             return
         if momentum is not None:
             if self.config.momentum_masking:
@@ -243,8 +267,9 @@ class ErrorFeedback:
         self._store(key, residual)
 
     def _store(self, key: str, residual: Tensor) -> None:
-        """Keep a finite new residual; after a non-finite one the old stays in place."""
-        if not all_finite(residual):
+        """Keep a finite new residual; after a non-finite one the old stays in place (checked
+        on the host, unless the step is decided on the device)."""
+        if not self._on_device and not all_finite(residual):
             return
         if self.config.decay != 1.0:
             residual.mul_(self.config.decay)

@@ -213,11 +213,14 @@ def _average_parts(
         step.extra["nonfinite"] = True
         state.record(step)
         return
-    finite = all(all_finite(b) for b in buffers)
-    flag = buffers[-1].new_full((1,), 0.0 if finite else 1.0)
     keys = [state.key_of(params[i]) for i in sparse]
     out: list[Tensor] | None = None
     moved: TransportStats | None = None
+    if sparse and state.checks_on_device(buffers[-1].device):
+        _average_on_device(state, views, dense, sparse, keys, buffers, step)
+        return
+    finite = all(all_finite(b) for b in buffers)
+    flag = buffers[-1].new_full((1,), 0.0 if finite else 1.0)
     state.journal(in_place=not final)
     if sparse and isinstance(state.transport, AllReduceTransport):
         ride = torch.cat([*(views[i].reshape(-1) for i in dense), flag])
@@ -242,4 +245,38 @@ def _average_parts(
     if out is not None:
         for i, o in zip(sparse, out):
             views[i].copy_(o)
+    state.record(step)
+
+
+def _average_on_device(
+    state: CompressionState,
+    views: list[Tensor],
+    dense: list[int],
+    sparse: list[int],
+    keys: list[str],
+    buffers: list[Tensor],
+    step: TransportStats,
+) -> None:
+    """:func:`_average_parts` over the all-reduce transport with no host read: the overflow
+    flag rides in the first round, the exchange always completes, a bucket some rank
+    overflowed gets a NaN in each average (so GradScaler skips the step), and the step's
+    memory changes are undone on the device when it closes (``nonfinite_check="device"``)."""
+    # A float64 sum of fp32 or half values cannot overflow, so it is finite exactly when every
+    # element is: one pass, no host read. (fp64 gradients beyond 1e308 would read as overflow.)
+    total = torch.stack([b.sum(dtype=torch.float64) for b in buffers]).sum()
+    flag = (~torch.isfinite(total)).to(buffers[-1].dtype).reshape(1)
+    state.journal(in_place=True, on_device=True)
+    ride = torch.cat([*(views[i].reshape(-1) for i in dense), flag])
+    grads = [views[i] for i in sparse]
+    _, _, moved = state.transport.run_riding(keys, grads, ride, None, out=grads)
+    _write_mean(state, views, dense, ride[:-1])
+    bad = ride[-1:]
+    state.note_nonfinite(bad)
+    # One NaN per average is enough for GradScaler and the optimizer to see the overflow.
+    mark = torch.where(bad > 0, float("nan"), 0.0)
+    for v in views:
+        if v.numel():
+            v.view(-1)[:1].add_(mark.to(v.dtype))
+    moved.raw_bytes = 0  # the buckets' raw bytes are counted once, by the caller's step
+    step.add(moved)
     state.record(step)

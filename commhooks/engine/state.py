@@ -20,6 +20,7 @@ from commhooks._validate import check_bool, check_choice, check_int, check_real
 from commhooks.comm.collectives import Collectives, TorchCollectives
 from commhooks.comm.transport import (
     TRANSPORTS,
+    AllReduceTransport,
     Traffic,
     Transport,
     TransportStats,
@@ -85,6 +86,17 @@ class HookOptions:
         seed: seed of the rank-local randomness (stochastic rounding); the rank is mixed in.
         check_config: on the first compressed step, check that every rank uses the same
             compressor, options and transport, and raise instead of hanging if not.
+        nonfinite_check: how a step learns that some rank's gradients overflowed, over the
+            all-reduce transport. ``"host"`` reads the all-reduced flag on the host: the
+            exchange is abandoned and the bucket sent dense, error feedback untouched (no
+            copies; cheapest on CPU, where a read costs nothing). ``"device"`` never reads
+            device values during the step: the exchange completes, the averages of a bucket
+            where some rank overflowed get a NaN (so GradScaler skips the step), and when the
+            step closes every error-feedback change is undone by a device-side select
+            (costs a copy of the residuals a step; for GPUs, where a host read stalls the
+            stream). ``"auto"`` (the default): ``"device"`` for CUDA tensors, else ``"host"``.
+            The all-gather transports need a host read for their sizes anyway and always
+            check on the host.
         feedback: error-feedback options (decay, DGC momentum correction, warm-up).
     """
 
@@ -100,6 +112,7 @@ class HookOptions:
     log_every: int = 0
     seed: int = 0
     check_config: bool = True
+    nonfinite_check: str = "auto"
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
 
     def __post_init__(self) -> None:
@@ -116,6 +129,7 @@ class HookOptions:
         check_int("log_every", self.log_every, lo=0)
         check_int("seed", self.seed)
         check_bool("check_config", self.check_config)
+        check_choice("nonfinite_check", self.nonfinite_check, ("auto", "host", "device"))
         if not isinstance(self.feedback, FeedbackConfig):
             raise ValueError(f"feedback={self.feedback!r}: must be a FeedbackConfig")
 
@@ -217,6 +231,9 @@ class CompressionState:
         self.deferred: list[tuple[torch.Tensor, list[torch.Tensor], Future[torch.Tensor]]] = []
         # The compressor and its state before this step's first exchange (for a rollback).
         self._snapshot: tuple[Compressor[Any], dict[str, Any]] | None = None
+        # Device-side checks: this step's count of overflowing ranks, and the steps so counted.
+        self._bad: torch.Tensor | None = None
+        self._nonfinite_on_device: torch.Tensor | None = None
         #: runs the exchanges of the front ends that overlap them with backward
         self.worker = CommWorker()
         if self.fallback is not None and isinstance(self.compressor, NativeKernels):
@@ -325,10 +342,25 @@ class CompressionState:
 
     @property
     def step_nonfinite(self) -> bool:
-        """Whether some rank had non-finite gradients in an exchange of the current step."""
+        """Whether some rank had non-finite gradients in an exchange of the current step that
+        checked on the host."""
         return bool(self._step.extra.get("nonfinite"))
 
-    def journal(self, in_place: bool) -> None:
+    def checks_on_device(self, device: torch.device) -> bool:
+        """Whether exchanges on ``device`` over this transport decide on overflow without
+        reading device values (``nonfinite_check``)."""
+        mode = self.options.nonfinite_check
+        if mode == "auto":
+            mode = "device" if device.type == "cuda" else "host"
+        return mode == "device" and isinstance(self.transport, AllReduceTransport)
+
+    def note_nonfinite(self, flag: torch.Tensor) -> None:
+        """Add an exchange's all-reduced count of overflowing ranks (a device tensor) to the
+        step's; :meth:`end_step` undoes the step's memory changes where it is non-zero."""
+        flag = flag.reshape(()).detach()
+        self._bad = flag.clone() if self._bad is None else self._bad.add_(flag)
+
+    def journal(self, in_place: bool, on_device: bool = False) -> None:
         """Before an exchange: whether more exchanges of this step follow it, so that fused
         in-place residual updates must be journaled (see :meth:`ErrorFeedback.journal`).
         The first call of a step also notes the compressor's state (PowerSGD's Q, the
@@ -337,7 +369,7 @@ class CompressionState:
             current = self.transport.current
             self._snapshot = (current, current.state_dict())
         for m in self.memories():
-            m.journal(in_place)
+            m.journal(in_place or on_device, on_device)
 
     def end_step(self) -> None:
         """Close a step (after the last bucket): commit or roll back its error-feedback
@@ -348,15 +380,26 @@ class CompressionState:
         """
         s, st = self._stats, self._step
         nonfinite = bool(st.extra.get("nonfinite"))
+        bad = self._bad
         for m in self.memories():
             if nonfinite:
                 m.rollback()
+            elif bad is not None:
+                m.rollback_where(bad > 0)
             else:
                 m.commit_step()
-        if nonfinite and self._snapshot is not None:
+        if self._snapshot is not None:
             compressor, saved = self._snapshot
-            compressor.load_state_dict(saved)
+            if nonfinite:
+                compressor.load_state_dict(saved)
+            elif bad is not None:
+                compressor.load_state_dict(_select(bad > 0, saved, compressor.state_dict()))
         self._snapshot = None
+        if bad is not None and not nonfinite:
+            self._nonfinite_on_device = (bad > 0).long() + (
+                self._nonfinite_on_device if self._nonfinite_on_device is not None else 0
+            )
+        self._bad = None
         s.steps += 1
         s.add(st)
         s.nonfinite_steps += int(nonfinite)
@@ -376,7 +419,10 @@ class CompressionState:
     def stats(self) -> CommStats:
         """A copy of the cumulative stats (after the exchanges queued so far)."""
         self.worker.drain()
-        return dataclasses.replace(self._stats)
+        out = dataclasses.replace(self._stats)
+        if self._nonfinite_on_device is not None:
+            out.nonfinite_steps += int(self._nonfinite_on_device)
+        return out
 
     def fallback_report(self) -> list[BucketChoice]:
         """With ``fallback="auto"``: each bucket's probe times and the path chosen."""
@@ -393,7 +439,7 @@ class CompressionState:
             "feedback": self.feedback.state_dict() if self.feedback is not None else None,
             "compressor": self.compressor.state_dict(),
             "transport": getattr(self.transport, "state_dict", dict)(),
-            "stats": dataclasses.asdict(self._stats),
+            "stats": dataclasses.asdict(self.stats()),
             "fingerprint": self.fingerprint(),
         }
 
@@ -410,6 +456,7 @@ class CompressionState:
         if hasattr(transport, "load_state_dict"):
             transport.load_state_dict(state.get("transport") or {})
         self._stats = CommStats(**state["stats"])
+        self._nonfinite_on_device = None
 
 
 def _own_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
@@ -419,3 +466,13 @@ def _own_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
         raise RuntimeError("process group: call torch.distributed.init_process_group first")
     ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
     return dist.new_group(ranks, use_local_synchronization=True)
+
+
+def _select(bad: torch.Tensor, old: Any, new: Any) -> Any:
+    """``new`` with every tensor that has a same-shaped counterpart in ``old`` replaced by
+    ``torch.where(bad, old, new)``; other values (counters) stay ``new``'s."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        return {k: _select(bad, old[k], v) if k in old else v for k, v in new.items()}
+    if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor) and old.shape == new.shape:
+        return torch.where(bad.to(new.device), old, new)
+    return new

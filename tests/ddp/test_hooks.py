@@ -291,12 +291,16 @@ def test_nonfinite_gradients_reach_gradscaler_and_leave_feedback_alone(run_ranks
         assert_replicas_identical(res, spec)
 
 
-def test_a_nan_in_the_last_bucket_rolls_back_the_earlier_buckets_feedback(run_ranks) -> None:
+@pytest.mark.parametrize("check", ["host", "device"])
+def test_a_nan_in_the_last_bucket_rolls_back_the_earlier_buckets_feedback(
+    run_ranks, check: str
+) -> None:
     """One NaN in the first layer's gradient (DDP's last bucket) on one rank: the buckets
     exchanged before it were finite and compressed, but the step is skipped, so their
-    error-feedback changes are rolled back with the rest (fused and op-by-op paths)."""
-    specs = ["topk:ratio=0.1", "powersgd", "sign", "fp16", "randomk"]
-    cases = [{"hook": ours(s), "steps": 5, "nan_at": 3} for s in specs]
+    error-feedback changes are rolled back with the rest (fused and op-by-op paths), whether
+    the step is decided on the host or on the device."""
+    specs = ["topk:ratio=0.1", "powersgd", "sign", "fp16", "randomk", "uniform:shared_scale=true"]
+    cases = [{"hook": ours(s, nonfinite_check=check), "steps": 5, "nan_at": 3} for s in specs]
     for spec, res in zip(specs, per_case(run_ranks(run_cases, 2, cases))):
         for rank in res:
             assert rank["finite"] == [True, True, True, False, True], spec

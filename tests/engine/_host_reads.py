@@ -1,0 +1,62 @@
+"""Worker: count host reads of device values during compressed steps (spawned by the tests)."""
+
+from __future__ import annotations
+
+import collections
+import os
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from _spawn import init
+from torch.overrides import TorchFunctionMode
+
+from commhooks.engine import CompressionState, average_buffer
+
+#: the Tensor methods that copy a device value to the host
+READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
+
+
+class CountReads(TorchFunctionMode):
+    """Counts each host read by the file and line that asked for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: collections.Counter[str] = collections.Counter()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", "") in READS:
+            frame = traceback.extract_stack()[-3]
+            self.reads[f"{os.path.basename(frame.filename)}:{frame.lineno} {func.__name__}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_reads(rank: int, world: int, store_path: str, out: str, specs: list[str]) -> None:
+    """Per spec: the host reads of its third compressed step (the first two set up per-shape
+    probes, the config check and the error-feedback memory), and whether it compressed."""
+    init(rank, world, store_path)
+    try:
+        params = [torch.nn.Parameter(torch.randn(256, 128)), torch.nn.Parameter(torch.randn(128)),
+                  torch.nn.Parameter(torch.randn(64, 300))]  # fmt: skip
+        named = [(f"p{i}", p) for i, p in enumerate(params)]
+        result = {}
+        for spec in specs:
+            state = CompressionState(spec, named_parameters=named, nonfinite_check="device")
+            gen = torch.Generator().manual_seed(rank)
+            for step in range(3):
+                buf = torch.randn(sum(p.numel() for p in params), generator=gen)
+                mode = CountReads() if step == 2 else None
+                if mode is not None:
+                    with mode:
+                        average_buffer(state, buf, params)
+                        state.end_step()
+                else:
+                    average_buffer(state, buf, params)
+                    state.end_step()
+            st = state.stats()
+            result[spec] = {"reads": dict(mode.reads), "ratio": st.ratio}
+        torch.save(result, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,21 @@
+"""No host reads of device values during a compressed step of the all-reducible compressors
+(``nonfinite_check="device"``, the default on CUDA), counted on real gloo processes."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _host_reads import count_reads
+
+ALL_REDUCIBLE = ["identity", "fp16", "bf16", "randomk", "uniform:shared_scale=true", "powersgd"]
+
+
+def test_compressed_steps_read_nothing_back(run_ranks) -> None:
+    for rank in run_ranks(count_reads, 2, ALL_REDUCIBLE):
+        for spec in ALL_REDUCIBLE:
+            assert rank[spec]["reads"] == {}, f"{spec}: host reads {rank[spec]['reads']}"
+            if spec != "identity":
+                assert rank[spec]["ratio"] > 1.5, spec
