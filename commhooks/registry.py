@@ -11,16 +11,29 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, Protocol, TypeVar, Union, get_args, get_origin
 
 from commhooks.compressors.base import Compressor, CompressorConfig
 
-__all__ = ["available", "compressor", "parse_spec", "register"]
+__all__ = [
+    "PipelineFactory", "available", "compressor", "parse_spec", "register", "register_pipeline",
+]  # fmt: skip
+
+
+class PipelineFactory(Protocol):
+    """What an ``a|b`` spec is built with: ``factory(stages=...)`` is the pipeline's config."""
+
+    def __call__(self, *, stages: tuple[CompressorConfig, ...]) -> CompressorConfig: ...
+
 
 _BY_NAME: dict[str, type[CompressorConfig]] = {}
 _BY_CONFIG: dict[type[CompressorConfig], type[Compressor[Any]]] = {}
+# Set by the pipeline module, so that the registry, which every compressor module imports,
+# imports none of them.
+_PIPELINE: list[PipelineFactory] = []
 
 T = TypeVar("T", bound=type)
+F = TypeVar("F", bound=PipelineFactory)
 
 
 def register(*config_classes: type[CompressorConfig], listed: bool = True) -> Callable[[T], T]:
@@ -43,6 +56,14 @@ def register(*config_classes: type[CompressorConfig], listed: bool = True) -> Ca
         return cls
 
     return deco
+
+
+def register_pipeline(factory: F) -> F:
+    """Decorator: make ``factory(stages=...)`` the config that an ``a|b`` spec parses to."""
+    if _PIPELINE and _PIPELINE[0] is not factory:
+        raise ValueError(f"pipeline: already registered as {_PIPELINE[0]}")
+    _PIPELINE[:] = [factory]
+    return factory
 
 
 def available() -> list[str]:
@@ -71,9 +92,11 @@ def parse_spec(spec: str) -> CompressorConfig:
         raise ValueError(f"spec={spec!r}: must be a non-empty string such as 'topk:ratio=0.01'")
     stages = [s.strip() for s in spec.split("|")]
     if len(stages) > 1:
-        from commhooks.compressors.pipeline import PipelineConfig
-
-        return PipelineConfig(stages=tuple(_parse_one(s) for s in stages))
+        if not _PIPELINE:
+            raise ValueError(
+                f"spec={spec!r}: no pipeline is registered; import commhooks.compressors"
+            )
+        return _PIPELINE[0](stages=tuple(_parse_one(s) for s in stages))
     return _parse_one(stages[0])
 
 

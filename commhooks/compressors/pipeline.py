@@ -22,13 +22,14 @@ from commhooks.compressors.base import (
     Kind,
     Payload,
 )
-from commhooks.registry import compressor, register
+from commhooks.registry import compressor, register, register_pipeline
 
 __all__ = ["Pipeline", "PipelineConfig"]
 
 _VALUE_KINDS = (Kind.QUANTIZER, Kind.CAST)
 
 
+@register_pipeline
 @dataclass(frozen=True)
 class PipelineConfig(CompressorConfig):
     """A sparsifier followed by a codec for its values.
