@@ -351,6 +351,7 @@ class ErrorFeedback:
                     # It updates the residuals in place only when its result is first read.
                     for k in keys:
                         self._touch(k, in_place=True)
+                    fused.host_checks = not self._on_device
                     return fused
         return _FeedbackExchange(self, list(keys), list(tensors), world_size)
 

@@ -278,6 +278,10 @@ class FusedPowerSGDExchange(PowerSGDExchange):
     residual overflows fp32 (elements near 3.4e38) cannot be rolled back in place: that
     residual is reset to zero. The caller leaves ``g`` and ``e`` alone until the result is
     read.
+
+    These checks read device values on the host. With ``host_checks`` off (the engine's
+    ``nonfinite_check="device"``, which undoes a whole step on the device where any rank
+    overflowed) every residual is committed without them.
     """
 
     def __init__(
@@ -296,8 +300,8 @@ class FusedPowerSGDExchange(PowerSGDExchange):
         # Per matrix, this rank's P = M Q before round 1 (tiny) is non-finite wherever an
         # element of its g or e is (a product with NaN or Inf is never finite, even by 0); per
         # dense tensor, its g + e. Each commits or keeps its residual on its own, as op by op.
-        self._finite = {k: _finite_rows(b.p) for k, b in self._batches.items()}
-        self._finite_dense = {i: all_finite(v) for i, v in self._sent.items()}
+        # Checked at the commit, if at all (``host_checks``).
+        self._p_local = {k: b.p for k, b in self._batches.items()}
 
     def _sources(self, members: list[int], n: int, m: int, dtype: torch.dtype) -> list[Tensor]:
         grads = [self._tensors[i].reshape(n, m) for i in members]
@@ -313,19 +317,24 @@ class FusedPowerSGDExchange(PowerSGDExchange):
         if self._committed:
             return
         self._committed = True
+        check = self.host_checks
         for key, b in self._batches.items():
             assert b.q_local is not None
-            ok = [p and q for p, q in zip(self._finite[key], _finite_rows(b.q_local))]
+            ok = (
+                [p and q for p, q in zip(_finite_rows(self._p_local[key]), _finite_rows(b.q_local))]
+                if check
+                else [True] * len(b.members)
+            )
             for j, i in enumerate(b.members):
                 if not ok[j]:
                     continue
                 e = self._residuals[i].view(b.n, b.m)
                 e.add_(self._tensors[i].reshape(b.n, b.m))
                 e.addmm_(b.p[j], b.q_local[j].T, beta=self._decay, alpha=-self._decay)
-                if not all_finite(e):
+                if check and not all_finite(e):
                     e.zero_()
         for i in self._dense:
-            if self._finite_dense[i]:
+            if not check or all_finite(self._sent[i]):
                 self._residuals[i].zero_()
 
     def result(self) -> list[Tensor]:

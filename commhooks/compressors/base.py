@@ -126,6 +126,11 @@ class Exchange(ABC):
     decompressed contribution, which error feedback subtracts to form the residual).
     """
 
+    #: whether a fused error-feedback exchange may read device values on the host to keep
+    #: a non-finite tensor's residual as it was; off when the engine undoes a step that any
+    #: rank overflowed on the device instead (``nonfinite_check="device"``)
+    host_checks: bool = True
+
     @abstractmethod
     def message(self) -> Message | None:
         """The current round's message, or None once every round is done."""
