@@ -19,10 +19,8 @@ error-feedback memory waits for their next round.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -246,24 +244,12 @@ class FederatedAverager:
         for i in range(len(self._c)):
             self._c[i].add_(mean[i])
 
-    @contextlib.contextmanager
-    def _absent(self, state: CompressionState) -> Iterator[None]:
-        """An absent client joins the collectives with a zero delta but must not touch its
-        error-feedback memory: its residual waits for its next round."""
-        transport = state.transport
-        saved = transport.feedback
-        if not self._participating:
-            transport.feedback = None
-        try:
-            yield
-        finally:
-            transport.feedback = saved
-
     def _exchange(self, state: CompressionState, tensors: list[Tensor]) -> list[Tensor]:
         """The mean over ranks of ``tensors`` (one per parameter), compressed."""
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        with self._absent(state):
-            average_buffer(state, flat, [p for _, p in self.params])
+        # An absent client joins with a zero delta and leaves its error-feedback memory alone:
+        # its residual waits for its next round.
+        average_buffer(state, flat, [p for _, p in self.params], memory=self._participating)
         return [
             piece.view(t.shape)
             for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)

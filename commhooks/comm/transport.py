@@ -140,9 +140,12 @@ class Transport(ABC):
 
     @abstractmethod
     def run(
-        self, keys: Sequence[str], tensors: Sequence[Tensor]
+        self, keys: Sequence[str], tensors: Sequence[Tensor], memory: bool = True
     ) -> tuple[list[Tensor], TransportStats]:
-        """Average ``tensors`` (named ``keys``) over ranks; returns them in their own dtypes."""
+        """Average ``tensors`` (named ``keys``) over ranks; returns them in their own dtypes.
+
+        ``memory=False`` sends them without this rank's error feedback, which stays as it was
+        (a federated client absent from a round joins with a zero delta)."""
 
     # -- helpers shared by the transports ----------------------------------------------------
 
@@ -194,9 +197,9 @@ class AllReduceTransport(Transport):
             )
 
     def run(
-        self, keys: Sequence[str], tensors: Sequence[Tensor]
+        self, keys: Sequence[str], tensors: Sequence[Tensor], memory: bool = True
     ) -> tuple[list[Tensor], TransportStats]:
-        out, _, stats = self.run_riding(keys, tensors, None, None)
+        out, _, stats = self.run_riding(keys, tensors, None, None, memory=memory)
         assert out is not None
         return out, stats
 
@@ -207,6 +210,7 @@ class AllReduceTransport(Transport):
         ride: Tensor | None,
         proceed: Callable[[Tensor], bool] | None,
         out: Sequence[Tensor] | None = None,
+        memory: bool = True,
     ) -> tuple[list[Tensor] | None, Tensor | None, TransportStats]:
         """:meth:`run`, with ``ride`` (a flat tensor) summed over ranks in place on the way:
         packed into the first round's all-reduce when that round sums, else all-reduced on
@@ -216,7 +220,7 @@ class AllReduceTransport(Transport):
         may be ``tensors`` themselves) the means are written there and ``out`` is returned."""
         stats = TransportStats(raw_bytes=sum(t.numel() * t.element_size() for t in tensors))
         t0 = time.perf_counter()
-        if self.feedback is not None:
+        if self.feedback is not None and memory:
             ex = self.feedback.exchange(keys, tensors, self.world)
         else:
             ex = self.current.exchange(tensors, keys, self.world)
@@ -272,13 +276,13 @@ class AllGatherTransport(Transport):
     name = "allgather"
 
     def run(
-        self, keys: Sequence[str], tensors: Sequence[Tensor]
+        self, keys: Sequence[str], tensors: Sequence[Tensor], memory: bool = True
     ) -> tuple[list[Tensor], TransportStats]:
         stats = TransportStats(raw_bytes=sum(t.numel() * t.element_size() for t in tensors))
         t0 = time.perf_counter()
         c = self.current
         device = tensors[0].device if tensors else torch.device("cpu")
-        compressed = [self._compress(k, t) for k, t in zip(keys, tensors)]
+        compressed = [self._compress(k, t, memory) for k, t in zip(keys, tensors)]
         parts = [t for p, _ in compressed for t in p]
         body = _bytes_of(parts).to(device)
         static = c.capabilities.static_size
@@ -312,8 +316,8 @@ class AllGatherTransport(Transport):
         stats.decompress_s += time.perf_counter() - t0
         return out, stats
 
-    def _compress(self, key: str, t: Tensor) -> tuple[Payload, Context]:
-        if self.feedback is not None:
+    def _compress(self, key: str, t: Tensor, memory: bool) -> tuple[Payload, Context]:
+        if self.feedback is not None and memory:
             return self.feedback.compress(key, t)
         return self.current.compress(t, key)
 
@@ -369,13 +373,14 @@ class ReduceScatterTransport(Transport):
             )
 
     def run(
-        self, keys: Sequence[str], tensors: Sequence[Tensor]
+        self, keys: Sequence[str], tensors: Sequence[Tensor], memory: bool = True
     ) -> tuple[list[Tensor], TransportStats]:
         stats = TransportStats(raw_bytes=sum(t.numel() * t.element_size() for t in tensors))
         if not tensors:
             return [], stats
         t0 = time.perf_counter()
-        c, ef, world = self.current, self.feedback, self.world
+        c, world = self.current, self.world
+        ef = self.feedback if memory else None
         client = []  # per tensor, per destination rank: (payload, ctx)
         for k, t in zip(keys, tensors):
             x = ef.begin(k, t) if ef is not None else t

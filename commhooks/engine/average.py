@@ -77,20 +77,26 @@ def average_bucket(
 
 
 def average_buffer(
-    state: CompressionState, buffer: Tensor, params: list[Tensor], *, final: bool = True
+    state: CompressionState,
+    buffer: Tensor,
+    params: list[Tensor],
+    *,
+    final: bool = True,
+    memory: bool = True,
 ) -> None:
     """Average ``buffer`` (the concatenated gradients of ``params``) over ranks, in place and
     synchronously on the calling thread: dense before ``start_iter``, compressed after.
 
     Does not close the step (call ``state.end_step()``). ``final=False`` says more buffers of
     this step follow: the in-place error-feedback updates are then journaled, so that a later
-    buffer's overflow can roll the whole step back.
+    buffer's overflow can roll the whole step back. ``memory=False`` sends the buffer without
+    this rank's error feedback, which stays as it was (an absent federated client).
     """
     state.check_agreement(buffer.device)
     if state.iteration < state.options.start_iter:
         _dense_in_place(state, buffer)
     else:
-        _average_parts(state, [(buffer, params)], final=final)
+        _average_parts(state, [(buffer, params)], final=final, memory=memory)
 
 
 def _drop_stale(state: CompressionState) -> None:
@@ -184,7 +190,11 @@ def _write_mean(
 
 
 def _average_parts(
-    state: CompressionState, parts: list[tuple[Tensor, list[Tensor]]], *, final: bool
+    state: CompressionState,
+    parts: list[tuple[Tensor, list[Tensor]]],
+    *,
+    final: bool,
+    memory: bool = True,
 ) -> None:
     """Average several buffers (DDP buckets) in place with one set of collectives."""
     opts = state.options
@@ -217,7 +227,7 @@ def _average_parts(
     out: list[Tensor] | None = None
     moved: TransportStats | None = None
     if sparse and state.checks_on_device(buffers[-1].device):
-        _average_on_device(state, views, dense, sparse, keys, buffers, step)
+        _average_on_device(state, views, dense, sparse, keys, buffers, step, memory)
         return
     finite = all(all_finite(b) for b in buffers)
     flag = buffers[-1].new_full((1,), 0.0 if finite else 1.0)
@@ -227,14 +237,14 @@ def _average_parts(
         grads = [views[i] for i in sparse]
         # The means go straight into the bucket (nothing left to copy below).
         done, _, moved = state.transport.run_riding(
-            keys, grads, ride, lambda summed: bool(summed[-1] == 0), out=grads
+            keys, grads, ride, lambda summed: bool(summed[-1] == 0), out=grads, memory=memory
         )
         _write_mean(state, views, dense, ride[:-1])
         nonfinite = done is None
     else:
         nonfinite = bool(_dense_average(state, views, dense, step, extra=flag) != 0)
         if sparse and not nonfinite:
-            out, moved = state.transport.run(keys, [views[i] for i in sparse])
+            out, moved = state.transport.run(keys, [views[i] for i in sparse], memory=memory)
     if sparse and nonfinite:
         _dense_average(state, views, sparse, step)
     if nonfinite:
@@ -256,6 +266,7 @@ def _average_on_device(
     keys: list[str],
     buffers: list[Tensor],
     step: TransportStats,
+    memory: bool,
 ) -> None:
     """:func:`_average_parts` over the all-reduce transport with no host read: the overflow
     flag rides in the first round, the exchange always completes, a bucket some rank
@@ -268,7 +279,7 @@ def _average_on_device(
     state.journal(in_place=True, on_device=True)
     ride = torch.cat([*(views[i].reshape(-1) for i in dense), flag])
     grads = [views[i] for i in sparse]
-    _, _, moved = state.transport.run_riding(keys, grads, ride, None, out=grads)
+    _, _, moved = state.transport.run_riding(keys, grads, ride, None, out=grads, memory=memory)
     _write_mean(state, views, dense, ride[:-1])
     bad = ride[-1:]
     state.note_nonfinite(bad)
