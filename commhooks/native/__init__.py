@@ -7,9 +7,17 @@ new residual in two passes and decodes straight to fp32 (see docs/benchmarks.md 
 
 The library is built with the system C compiler (``$CC``, else ``cc``/``gcc``) into
 ``$COMMHOOKS_CACHE`` (default ``~/.cache/commhooks``), keyed by a hash of the source, the
-flags, the compiler and the CPU, and renamed into place atomically, so concurrent ranks can
-race to build it safely. Without a compiler, or with ``COMMHOOKS_NATIVE=0``, :func:`lib`
-returns None and every compressor keeps its torch path (tested to give the same bytes).
+flags, the compiler and the machine architecture. Ranks that start together build it once:
+the build holds an exclusive lock on a file in that directory and renames the finished library
+into place, so nobody loads half a file. On x86-64 the library holds the kernels compiled for
+three levels (``-march=x86-64-v4``, ``-v3`` and the baseline) and each process binds the best
+one its CPU runs, so a cache on a home directory shared across a cluster works on every node.
+:func:`prepare` (or ``python -m commhooks.native build``) builds ahead of the first step.
+
+Without a compiler, or when the build fails, :func:`lib` returns None, and every compressor
+keeps its torch path (tested to give the same bytes), 10-50x slower: a RuntimeWarning and a
+logged warning say so once per process. ``COMMHOOKS_NATIVE=0`` chooses the torch path
+deliberately and is only logged at INFO.
 """
 
 from __future__ import annotations
@@ -19,17 +27,25 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["compiler", "enabled", "lib", "usable"]
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds still land atomically, but may be repeated
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["Kernels", "build", "compiler", "enabled", "lib", "prepare", "usable"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +54,22 @@ _SOURCE = Path(__file__).with_name("codecs.c")
 # rounding (the one explicit fmaf mirrors torch.addcmul, which fuses where torch's kernels do).
 # The two -fno-* let loops with float compares vectorize; neither changes a result.
 _FLAGS = [
-    "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
-    "-fPIC", "-shared", "-pthread",
+    "-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-pthread",
 ]  # fmt: skip
+# (suffix, flags) of each compiled copy, best first. The baseline copy also holds
+# ch_cpu_level(), which picks among them at load time; codecs.c says why these levels.
+_X86_LEVELS = [
+    ("v4", ["-march=x86-64-v4"]), ("v3", ["-march=x86-64-v3"]), ("v1", ["-march=x86-64"]),
+]  # fmt: skip
+_LEVEL_OF = {4: "v4", 3: "v3", 1: "v1"}
 # Below this many elements the ctypes call and the scratch allocation cost more than they save.
 MIN_NUMEL = 1 << 14
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
+_lib: Kernels | None = None
 _tried = False
+_why: str | None = None  # why the kernels are unavailable, once tried
+_told_off = False
 
 _i64, _int, _ptr, _dbl = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_double
 _u32, _flt = ctypes.c_uint32, ctypes.c_float
@@ -100,41 +123,95 @@ def _cache_dir() -> Path:
     return Path(base) / "commhooks"
 
 
-def _cpu_id() -> str:
-    # -march=native code must not be loaded on another CPU model sharing the cache directory:
-    # the first processor's whole /proc/cpuinfo block (model and flags on x86; implementer,
-    # part and features on ARM).
+def _levels() -> list[tuple[str, list[str]]]:
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return _X86_LEVELS
+    return [("v1", [])]
+
+
+class Kernels:
+    """The loaded library's functions for this CPU's level, by their unsuffixed names
+    (``ch_sign_encode``...), with the library's ``path`` and the ``level`` bound: the best
+    one the CPU runs, unless ``level`` names another (the tests compare them)."""
+
+    def __init__(self, path: Path, level: str | None = None) -> None:
+        handle = ctypes.CDLL(str(path))
+        handle.ch_cpu_level.restype, handle.ch_cpu_level.argtypes = _int, []
+        if level is None:
+            level = _LEVEL_OF.get(int(handle.ch_cpu_level()), "v1")
+            if not hasattr(handle, f"ch_sign_encode_{level}"):  # a compiler without that level
+                level = "v1"
+        self.path, self.level, self._handle = path, level, handle
+        for name, (res, args) in _SIGNATURES.items():
+            fn = getattr(handle, f"{name}_{level}")
+            fn.restype, fn.argtypes = res, args
+            setattr(self, name, fn)
+
+
+def _command(cc: str) -> list[str]:
+    return shlex.split(cc)
+
+
+def _key(cc: str) -> str:
+    version = subprocess.run(
+        [*_command(cc), "--version"], capture_output=True, text=True, timeout=30
+    ).stdout
+    levels = " ".join(f"{name}:{' '.join(flags)}" for name, flags in _levels())
+    parts = (_SOURCE.read_text(), " ".join(_FLAGS), levels, cc, version, platform.machine())
+    return hashlib.sha256(b"\0".join(p.encode() for p in parts)).hexdigest()[:16]
+
+
+def _compile(cc: str, out: str, work: str) -> None:
+    """Compile every level's copy (at once) and link them into ``out``."""
+    objects, procs = [], []
+    for i, (name, flags) in enumerate(_levels()):
+        obj = os.path.join(work, f"{name}.o")
+        defs = [f"-DCH_LEVEL={name}"] + (["-DCH_PROBE"] if i == len(_levels()) - 1 else [])
+        cmd = [*_command(cc), *_FLAGS, *flags, *defs, "-c", str(_SOURCE), "-o", obj]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        objects.append(obj)
+    built = []
+    for (name, flags), obj, p in zip(_levels(), objects, procs, strict=True):
+        text = p.communicate(timeout=300)[0].decode(errors="replace").strip()[:2000]
+        if not p.returncode:
+            built.append(obj)
+        elif name == "v1":
+            raise RuntimeError(f"{cc} failed: {text}")
+        else:  # an older compiler without this -march level: the others still serve
+            logger.warning("native kernels: %s %s failed, level left out: %s", cc, flags, text)
+    res = subprocess.run(
+        [*_command(cc), "-shared", "-pthread", *built, "-o", out, "-lm"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if res.returncode:
+        raise RuntimeError(f"{cc} failed to link: {res.stderr.strip()[:2000]}")
+
+
+def build(cc: str | None = None) -> Path:
+    """The library's path in the cache, built there first unless it is there already; safe
+    when many processes call it at once (one builds, the others wait for it and load its file).
+    Raises RuntimeError (or OSError) when it cannot be built."""
+    cc = cc or compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (install one, or set CC)")
     try:
-        with open("/proc/cpuinfo") as f:
-            block = f.read().split("\n\n", 1)[0]
-    except OSError:
-        block = ""
-    lines = [ln for ln in block.splitlines() if not ln.startswith(("cpu MHz", "bogomips"))]
-    return platform.machine() + platform.processor() + "\n".join(lines)
-
-
-def _build(cc: str) -> Path:
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(
-        b"\0".join(s.encode() for s in (_SOURCE.read_text(), " ".join(_FLAGS), version, _cpu_id()))
-    ).hexdigest()[:16]
-    target = _cache_dir() / f"codecs-{key}.so"
+        target = _cache_dir() / f"codecs-{_key(cc)}.so"
+    except OSError as e:
+        raise RuntimeError(f"cannot run the C compiler {cc!r}: {e}") from e
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        res = subprocess.run(
-            [cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        if res.returncode:
-            raise RuntimeError(f"{cc} failed: {res.stderr.strip()[:2000]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with open(target.parent / "build.lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if target.exists():  # built by whoever held the lock before us
+            return target
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as work:
+            tmp = os.path.join(work, target.name)
+            _compile(cc, tmp, work)
+            os.replace(tmp, target)
+        logger.info("built native kernels %s in %.1fs", target, time.perf_counter() - start)
     return target
 
 
@@ -143,30 +220,45 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def lib() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it on first use; None if unavailable or disabled."""
-    global _lib, _tried
+def lib() -> Kernels | None:
+    """The loaded kernels, built on first use; None if unavailable or disabled (the first
+    such answer warns, see the module's docstring)."""
+    global _lib, _tried, _why, _told_off
     if not enabled():
+        if not _told_off:
+            _told_off = True
+            logger.info("COMMHOOKS_NATIVE=0: native kernels off, compressors use the torch path")
         return None
     if _tried:
         return _lib
     with _lock:
         if _tried:
             return _lib
-        cc = compiler()
         try:
-            if cc is None:
-                raise RuntimeError("no C compiler found (set CC)")
-            handle = ctypes.CDLL(str(_build(cc)))
-            for name, (res, args) in _SIGNATURES.items():
-                fn = getattr(handle, name)
-                fn.restype, fn.argtypes = res, args
-            _lib = handle
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            logger.warning("native kernels unavailable, using the torch path: %s", e)
-            _lib = None
+            _lib = Kernels(build())
+        except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+            _lib, _why = None, str(e) or type(e).__name__
+            msg = (
+                f"commhooks: native kernels unavailable ({_why}); compressors fall back to "
+                "their torch path, 10-50x slower. COMMHOOKS_NATIVE=0 chooses that quietly."
+            )
+            logger.warning("native kernels unavailable, using the torch path: %s", _why)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
         _tried = True
     return _lib
+
+
+def prepare() -> bool:
+    """Build and load the kernels now, rather than inside the first training step; whether
+    they are available. Idempotent, and cheap once they are loaded (or found unavailable)."""
+    return lib() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`lib` returned None (after it did), or None."""
+    if not enabled():
+        return "COMMHOOKS_NATIVE=0"
+    return _why
 
 
 def usable(*tensors: Tensor, numel: int | None = None) -> bool:

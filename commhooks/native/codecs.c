@@ -8,8 +8,8 @@
  * torch path's (scales from reductions aside, which sum in double here; QSGD and TernGrad draw
  * their own rounding noise), and the residual is exactly c - decode(code).
  *
- * Threads: plain pthreads over contiguous ranges; reductions go through fixed work items, so
- * results do not depend on the thread count.
+ * Threads: a persistent pool over contiguous ranges; reductions go through fixed work items,
+ * so results do not depend on the thread count.
  */
 #include <float.h>
 #include <math.h>
@@ -19,6 +19,38 @@
 #include <string.h>
 #if defined(__F16C__)
 #include <immintrin.h>
+#endif
+
+/* Built without -march=native, so that one cached library serves every CPU of a cluster: the
+ * file is compiled once per x86-64 level (-march=x86-64-v4, -v3 and the baseline) with
+ * CH_LEVEL naming the level, each exported ch_* function getting the suffix _<level>, and
+ * linked into one library; ch_cpu_level() says which level this CPU runs, and the loader binds
+ * that level's functions. Elsewhere it is compiled once, CH_LEVEL the baseline's name. The
+ * levels give identical results: no flag here lets the compiler change a float operation. */
+#define CH_CAT2(a, b) a##_##b
+#define CH_CAT(a, b) CH_CAT2(a, b)
+#define CH(name) CH_CAT(name, CH_LEVEL)
+
+#if defined(CH_PROBE)
+/* The highest level the CPU (and the OS, for the vector registers) supports: 4, 3, else 1. */
+int ch_cpu_level(void) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return 4;
+    if (__builtin_cpu_supports("x86-64-v3")) return 3;
+#elif defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    /* the features the compilers name everywhere; CPUs with these have the rest of the level */
+    __builtin_cpu_init();
+    int v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+    int v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512vl");
+    if (v4) return 4;
+    if (v3) return 3;
+#endif
+    return 1;
+}
 #endif
 
 #define MAX_THREADS 64
@@ -32,10 +64,88 @@ typedef struct {
     int64_t begin, end;
 } job_t;
 
-static void *run_job(void *arg) {
-    job_t *j = (job_t *)arg;
-    j->fn(j->ctx, j->begin, j->end);
+/* ---- the thread pool --------------------------------------------------------------------- */
+/* Workers are started lazily, the first time a call wants them, and then wait on a condition
+ * variable for the next batch, so a call costs a wake-up rather than thread creations. One
+ * batch runs at a time (pool_use): codecs called from two threads at once take turns, each
+ * with the same fixed split of work, so outputs do not depend on who ran what. A child of
+ * fork() has none of its parent's workers, so the pool starts again empty there. */
+
+static pthread_mutex_t pool_use = PTHREAD_MUTEX_INITIALIZER; /* held for a whole batch */
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;  /* guards the fields below */
+static pthread_cond_t pool_go = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
+static int pool_workers;          /* started; worker w runs job w (1..pool_workers) */
+static unsigned long pool_gen;    /* bumped once per batch */
+static unsigned long pool_seen[MAX_THREADS]; /* the batch each worker starts after */
+static const job_t *pool_jobs;
+static int pool_k;                /* jobs in the batch, job 0 the caller's */
+static int pool_left;             /* worker jobs of the batch not yet finished */
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+
+static void pool_after_fork(void) {
+    static const pthread_mutex_t m0 = PTHREAD_MUTEX_INITIALIZER;
+    static const pthread_cond_t c0 = PTHREAD_COND_INITIALIZER;
+    pool_use = m0;
+    pool_mu = m0;
+    pool_go = c0;
+    pool_done = c0;
+    pool_workers = 0;
+    pool_left = 0;
+}
+
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+static void *pool_main(void *arg) {
+    int id = (int)(intptr_t)arg;
+    pthread_mutex_lock(&pool_mu);
+    unsigned long seen = pool_seen[id];
+    for (;;) {
+        while (pool_gen == seen) pthread_cond_wait(&pool_go, &pool_mu);
+        seen = pool_gen;
+        if (id < pool_k) {
+            job_t j = pool_jobs[id];
+            pthread_mutex_unlock(&pool_mu);
+            j.fn(j.ctx, j.begin, j.end);
+            pthread_mutex_lock(&pool_mu);
+            if (--pool_left == 0) pthread_cond_signal(&pool_done);
+        }
+    }
     return NULL;
+}
+
+/* Runs jobs[0..k) with jobs[0] on the calling thread; jobs no worker could be started for run
+ * here too. */
+static void pool_run(const job_t *jobs, int k) {
+    pthread_once(&pool_once, pool_init);
+    pthread_mutex_lock(&pool_use);
+    pthread_mutex_lock(&pool_mu);
+    while (pool_workers < k - 1) {
+        pthread_t tid;
+        pthread_attr_t attr;
+        int id = pool_workers + 1, ok = 0;
+        pool_seen[id] = pool_gen;
+        if (pthread_attr_init(&attr) == 0) {
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            ok = pthread_create(&tid, &attr, pool_main, (void *)(intptr_t)id) == 0;
+            pthread_attr_destroy(&attr);
+        }
+        if (!ok) break; /* no more threads to be had: the caller does the rest */
+        pool_workers = id;
+    }
+    int served = k - 1 < pool_workers ? k : pool_workers + 1;
+    pool_jobs = jobs;
+    pool_k = served;
+    pool_left = served - 1;
+    pool_gen++;
+    pthread_cond_broadcast(&pool_go);
+    pthread_mutex_unlock(&pool_mu);
+    jobs[0].fn(jobs[0].ctx, jobs[0].begin, jobs[0].end);
+    for (int t = served; t < k; t++) jobs[t].fn(jobs[t].ctx, jobs[t].begin, jobs[t].end);
+    pthread_mutex_lock(&pool_mu);
+    while (pool_left) pthread_cond_wait(&pool_done, &pool_mu);
+    pthread_mutex_unlock(&pool_mu);
+    pthread_mutex_unlock(&pool_use);
 }
 
 /* Split [0, n) into at most nthreads ranges whose starts are multiples of align; below
@@ -49,8 +159,6 @@ static void parallel_for(int64_t n, int64_t align, int64_t elements, int nthread
         return;
     }
     job_t jobs[MAX_THREADS];
-    pthread_t tids[MAX_THREADS];
-    int started[MAX_THREADS];
     int64_t per = (n + nthreads - 1) / nthreads;
     per = (per + align - 1) / align * align;
     int k = 0;
@@ -60,14 +168,10 @@ static void parallel_for(int64_t n, int64_t align, int64_t elements, int nthread
         jobs[k].begin = b;
         jobs[k].end = b + per < n ? b + per : n;
     }
-    for (int t = 1; t < k; t++) started[t] = pthread_create(&tids[t], NULL, run_job, &jobs[t]) == 0;
-    run_job(&jobs[0]);
-    for (int t = 1; t < k; t++) {
-        if (started[t])
-            pthread_join(tids[t], NULL);
-        else
-            run_job(&jobs[t]); /* no thread to be had: do it here */
-    }
+    if (k == 1)
+        fn(ctx, 0, n);
+    else
+        pool_run(jobs, k);
 }
 
 /* ---- pass 1: per-chunk statistics of c = g + e ------------------------------------------ */
@@ -158,7 +262,7 @@ static void stats_range(void *arg, int64_t i0, int64_t i1) {
  * E[d^2] - E[d]^2 from cancelling). scratch holds ch_stats_items() doubles. Returns the sum
  * over the whole tensor (non-finite iff some c is, either way) and writes max |c| to
  * *amax_out. */
-double ch_chunk_stats(const float *g, const float *e, int64_t n, int64_t chunk, double *sums,
+double CH(ch_chunk_stats)(const float *g, const float *e, int64_t n, int64_t chunk, double *sums,
                       double *sumsq, float *lo, float *hi, float *amax_out, double *scratch,
                       int signed_sum, float pivot, int nthreads) {
     int64_t nchunks = (n + chunk - 1) / chunk;
@@ -202,7 +306,7 @@ double ch_chunk_stats(const float *g, const float *e, int64_t n, int64_t chunk, 
 }
 
 /* Scratch doubles ch_chunk_stats needs. */
-int64_t ch_stats_items(int64_t n, int64_t chunk) {
+int64_t CH(ch_stats_items)(int64_t n, int64_t chunk) {
     int64_t nchunks = (n + chunk - 1) / chunk;
     int64_t items = nchunks * ((chunk + BLOCK - 1) / BLOCK);
     return 4 * items; /* sum, sumsq (doubles); amax, lo, hi (floats) */
@@ -382,7 +486,7 @@ static void sign_encode_range(void *arg, int64_t i0, int64_t i1) {
 }
 
 /* Sign bits of c = g + e (1 for c >= 0) and, with e, the residual e = c - (+-scale). */
-void ch_sign_encode(const float *g, float *e, int64_t n, int64_t chunk, const float *scale,
+void CH(ch_sign_encode)(const float *g, float *e, int64_t n, int64_t chunk, const float *scale,
                     uint8_t *bits, int nthreads) {
     codec_t s = {g, e, n, chunk, scale, NULL, 1, bits, NULL, 0, 0, 0, 0};
     parallel_for(n, 8, n, nthreads, sign_encode_range, &s);
@@ -418,7 +522,7 @@ static void sign_decode_range(void *arg, int64_t i0, int64_t i1) {
 }
 
 /* Decode sign bits to +-scale. */
-void ch_sign_decode(const uint8_t *bits, int64_t n, int64_t chunk, const float *scale, float *out,
+void CH(ch_sign_decode)(const uint8_t *bits, int64_t n, int64_t chunk, const float *scale, float *out,
                     int accumulate, int nthreads) {
     codec_t s = {NULL, NULL, n, chunk, scale, NULL, 1, (uint8_t *)bits, out, accumulate, 0, 0, 0};
     parallel_for(n, 8, n, nthreads, sign_decode_range, &s);
@@ -612,7 +716,7 @@ static void unif_encode_range(void *arg, int64_t i0, int64_t i1) {
 /* Codes of c = g + e on 2**bits levels per chunk (bits 1, 2, 4 or 8), nearest or (stochastic)
  * randomly rounded with noise from seed (s0, s1), packed as commhooks.coding.bitpack.pack_bits
  * does; with e, the residual e = c - (code*step + lo). */
-void ch_uniform_encode(const float *g, float *e, int64_t n, int64_t chunk, const float *lo,
+void CH(ch_uniform_encode)(const float *g, float *e, int64_t n, int64_t chunk, const float *lo,
                        const float *step, int bits, uint8_t *data, int stochastic, uint32_t s0,
                        uint32_t s1, int nthreads) {
     codec_t u = {g, e, n, chunk, lo, step, bits, data, NULL, 0, stochastic, s0, s1};
@@ -654,7 +758,7 @@ static void unif_decode_range(void *arg, int64_t i0, int64_t i1) {
 }
 
 /* Decode min-max codes to code*step + lo per chunk. */
-void ch_uniform_decode(const uint8_t *data, int64_t n, int64_t chunk, const float *lo,
+void CH(ch_uniform_decode)(const uint8_t *data, int64_t n, int64_t chunk, const float *lo,
                        const float *step, int bits, float *out, int accumulate, int nthreads) {
     codec_t u = {NULL, NULL, n, chunk, lo, step, bits, (uint8_t *)data, out, accumulate, 0, 0, 0};
     parallel_for(n, 8, n, nthreads, unif_decode_range, &u);
@@ -663,7 +767,7 @@ void ch_uniform_decode(const uint8_t *data, int64_t n, int64_t chunk, const floa
 /* Non-uniform levels: codes 2 * level + sign of c = g + e with per-chunk scale max|c|, the
  * nearest of nlev sorted levels (midpoints given, as the torch path computes them), packed as
  * pack_bits(.., bits) for bits 2, 4 or 8; with e, the residual c - decode(code). */
-void ch_table_encode(const float *g, float *e, int64_t n, int64_t chunk, const float *scale,
+void CH(ch_table_encode)(const float *g, float *e, int64_t n, int64_t chunk, const float *scale,
                      const float *mids, const float *levels, int nlev, int bits, uint8_t *data,
                      int nthreads) {
     codec_t u = {g, e, n, chunk, scale, NULL, bits, data, NULL, 0, 0, 0, 0, mids, levels, nlev};
@@ -671,7 +775,7 @@ void ch_table_encode(const float *g, float *e, int64_t n, int64_t chunk, const f
 }
 
 /* Decode to +-levels[code >> 1] * scale per chunk. */
-void ch_table_decode(const uint8_t *data, int64_t n, int64_t chunk, const float *scale,
+void CH(ch_table_decode)(const uint8_t *data, int64_t n, int64_t chunk, const float *scale,
                      const float *mids, const float *levels, int nlev, int bits, float *out,
                      int accumulate, int nthreads) {
     codec_t u = {NULL, NULL, n, chunk, scale, NULL, bits, (uint8_t *)data, out, accumulate,
@@ -866,7 +970,7 @@ static void stoch_encode_range(void *arg, int64_t i0, int64_t i1) {
 
 /* Stochastic symbols of c = g + e per chunk (kind 2: grid codes, chunk = n) and, with e, the
  * residual c - decode(symbol). */
-void ch_stoch_encode(int kind, const float *g, float *e, int64_t n, int64_t chunk, const float *norm,
+void CH(ch_stoch_encode)(int kind, const float *g, float *e, int64_t n, int64_t chunk, const float *norm,
                      int levels, int bits, int radix, int alphabet, uint8_t *data, uint32_t s0,
                      uint32_t s1, int nthreads) {
     stoch_t s = {kind, g, e, n, chunk, norm, levels, bits, radix, alphabet, data, NULL, 0, s0, s1};
@@ -911,7 +1015,7 @@ static void stoch_decode_range(void *arg, int64_t i0, int64_t i1) {
 
 /* Decode symbols to (symbol - s) * norm / s per chunk (kind 2: grid values), added into out
  * with accumulate. */
-void ch_stoch_decode(int kind, const uint8_t *data, int64_t n, int64_t chunk, const float *norm,
+void CH(ch_stoch_decode)(int kind, const uint8_t *data, int64_t n, int64_t chunk, const float *norm,
                      int levels, int bits, int radix, int alphabet, float *out, int accumulate,
                      int nthreads) {
     stoch_t s = {kind, NULL, NULL, n, chunk, norm, levels, bits, radix, alphabet, (uint8_t *)data,
@@ -998,7 +1102,7 @@ static void select_range(void *arg, int64_t k0, int64_t k1) {
 /* Collect; returns the number of elements found (-1: out of memory) and a handle that
  * ch_select_take must consume. *finite: whether every collected c is finite (an element below
  * t is finite by the comparison). */
-int64_t ch_select(const float *g, const float *e, int64_t n, float t, void **handle, int *finite,
+int64_t CH(ch_select)(const float *g, const float *e, int64_t n, float t, void **handle, int *finite,
                   int nthreads) {
     select_t *s = (select_t *)calloc(1, sizeof(select_t));
     *handle = s;
@@ -1024,7 +1128,7 @@ int64_t ch_select(const float *g, const float *e, int64_t n, float t, void **han
 
 /* Copy the collected positions and values out in ascending order (either may be NULL) and
  * free the handle. */
-void ch_select_take(void *handle, int64_t *idx, float *val) {
+void CH(ch_select_take)(void *handle, int64_t *idx, float *val) {
     select_t *s = (select_t *)handle;
     if (!s) return;
     int64_t at = 0;
@@ -1044,7 +1148,7 @@ void ch_select_take(void *handle, int64_t *idx, float *val) {
  * SingleRoundExchange with prescale s, then ErrorFeedback's c - sent). Encoding writes only h,
  * so an exchange abandoned after it leaves the residual as it was. fp16 needs _Float16 (GCC 12,
  * clang) or F16C; ch_cast_fp16() says whether this build has either. */
-int ch_cast_fp16(void) {
+int CH(ch_cast_fp16)(void) {
 #if defined(__FLT16_MAX__) || defined(__F16C__)
     return 1;
 #else
@@ -1147,7 +1251,7 @@ static void cast_encode_range(void *arg, int64_t i0, int64_t i1) {
 }
 
 /* Returns 1 if every h, and every h / s, is finite (so is the residual then). */
-int ch_cast_encode(const float *g, const float *e, int64_t n, float s, int bf16, uint16_t *h,
+int CH(ch_cast_encode)(const float *g, const float *e, int64_t n, float s, int bf16, uint16_t *h,
                    int nthreads) {
     cast_t k = {g, NULL, h, NULL, s, 1.0f, bf16, 0};
     k.e = (float *)e;
@@ -1178,7 +1282,7 @@ static void cast_residual_range(void *arg, int64_t i0, int64_t i1) {
 }
 
 /* e = ((g + e) - float(h) / s) * decay: the new residual, from the h ch_cast_encode wrote. */
-void ch_cast_residual(const float *g, float *e, int64_t n, float s, int bf16, const uint16_t *h,
+void CH(ch_cast_residual)(const float *g, float *e, int64_t n, float s, int bf16, const uint16_t *h,
                       float decay, int nthreads) {
     cast_t k = {g, e, (uint16_t *)h, NULL, s, decay, bf16, 0};
     parallel_for(n, 64, n, nthreads, cast_residual_range, &k);
@@ -1206,7 +1310,7 @@ static void cast_decode_range(void *arg, int64_t i0, int64_t i1) {
 
 /* out = float(h) / s / w: the decoded sum, and the transport's mean when w is the world size
  * (two divisions, as the torch ops round them; w = 1 leaves the first unchanged). */
-void ch_cast_decode(const uint16_t *h, int64_t n, float s, float w, int bf16, float *out,
+void CH(ch_cast_decode)(const uint16_t *h, int64_t n, float s, float w, int bf16, float *out,
                     int nthreads) {
     cast_t k = {NULL, NULL, (uint16_t *)h, out, s, w, bf16, 0};
     parallel_for(n, 64, n, nthreads, cast_decode_range, &k);
@@ -1219,7 +1323,7 @@ void ch_cast_decode(const uint16_t *h, int64_t n, float s, float w, int bf16, fl
  * on every gap before it, and one pass at a byte or two an index is memory speed anyway. */
 
 /* Writes the code of k sorted indices to out (room for 5 k bytes); returns its length. */
-int64_t ch_varint_encode(const int64_t *idx, int64_t k, uint8_t *out) {
+int64_t CH(ch_varint_encode)(const int64_t *idx, int64_t k, uint8_t *out) {
     int64_t at = 0, prev = -1;
     for (int64_t i = 0; i < k; i++) {
         int64_t gap = idx[i] - prev - 1; /* signed, as torch's: unsorted input codes alike */
@@ -1235,7 +1339,7 @@ int64_t ch_varint_encode(const int64_t *idx, int64_t k, uint8_t *out) {
 
 /* Decodes nbytes of code into idx (room for nbytes indices); returns the count, or -1 when the
  * last varint is cut off or a gap runs past 9 bytes (no index that long fits 64 bits). */
-int64_t ch_varint_decode(const uint8_t *in, int64_t nbytes, int64_t *idx) {
+int64_t CH(ch_varint_decode)(const uint8_t *in, int64_t nbytes, int64_t *idx) {
     int64_t k = 0, prev = -1;
     uint64_t gap = 0;
     int shift = 0;
