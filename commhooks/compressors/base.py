@@ -212,6 +212,9 @@ class Compressor(ABC, Generic[C]):
     """
 
     config: C
+    #: whether its hot loops have native kernels (``commhooks.native``), which the engine
+    #: builds when it is set up rather than in the first training step
+    uses_native_kernels: ClassVar[bool] = True
 
     def __init__(self, config: C) -> None:
         self.config = config

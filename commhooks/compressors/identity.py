@@ -35,6 +35,8 @@ class IdentityConfig(CompressorConfig):
 class Identity(Compressor[IdentityConfig]):
     """Lossless pass-through; see :class:`IdentityConfig`."""
 
+    uses_native_kernels: ClassVar[bool] = False
+
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(kind=Kind.CAST, summable=True, static_size=True, unbiased=True)

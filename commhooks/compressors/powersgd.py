@@ -107,6 +107,8 @@ class PowerSGD(Compressor[PowerSGDConfig]):
     is the two-round all-reduce form, the one to use in training.
     """
 
+    uses_native_kernels: ClassVar[bool] = False
+
     def __init__(self, config: PowerSGDConfig) -> None:
         super().__init__(config)
         # Per-key warm-start Q, (m, r) with unit columns, fp32 (fp64 for fp64 gradients).

@@ -26,7 +26,6 @@ from commhooks.comm.transport import (
     TransportStats,
     transport_class,
 )
-from commhooks.compressors._quant import NativeKernels
 from commhooks.compressors.base import Compressor, CompressorConfig
 from commhooks.engine.fallback import BucketChoice, Fallback
 from commhooks.engine.worker import CommWorker
@@ -236,8 +235,9 @@ class CompressionState:
         self._nonfinite_on_device: torch.Tensor | None = None
         #: runs the exchanges of the front ends that overlap them with backward
         self.worker = CommWorker()
-        if self.fallback is not None and isinstance(self.compressor, NativeKernels):
-            native.lib()  # a build during a timed probe would count against compression
+        if self.compressor.uses_native_kernels:
+            # Built (once per machine) now, not inside the first training step or a timed probe.
+            native.prepare()
 
     # -- bound to the process group on first use ------------------------------------------
 
