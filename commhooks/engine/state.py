@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +32,6 @@ from commhooks.feedback import ErrorFeedback, FeedbackConfig
 from commhooks.registry import compressor as build_compressor
 
 __all__ = ["CommStats", "CompressionState", "HookOptions"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

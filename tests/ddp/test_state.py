@@ -97,7 +97,7 @@ def _train(ddp: nn.Module, steps: int, first: int = 0) -> None:
 def test_stats_count_bytes_and_are_logged(world_of_one: None, caplog: Any) -> None:
     ddp = nn.parallel.DistributedDataParallel(make_model())
     state = commhooks.ddp.register(ddp, "topk:ratio=0.01", log_every=2, min_numel=0)
-    with caplog.at_level(logging.INFO, logger="commhooks.engine.state"):
+    with caplog.at_level(logging.INFO, logger="commhooks.metrics"):
         _train(ddp, 4)
     stats = state.stats()
     n = sum(p.numel() for p in ddp.parameters())
@@ -106,8 +106,8 @@ def test_stats_count_bytes_and_are_logged(world_of_one: None, caplog: Any) -> No
     assert stats.ratio == stats.raw_bytes / stats.wire_bytes > 5
     assert stats.link_bytes == 0  # a world of one puts nothing on a link
     assert stats.compress_s > 0 and stats.decompress_s > 0
-    logged = [r.getMessage() for r in caplog.records if "wire bytes" in r.getMessage()]
-    assert len(logged) == 2 and logged[0].startswith("step 2:")
+    logged = [r.getMessage() for r in caplog.records if "wire B" in r.getMessage()]
+    assert len(logged) == 2 and logged[0].startswith("rank 0 step 2:")
 
 
 def test_state_dict_round_trips_and_refuses_another_config(world_of_one: None, tmp_path) -> None:
