@@ -314,12 +314,20 @@ FALLBACK_SPECS = ("topk", "sign", "ternary", "qsgd", "powersgd", INT8)
 # int8 with the reduce-scatter transport (not its default): traffic per rank that stays flat
 # as ranks are added, where the default all-gather's grows.
 RS = "+rs"
-SUFFIXES = {FALLBACK: {"fallback": "auto"}, RS: {"transport": "reducescatter"}}
+# All of a step's buckets exchanged together (not the default): one set of collectives a step
+# instead of one per bucket, without overlap with backward.
+COALESCE = "+coalesce"
+SUFFIXES = {
+    FALLBACK: {"fallback": "auto"},
+    RS: {"transport": "reducescatter"},
+    COALESCE: {"coalesce": True},
+}
 
 
 def our_spec(label: str) -> tuple[str, dict[str, Any]]:
     """Our variant's compressor spec and hook options: ``"<spec>+fallback"`` adds
-    ``fallback="auto"``, ``"<spec>+rs"`` ``transport="reducescatter"``."""
+    ``fallback="auto"``, ``"<spec>+rs"`` ``transport="reducescatter"``, ``"<spec>+coalesce"``
+    ``coalesce=True``."""
     for suffix, options in SUFFIXES.items():
         if label.endswith(suffix):
             return label[: -len(suffix)], dict(options)
