@@ -201,7 +201,11 @@ class ErrorFeedback:
         for key, (e, m) in self._journal.items():
             for store, old in ((self._residuals, e), (self._momenta, m)):
                 new = store.get(key)
-                if new is None or new is old:
+                if new is old:
+                    continue
+                if new is None:  # removed this step (``pop``): back where ``bad``, else zero
+                    assert old is not None
+                    store[key] = torch.where(bad.to(old.device), old, torch.zeros_like(old))
                     continue
                 flag = bad.to(new.device)
                 if old is None:
@@ -240,6 +244,8 @@ class ErrorFeedback:
         u = tensor.to(compute_dtype(tensor.dtype))
         momentum = None
         if self.config.momentum > 0:
+            if _shares(u, tensor):
+                u = u.clone()  # kept as momentum: must not be the caller's gradient memory
             old = self._momenta.get(key)
             momentum = u = u if old is None else old * self.config.momentum + u
         e = self._stored(key, tensor)

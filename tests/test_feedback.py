@@ -204,3 +204,27 @@ def test_compressor_argument_accepts_every_form() -> None:
     cfg = commhooks.parse_spec("topk:ratio=0.2")
     for arg in ("topk:ratio=0.2", cfg, commhooks.compressor(cfg)):
         assert ErrorFeedback(arg).compressor.config == cfg
+
+
+def test_momentum_never_aliases_the_gradient() -> None:
+    ef = ErrorFeedback("topk:ratio=0.1", momentum=0.5, momentum_masking=False)
+    g = torch.randn(200)
+    ef.compress("w", g)
+    m = ef.state_dict()["momenta"]["w"]
+    assert m.untyped_storage().data_ptr() != g.untyped_storage().data_ptr()
+    assert ef._momenta["w"].untyped_storage().data_ptr() != g.untyped_storage().data_ptr()
+
+
+def test_rollback_where_restores_a_residual_popped_this_step() -> None:
+    ef = ErrorFeedback("topk:ratio=0.1")
+    step(ef, "w", torch.randn(300))
+    ef.commit_step()
+    before = ef.residual("w").clone()
+    ef.journal(True, on_device=True)
+    assert ef.pop("w") is not None
+    ef.rollback_where(torch.tensor(True))
+    assert torch.equal(ef.residual("w"), before)
+    ef.journal(True, on_device=True)
+    ef.pop("w")
+    ef.rollback_where(torch.tensor(False))
+    assert not ef.residual("w").any()  # kept removed: zero memory sends what none does

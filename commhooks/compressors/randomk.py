@@ -94,7 +94,8 @@ class RandomK(Sparsifier[RandomKConfig]):
         if self.config.unbiased:
             values = values * sizes.to(values.dtype)
         # Elements left out are never read, so a NaN there would vanish; the sum sees them all.
-        return (poison(values, flat.sum()),), idx
+        # In float64, so finite fp16/fp32 values cannot overflow it into a false NaN.
+        return (poison(values, flat.sum(dtype=torch.float64)),), idx
 
     def indices(self, index_payload: Payload, ctx: Context) -> Tensor:
         return ctx.extra

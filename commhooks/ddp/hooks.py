@@ -57,7 +57,7 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
     buffer = bucket.buffer()
     params = list(bucket.parameters())
     first, last = bucket.index() == 0, bucket.is_last()
-    state.bind()
+    state.bind(buffer.device)
     fut = state.worker.future(buffer.device)
     return state.worker.submit(
         lambda: average_bucket(state, buffer, params, fut, first=first, last=last),

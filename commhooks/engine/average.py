@@ -58,19 +58,26 @@ def average_bucket(
     :data:`~commhooks.engine.worker.HELD`) and exchanged together with the last, which then
     completes their futures. ``first``/``last``: the bucket opens/closes a step.
     """
+    if first:
+        # The previous step is still open: its backward stopped before the last bucket, or
+        # one of its jobs failed. Roll it back and drop what it held.
+        _drop_stale(state)
+        state.abort_step()
     state.check_agreement(buffer.device)
     held = False
-    if state.iteration < state.options.start_iter:
-        _dense_in_place(state, buffer)
-    elif state.fallback is not None:
-        _measured(state, buffer, params, final=last)
-    elif state.options.coalesce and not last:
-        if first:
-            _drop_stale(state)
-        state.deferred.append((buffer, params, future))
-        held = True
-    else:
-        _average_deferred(state, buffer, params, final=last)
+    try:
+        if state.iteration < state.options.start_iter:
+            _dense_in_place(state, buffer)
+        elif state.fallback is not None:
+            _measured(state, buffer, params, final=last)
+        elif state.options.coalesce and not last:
+            state.deferred.append((buffer, params, future))
+            held = True
+        else:
+            _average_deferred(state, buffer, params, final=last)
+    except Exception:
+        state.abort_step()
+        raise
     if last:
         state.end_step()
     return HELD if held else buffer
@@ -114,7 +121,7 @@ def _average_deferred(
     held, state.deferred = state.deferred, []
     try:
         _average_parts(state, [*((b, p) for b, p, _ in held), (buffer, params)], final=final)
-    except BaseException as e:
+    except Exception as e:
         for _, _, fut in held:
             fut.set_exception(e)
         raise
@@ -141,6 +148,10 @@ def _measured(state: CompressionState, buffer: Tensor, params: list[Tensor], fin
                 if residual is not None:
                     view.add_(residual.to(view.dtype))
         _dense_in_place(state, buffer)
+        # The average is the same on every rank: non-finite exactly where some rank's input
+        # was (or the sum overflowed, which the optimizer skips as well), so the step is.
+        if not all_finite(buffer):
+            state.record(TransportStats(extra={"nonfinite": True}))
     if probe:
         _sync(buffer)
         state.fallback.record(keys, path, time.perf_counter() - t0)
@@ -282,7 +293,10 @@ def _average_on_device(
     _, _, moved = state.transport.run_riding(keys, grads, ride, None, out=grads, memory=memory)
     _write_mean(state, views, dense, ride[:-1])
     bad = ride[-1:]
-    state.note_nonfinite(bad)
+    # The averages are the same on every rank, so a non-finite one (an overflow in g + e, in
+    # a cast or in the sum, which the input flag cannot see) marks the step on every rank.
+    means = torch.stack([g.sum(dtype=torch.float64) for g in grads]).sum()
+    state.note_nonfinite(bad + (~torch.isfinite(means)).to(bad.dtype))
     # One NaN per average is enough for GradScaler and the optimizer to see the overflow.
     mark = torch.where(bad > 0, float("nan"), 0.0)
     for v in views:

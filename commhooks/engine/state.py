@@ -140,7 +140,8 @@ class CommStats(Traffic):
     ``2(n-1)/n`` of its buffer, a ring all-gather ``n-1`` payloads). ``compress_s``,
     ``comm_s``, ``decompress_s``: seconds spent. All cumulative; the ``last_*`` fields hold the
     last completed step. ``nonfinite_steps`` counts steps on which some rank had inf/nan
-    gradients, which were then all-reduced dense and left error feedback untouched.
+    gradients: the optimizer or GradScaler skips them, and their error-feedback and
+    compressor-state changes are rolled back.
     :mod:`commhooks.metrics` logs these and writes them to TensorBoard.
     """
 
@@ -218,6 +219,7 @@ class CompressionState:
         self._stats = CommStats()
         self._step = TransportStats()
         self._checked = not self.options.check_config
+        self._mismatch: str | None = None
         self._seen: set[str] = set()
         self._pays: dict[tuple[tuple[int, ...], torch.dtype], bool] = {}
         self.fallback = (
@@ -247,11 +249,16 @@ class CompressionState:
             self._comm = TorchCollectives(_own_group(self.process_group))
         return self._comm
 
-    def bind(self) -> Collectives:
+    def bind(self, device: torch.device | None = None) -> Collectives:
         """Create the collectives now, on the calling thread: with torch.distributed that is
-        a new process group, which every rank of it must create at the same point. The DDP
-        hook calls this on every bucket, before handing it to the worker."""
-        return self.comm
+        a new process group, which every rank of it must create at the same point. With a
+        ``device``, also run the cross-rank config check now (on the worker, waiting for it),
+        so a mismatch raises here, before anything is queued. The DDP hook calls this on
+        every bucket, before handing it to the worker."""
+        comm = self.comm
+        if device is not None and not self._checked:
+            self.worker.run(lambda: self.check_agreement(device), device)
+        return comm
 
     @property
     def world_size(self) -> int:
@@ -313,18 +320,22 @@ class CompressionState:
         return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
     def check_agreement(self, device: torch.device) -> None:
-        """Raise on every rank if any rank's fingerprint differs (instead of a hang later)."""
+        """Raise on every rank if any rank's fingerprint differs (instead of a hang later); once
+        it has, every later call raises again, so no exchange runs with mismatched configs."""
+        if self._mismatch is not None:
+            raise RuntimeError(self._mismatch)
         if self._checked:
             return
         mine = torch.tensor([int(self.fingerprint(), 16) - (1 << 63)], dtype=torch.int64)
         everyone = self.comm.all_gather(mine.to(device))
         self._checked = True
         if len(set(everyone.tolist())) > 1:
-            raise RuntimeError(
+            self._mismatch = (
                 "commhooks: ranks disagree on the compressor, its options or the transport "
                 f"(rank {self.rank} uses {self.compressor.config.spec()!r} over "
                 f"{self._transport_cls.name!r}); every rank must build the same hook"
             )
+            raise RuntimeError(self._mismatch)
 
     def record(self, step: TransportStats) -> None:
         """Add one bucket's transport stats to this step's."""
@@ -367,6 +378,20 @@ class CompressionState:
             self._snapshot = (current, current.state_dict())
         for m in self.memories():
             m.journal(in_place or on_device, on_device)
+
+    def abort_step(self) -> None:
+        """Close an unfinished step without counting it: every memory change it made is rolled
+        back and its stats dropped (a failed exchange, a backward that stopped early, a
+        checkpoint loaded mid-step). A no-op between steps."""
+        for m in self.memories():
+            m.rollback()
+        if self._snapshot is not None:
+            compressor, saved = self._snapshot
+            compressor.load_state_dict(saved)
+        self._snapshot = None
+        self._bad = None
+        self._step = TransportStats()
+        self._seen.clear()
 
     def end_step(self) -> None:
         """Close a step (after the last bucket): commit or roll back its error-feedback
@@ -442,6 +467,7 @@ class CompressionState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.worker.drain()
+        self.abort_step()
         if state.get("fingerprint") not in (None, self.fingerprint()):
             raise ValueError("state: saved by a hook with another compressor, options or transport")
         transport = self.transport  # bind (and seed) first, so what is loaded is not reseeded
@@ -454,6 +480,7 @@ class CompressionState:
             transport.load_state_dict(state.get("transport") or {})
         self._stats = CommStats(**state["stats"])
         self._nonfinite_on_device = None
+        self.deferred = []
 
 
 def _own_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:

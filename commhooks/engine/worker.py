@@ -124,4 +124,5 @@ class CommWorker:
                         fut.set_result(value)
             except BaseException as e:  # handed to whoever waits on the job
                 logger.debug("commhooks: job failed on %s: %r", self._name, e)
-                fut.set_exception(e)
+                # A torch future takes only Exceptions; the worker must outlive any job.
+                fut.set_exception(e if isinstance(e, Exception) else RuntimeError(repr(e)))

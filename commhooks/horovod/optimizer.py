@@ -4,6 +4,7 @@ exchanges overlapped with backward."""
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -61,6 +62,8 @@ class _Distributed(torch.optim.Optimizer):
         self._started: list[tuple[Tensor, Future[Tensor]]] = []  # per bucket, in order
         self._synchronized = False
         self._should_synchronize = True
+        # CPU and CUDA gradients' hooks run on different autograd threads.
+        self._start_lock = threading.Lock()
         for p in self._ch_params:
             p.register_post_accumulate_grad_hook(self._count_pass)
 
@@ -74,14 +77,17 @@ class _Distributed(torch.optim.Optimizer):
             )
         self._passes[id(p)] = n
         if n == self.backward_passes_per_step:
-            i = self._bucket_of[id(p)]
-            self._done_in[i] += 1
-            # Buckets start strictly in order, so every rank's worker sees the same sequence
-            # whatever order the gradients arrive in.
-            while len(self._started) < len(self._buckets) and self._done_in[
-                len(self._started)
-            ] == len(self._buckets[len(self._started)]):
-                self._start(len(self._started))
+            with self._start_lock:
+                self._done_in[self._bucket_of[id(p)]] += 1
+                # Buckets start strictly in order, so every rank's worker sees the same
+                # sequence whatever order the gradients arrive in.
+                while self._next_ready():
+                    self._start(len(self._started))
+
+    def _next_ready(self) -> bool:
+        """Whether the next bucket to start has all of its gradients."""
+        i = len(self._started)
+        return i < len(self._buckets) and self._done_in[i] == len(self._buckets[i])
 
     def _start(self, i: int) -> None:
         """Hand bucket ``i``'s gradients to the communication worker."""
@@ -107,8 +113,9 @@ class _Distributed(torch.optim.Optimizer):
         gradients become final; what has not started by now (parameters without a gradient on
         this rank, which contribute zeros as in Horovod) starts here, in the same order.
         """
-        for i in range(len(self._started), len(self._buckets)):
-            self._start(i)
+        with self._start_lock:
+            for i in range(len(self._started), len(self._buckets)):
+                self._start(i)
         try:
             for params, (flat, fut) in zip(self._buckets, self._started):
                 fut.wait()
@@ -116,6 +123,10 @@ class _Distributed(torch.optim.Optimizer):
                     flat.mul_(self._ch.world_size)
                 for p, piece in zip(params, flat.split([p.numel() for p in params])):
                     p.grad.copy_(piece.view(p.grad.shape))
+        except Exception:
+            self._ch.worker.drain()
+            self._ch.abort_step()
+            raise
         finally:
             self._started = []
             self._done_in = [0] * len(self._buckets)

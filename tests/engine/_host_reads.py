@@ -60,3 +60,28 @@ def count_reads(rank: int, world: int, store_path: str, out: str, specs: list[st
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def overflow_rolls_back(rank: int, world: int, store_path: str, out: str) -> None:
+    """fp16 gradients whose compensated values overflow fp16 on their way to the wire (every
+    input is finite, so only the averages show it): device mode must roll the step back."""
+    init(rank, world, store_path)
+    try:
+        params = [torch.nn.Parameter(torch.zeros(64, 64, dtype=torch.float16))]
+        state = CompressionState("randomk:ratio=0.1", named_parameters=[("w", params[0])],
+                                 nonfinite_check="device", min_numel=0)  # fmt: skip
+        grad = torch.full((64 * 64,), 4.0e4, dtype=torch.float16)
+        average_buffer(state, grad.clone(), params)  # residual: 4e4 where not sent
+        state.end_step()
+        before = state.feedback.residual("w").clone()
+        out_grad = grad.clone()
+        average_buffer(state, out_grad, params)  # g + e = 8e4 > 65504: inf where sent now
+        state.end_step()
+        after = state.feedback.residual("w").clone()
+        torch.save({"same": bool(torch.equal(before, after)),
+                    "finite": bool(torch.isfinite(after).all()),
+                    "marked": not bool(torch.isfinite(out_grad).all()),
+                    "nonfinite_steps": state.stats().nonfinite_steps}, out)  # fmt: skip
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _host_reads import count_reads
+from _host_reads import count_reads, overflow_rolls_back
 
 ALL_REDUCIBLE = ["identity", "fp16", "bf16", "randomk", "uniform:shared_scale=true", "powersgd"]
 
@@ -19,3 +19,9 @@ def test_compressed_steps_read_nothing_back(run_ranks) -> None:
             assert rank[spec]["reads"] == {}, f"{spec}: host reads {rank[spec]['reads']}"
             if spec != "identity":
                 assert rank[spec]["ratio"] > 1.5, spec
+
+
+def test_an_overflow_only_the_averages_show_still_rolls_the_step_back(run_ranks) -> None:
+    # One rank: with two, the first step's fp16 sum of 4e4 + 4e4 would overflow already.
+    for rank in run_ranks(overflow_rolls_back, 1):
+        assert rank == {"same": True, "finite": True, "marked": True, "nonfinite_steps": 1}

@@ -67,3 +67,14 @@ def test_drain_waits_for_every_queued_job() -> None:
     threading.Timer(0.2, gate.set).start()
     worker.drain()
     assert done == [1]
+
+
+def test_a_job_raising_a_base_exception_fails_its_future_and_the_worker_lives() -> None:
+    worker = CommWorker()
+
+    def leave() -> None:
+        raise SystemExit(3)
+
+    with pytest.raises(RuntimeError, match="SystemExit"):
+        worker.submit(leave).wait()
+    assert worker.submit(lambda: 4).wait() == 4
