@@ -149,10 +149,18 @@ class FederatedAverager:
         self.world = self.state.world_size
         self.rank = self.state.rank
         if cfg.weighted:
-            if num_samples is None or num_samples < 0:
-                raise ValueError("num_samples: weighted averaging needs this client's count")
-            mine = torch.tensor([int(num_samples)], dtype=torch.int64)
-            self._weights = self.state.comm.all_gather(mine).double()
+            # Gathered before any check, so a bad count raises on every rank, not only here.
+            ok = isinstance(num_samples, int) and not isinstance(num_samples, bool)
+            mine = torch.tensor([num_samples if ok else -1], dtype=torch.int64)
+            counts = self.state.comm.all_gather(mine)
+            bad = [r for r, n in enumerate(counts.tolist()) if n <= 0]
+            if bad:
+                raise ValueError(
+                    f"num_samples: weighted averaging needs a positive sample count on every "
+                    f"rank; rank(s) {bad} gave {num_samples if self.rank in bad else 'one'} "
+                    "(a round whose sampled clients all had 0 samples would divide 0 by 0)"
+                )
+            self._weights = counts.double()
         else:
             self._weights = torch.ones(self.world, dtype=torch.float64)
         self.round = 0

@@ -118,6 +118,8 @@ def _parse_one(spec: str) -> CompressorConfig:
             raise ValueError(
                 f"{name}: unknown field {field!r}; fields are {', '.join(sorted(known))}"
             )
+        if field in kwargs:
+            raise ValueError(f"{name}: field {field!r} is given twice in {spec!r}")
         kwargs[field] = _convert(name, field, raw.strip(), hints[field])
     return cc(**kwargs)
 

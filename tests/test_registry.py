@@ -246,3 +246,8 @@ def test_every_module_imports_fresh() -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-4000:]
     assert res.stdout.split() == [], res.stderr[-8000:]
+
+
+def test_a_field_given_twice_is_refused() -> None:
+    with pytest.raises(ValueError, match="field 'ratio' is given twice"):
+        commhooks.parse_spec("topk:ratio=0.01,ratio=0.02")

@@ -57,7 +57,7 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
     buffer = bucket.buffer()
     params = list(bucket.parameters())
     first, last = bucket.index() == 0, bucket.is_last()
-    state.bind(buffer.device)
+    state.bind(buffer)
     fut = state.worker.future(buffer.device)
     return state.worker.submit(
         lambda: average_bucket(state, buffer, params, fut, first=first, last=last),
@@ -93,6 +93,25 @@ def bf16_wrapper(hook: Hook) -> Hook:
     return _cast_wrapper(hook, torch.bfloat16)
 
 
+def _check_gradients(model: nn.Module) -> None:
+    """Refuse, before any collective, gradients the compressors cannot carry: complex ones
+    (every codec works on real values; averaging their real views through a codec built for
+    magnitudes and signs would be silently wrong) and sparse ones (``nn.Embedding(sparse=True)``:
+    no bucket buffer to compress). Plain DDP, or ``sparse=False``, serves those models."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.is_complex():
+            raise ValueError(
+                f"model: parameter {name!r} is {p.dtype}; commhooks compresses real gradients "
+                "only. Train it with plain DDP, or keep it as a real tensor of twice the size"
+            )
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse:
+            raise ValueError(
+                f"model: {name or type(m).__name__} has sparse=True; its sparse gradients have "
+                "no dense bucket to compress. Use sparse=False, or plain DDP"
+            )
+
+
 def register(
     model: nn.parallel.DistributedDataParallel,
     compressor: str | CompressorConfig | Compressor[Any],
@@ -114,6 +133,7 @@ def register(
         raise ValueError(
             f"model: expected a DistributedDataParallel module, got {type(model).__name__}"
         )
+    _check_gradients(model)
     group = process_group if process_group is not None else model.process_group
     state = CompressionState(compressor, model=model, process_group=group, **options)
     wrappers = {None: None, "fp16": fp16_wrapper, "bf16": bf16_wrapper}

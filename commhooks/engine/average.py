@@ -58,12 +58,17 @@ def average_bucket(
     :data:`~commhooks.engine.worker.HELD`) and exchanged together with the last, which then
     completes their futures. ``first``/``last``: the bucket opens/closes a step.
     """
+    if buffer.is_complex():
+        raise ValueError(
+            f"bucket: {buffer.dtype} gradients; commhooks compresses real gradients only "
+            "(register() names the parameter)"
+        )
     if first:
         # The previous step is still open: its backward stopped before the last bucket, or
         # one of its jobs failed. Roll it back and drop what it held.
         _drop_stale(state)
         state.abort_step()
-    state.check_agreement(buffer.device)
+    state.check_agreement(buffer)
     held = False
     try:
         if state.iteration < state.options.start_iter:
@@ -99,7 +104,7 @@ def average_buffer(
     buffer's overflow can roll the whole step back. ``memory=False`` sends the buffer without
     this rank's error feedback, which stays as it was (an absent federated client).
     """
-    state.check_agreement(buffer.device)
+    state.check_agreement(buffer)
     if state.iteration < state.options.start_iter:
         _dense_in_place(state, buffer)
     else:

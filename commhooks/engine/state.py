@@ -218,7 +218,7 @@ class CompressionState:
         self.iteration = 0
         self._stats = CommStats()
         self._step = TransportStats()
-        self._checked = not self.options.check_config
+        self._checked = False
         self._mismatch: str | None = None
         self._seen: set[str] = set()
         self._pays: dict[tuple[tuple[int, ...], torch.dtype], bool] = {}
@@ -249,15 +249,15 @@ class CompressionState:
             self._comm = TorchCollectives(_own_group(self.process_group))
         return self._comm
 
-    def bind(self, device: torch.device | None = None) -> Collectives:
+    def bind(self, bucket: torch.Tensor | None = None) -> Collectives:
         """Create the collectives now, on the calling thread: with torch.distributed that is
         a new process group, which every rank of it must create at the same point. With a
-        ``device``, also run the cross-rank config check now (on the worker, waiting for it),
+        ``bucket``, also run the cross-rank config check now (on the worker, waiting for it),
         so a mismatch raises here, before anything is queued. The DDP hook calls this on
         every bucket, before handing it to the worker."""
         comm = self.comm
-        if device is not None and not self._checked:
-            self.worker.run(lambda: self.check_agreement(device), device)
+        if bucket is not None and not self._checked:
+            self.worker.run(lambda: self.check_agreement(bucket), bucket.device)
         return comm
 
     @property
@@ -314,26 +314,33 @@ class CompressionState:
             self.end_step()
         self._seen.add(key)
 
-    def fingerprint(self) -> str:
-        """What must agree across ranks: compressor, options and transport."""
-        text = f"{self.compressor.config.spec()}|{self.options!r}|{self._transport_cls.name}"
+    def fingerprint(self, extra: str = "") -> str:
+        """What must agree across ranks: compressor, options (``check_config`` aside: ranks
+        that disagree on it are caught too) and transport, plus ``extra``."""
+        options = dataclasses.replace(self.options, check_config=True)
+        text = f"{self.compressor.config.spec()}|{options!r}|{self._transport_cls.name}|{extra}"
         return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
-    def check_agreement(self, device: torch.device) -> None:
-        """Raise on every rank if any rank's fingerprint differs (instead of a hang later); once
-        it has, every later call raises again, so no exchange runs with mismatched configs."""
+    def check_agreement(self, bucket: torch.Tensor) -> None:
+        """On the first exchange, compare every rank's fingerprint and first bucket's dtype
+        (a half-precision wrapper on some ranks only changes it) in one small all-gather.
+        Every rank takes part whatever its ``check_config``, so ranks that disagree on that
+        too are caught; where any rank asked for the check and anything differs, every rank
+        raises (instead of a hang later), and every later call raises again."""
         if self._mismatch is not None:
             raise RuntimeError(self._mismatch)
         if self._checked:
             return
-        mine = torch.tensor([int(self.fingerprint(), 16) - (1 << 63)], dtype=torch.int64)
-        everyone = self.comm.all_gather(mine.to(device))
+        fp = int(self.fingerprint(str(bucket.dtype)), 16) - (1 << 63)
+        mine = torch.tensor([fp, int(self.options.check_config)], dtype=torch.int64)
+        everyone = self.comm.all_gather(mine.to(bucket.device)).view(-1, 2).tolist()
         self._checked = True
-        if len(set(everyone.tolist())) > 1:
+        if len({fp for fp, _ in everyone}) > 1 and any(check for _, check in everyone):
             self._mismatch = (
-                "commhooks: ranks disagree on the compressor, its options or the transport "
-                f"(rank {self.rank} uses {self.compressor.config.spec()!r} over "
-                f"{self._transport_cls.name!r}); every rank must build the same hook"
+                "commhooks: ranks disagree on the compressor, its options, the transport or "
+                f"the bucket dtype (rank {self.rank} uses {self.compressor.config.spec()!r} "
+                f"over {self._transport_cls.name!r} on {bucket.dtype} buckets, check_config="
+                f"{self.options.check_config}); every rank must build the same hook"
             )
             raise RuntimeError(self._mismatch)
 

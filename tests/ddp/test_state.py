@@ -168,3 +168,17 @@ def test_min_ratio_decides_per_shape_from_a_probe(
 def test_bad_min_ratio_names_the_field() -> None:
     with pytest.raises(ValueError, match="min_ratio"):
         CompressionState("topk", min_ratio=-1.0)
+
+
+def test_complex_parameters_are_refused_at_registration(world_of_one: None) -> None:
+    model = nn.Linear(4, 4)
+    model.weight = nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    with pytest.raises(ValueError, match=r"parameter 'module\.weight' is torch\.complex64"):
+        commhooks.ddp.register(ddp, "identity")
+
+
+def test_sparse_embeddings_are_refused_at_registration(world_of_one: None) -> None:
+    ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Embedding(10, 4, sparse=True)))
+    with pytest.raises(ValueError, match="sparse=True"):
+        commhooks.ddp.register(ddp, "topk")

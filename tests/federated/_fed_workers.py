@@ -102,3 +102,16 @@ def dense_sgd(rank: int, world: int, store: str, out: str, steps: int, lr: float
     dist.barrier()
     gc.collect()  # free DDP/gloo objects while the group lives (see ddp_step.py)
     dist.destroy_process_group()
+
+
+def bad_samples(rank: int, world: int, store: str, out: str, samples: list) -> None:
+    """Build a weighted averager with per-rank counts; record the error, if any."""
+    init(rank, world, store)
+    try:
+        FederatedAverager(make_model(), "identity", num_samples=samples[rank], weighted=True)
+        torch.save("", out)
+    except ValueError as e:
+        torch.save(str(e), out)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()

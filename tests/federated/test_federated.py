@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 import torch
-from _fed_workers import dense_sgd, rounds
+from _fed_workers import bad_samples, dense_sgd, rounds
 
 from commhooks.federated import FedConfig
 
@@ -135,3 +135,9 @@ def test_last_round_stats_are_the_rounds_own_bytes(run_ranks) -> None:
         assert sum(s.last_wire_bytes for s in per_round) == final.wire_bytes
         assert sum(s.last_raw_bytes for s in per_round) == final.raw_bytes
         assert final.uplink_bytes == final.wire_bytes  # every client took part in every round
+
+
+@pytest.mark.parametrize("samples", [[0, 5], [5, None]])
+def test_a_zero_or_missing_sample_count_raises_on_every_rank(run_ranks, samples: list) -> None:
+    for message in run_ranks(bad_samples, 2, samples):
+        assert message.startswith("num_samples: weighted averaging needs a positive")
