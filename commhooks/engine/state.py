@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -470,13 +472,73 @@ class CompressionState:
             "transport": getattr(self.transport, "state_dict", dict)(),
             "stats": dataclasses.asdict(self.stats()),
             "fingerprint": self.fingerprint(),
+            "names": sorted(self._names.values()),
+            "world_size": self._where()[1],
+            "rank": self._where()[0],
         }
+
+    def _where(self) -> tuple[int | None, int | None]:
+        """This state's rank and world size, without creating its process group."""
+        if self._comm is not None:
+            return self._comm.rank, self._comm.world
+        if dist.is_initialized():
+            return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+        return None, None
+
+    def _check_saved_layout(self, state: dict[str, Any]) -> dict[str, str]:
+        """Refuse a checkpoint whose memory cannot line up with this state; return the renaming
+        of saved parameter names to this state's (DDP's ``module.`` prefix added or removed)."""
+        rank, world = self._where()
+        saved_world, saved_rank = state.get("world_size"), state.get("rank")
+        if saved_world is not None and world is not None and saved_world != world:
+            if self._transport_cls.name == "reducescatter":
+                raise ValueError(
+                    f"state: saved by a {saved_world}-rank job, loading into {world} ranks; the "
+                    "reduce-scatter transport's server memory is cut per rank and cannot be "
+                    "re-split: resume with the same world size"
+                )
+            warnings.warn(
+                f"commhooks: error-feedback memory saved by a {saved_world}-rank job loaded "
+                f"into {world} ranks: each rank resumes from one saved rank's memory",
+                stacklevel=3,
+            )
+        if saved_rank is not None and rank is not None and saved_rank != rank:
+            warnings.warn(
+                f"commhooks: rank {rank} loads the error-feedback memory rank {saved_rank} "
+                "saved; each rank should load its own file",
+                stacklevel=3,
+            )
+        saved = list(state.get("names") or [])
+        mine = set(self._names.values())
+        if not saved or set(saved) == mine:
+            return {}
+        if not mine and all(re.fullmatch(r"param\d+", n) for n in saved):
+            return {}  # both named by the order the hook meets the parameters
+        if not mine:
+            raise ValueError(
+                f"state: its memory is keyed by parameter names ({saved[0]!r}, ...), but this "
+                "state has none yet; build it with model= or named_parameters= so they match"
+            )
+        for renamed in (
+            {n: n.removeprefix("module.") for n in saved},
+            {n: "module." + n for n in saved},
+        ):
+            if set(renamed.values()) == mine:
+                return renamed
+        missing = sorted(set(saved) - mine)[:5]
+        raise ValueError(
+            f"state: saved for other parameters; not in this model: {missing} (this model "
+            f"has {sorted(mine)[:5]}, ...); load it into the model it was saved from"
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.worker.drain()
         self.abort_step()
         if state.get("fingerprint") not in (None, self.fingerprint()):
             raise ValueError("state: saved by a hook with another compressor, options or transport")
+        renaming = self._check_saved_layout(state)
+        if renaming:
+            state = _renamed(state, renaming)
         transport = self.transport  # bind (and seed) first, so what is loaded is not reseeded
         self.iteration = int(state["iteration"])
         if self.feedback is not None and state.get("feedback") is not None:
@@ -507,3 +569,17 @@ def _select(bad: torch.Tensor, old: Any, new: Any) -> Any:
     if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor) and old.shape == new.shape:
         return torch.where(bad.to(new.device), old, new)
     return new
+
+
+def _renamed(obj: Any, renaming: dict[str, str]) -> Any:
+    """``obj`` with every dict key that is a parameter name in ``renaming`` (or such a name
+    followed by ``/piece``, the reduce-scatter transport's keys) renamed."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if isinstance(k, str):
+                head, sep, tail = k.partition("/")
+                k = renaming.get(head, head) + sep + tail
+            out[k] = _renamed(v, renaming)
+        return out
+    return obj

@@ -130,6 +130,25 @@ def test_state_dict_round_trips_and_refuses_another_config(world_of_one: None, t
         other.load_state_dict(saved)
 
 
+def test_saved_memory_follows_the_module_prefix_or_is_refused(world_of_one: None) -> None:
+    ddp = nn.parallel.DistributedDataParallel(make_model())
+    state = commhooks.ddp.register(ddp, "topk:ratio=0.1", min_numel=0)
+    _train(ddp, 2)
+    saved = state.state_dict()
+    assert saved["names"] and all(n.startswith("module.") for n in saved["names"])
+    # The bare module's names lack DDP's prefix: the memory is renamed, not dropped.
+    bare = CompressionState("topk:ratio=0.1", model=ddp.module, min_numel=0)
+    bare.load_state_dict(saved)
+    for k, v in saved["feedback"]["residuals"].items():
+        assert torch.equal(bare.feedback.residual(k.removeprefix("module.")), v)
+    # No names to match (built without a model): refused, not silently empty.
+    with pytest.raises(ValueError, match="state has none yet"):
+        CompressionState("topk:ratio=0.1", min_numel=0).load_state_dict(saved)
+    other = CompressionState("topk:ratio=0.1", model=nn.Linear(3, 3), min_numel=0)
+    with pytest.raises(ValueError, match="not in this model"):
+        other.load_state_dict(saved)
+
+
 def test_grad_param_tuples_average_in_place(run_ranks) -> None:
     res = run_ranks(tuple_calls, 2)
     for rank in res:
@@ -182,3 +201,20 @@ def test_sparse_embeddings_are_refused_at_registration(world_of_one: None) -> No
     ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Embedding(10, 4, sparse=True)))
     with pytest.raises(ValueError, match="sparse=True"):
         commhooks.ddp.register(ddp, "topk")
+
+
+def test_another_world_size_is_refused_or_warned(world_of_one: None) -> None:
+    ddp = nn.parallel.DistributedDataParallel(make_model())
+    state = commhooks.ddp.register(ddp, "uniform", transport="reducescatter", min_numel=0)
+    _train(ddp, 1)
+    saved = {**state.state_dict(), "world_size": 2}
+    fresh = CompressionState("uniform", model=ddp, transport="reducescatter", min_numel=0)
+    with pytest.raises(ValueError, match="saved by a 2-rank job, loading into 1 ranks"):
+        fresh.load_state_dict(saved)
+    topk = commhooks.ddp.CompressionState("topk", model=ddp, min_numel=0)
+    other = {**topk.state_dict(), "world_size": 3, "rank": 2}
+    with pytest.warns(UserWarning) as seen:
+        commhooks.ddp.CompressionState("topk", model=ddp, min_numel=0).load_state_dict(other)
+    messages = " | ".join(str(w.message) for w in seen)
+    assert "saved by a 3-rank job loaded into 1 ranks" in messages
+    assert "rank 0 loads the error-feedback memory rank 2 saved" in messages
