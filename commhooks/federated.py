@@ -29,8 +29,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from commhooks._validate import check_bool, check_int, check_real
-from commhooks.comm.transport import Traffic
-from commhooks.compressors.base import Compressor, CompressorConfig
+from commhooks.comm.transport import Traffic, TransportStats
+from commhooks.compressors.base import Compressor, CompressorConfig, all_finite
 from commhooks.engine.average import average_buffer
 from commhooks.engine.state import CommStats, CompressionState
 
@@ -212,11 +212,19 @@ class FederatedAverager:
             # mean over the participants.
             deltas = [(s - p.detach()).float() * mine for (_, p), s in zip(self.params, start)]
             update = self._exchange(self.state, deltas)
-            for i, (_, p) in enumerate(self.params):
-                m = self._momentum[i].mul_(cfg.server_momentum).add_(update[i])
-                p.copy_((start[i].float() - cfg.server_lr * m).to(p.dtype))
-            if cfg.scaffold:
-                self._scaffold(deltas, mine, len(who))
+            # The average is the same on every rank, so every rank skips a non-finite round
+            # alike: parameters back to the round's start, server momentum and control
+            # variates untouched, the error-feedback memory rolled back when the state closes.
+            if all(all_finite(u) for u in update):
+                for i, (_, p) in enumerate(self.params):
+                    m = self._momentum[i].mul_(cfg.server_momentum).add_(update[i])
+                    p.copy_((start[i].float() - cfg.server_lr * m).to(p.dtype))
+                if cfg.scaffold:
+                    self._scaffold(deltas, mine, len(who))
+            else:
+                for (_, p), s in zip(self.params, start):
+                    p.copy_(s.to(p.dtype))
+                self.state.record(TransportStats(extra={"nonfinite": True}))
         moved = self._fold(self.state)
         if self.cstate is not None:
             moved.add(self._fold(self.cstate))

@@ -60,6 +60,9 @@ def rounds(rank: int, world: int, store: str, out: str, cases: list[dict]) -> No
             start = flat(model)
             if fed.begin_round():
                 local_training(fed, model, opt, rank, r)
+                if r == case.get("nan_round") and rank == 1:
+                    with torch.no_grad():
+                        next(model.parameters()).view(-1)[0] = float("nan")
             delta = start - flat(model)  # this client's own, unweighted
             everyone = [torch.empty_like(delta) for _ in range(world)]
             dist.all_gather(everyone, delta)

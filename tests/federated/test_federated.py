@@ -141,3 +141,18 @@ def test_last_round_stats_are_the_rounds_own_bytes(run_ranks) -> None:
 def test_a_zero_or_missing_sample_count_raises_on_every_rank(run_ranks, samples: list) -> None:
     for message in run_ranks(bad_samples, 2, samples):
         assert message.startswith("num_samples: weighted averaging needs a positive")
+
+
+@pytest.mark.parametrize("spec", ["topk:ratio=0.1", "identity"])
+def test_a_non_finite_round_is_skipped_on_every_rank(run_ranks, spec: str) -> None:
+    """Rank 1 ends round 1 with a NaN: every rank keeps the round's starting parameters, the
+    server momentum stays finite (also at momentum 0), and later rounds train normally."""
+    case = {"spec": spec, "rounds": 4, "nan_round": 1,
+            "config": {"server_momentum": 0.0, "min_numel": 0}}  # fmt: skip
+    res = [r[0] for r in run_ranks(rounds, 2, [case])]
+    for rank in res:
+        assert torch.equal(rank["params"][1], rank["starts"][1])
+        assert all(torch.isfinite(p).all() for p in rank["params"])
+        assert not torch.equal(rank["params"][3], rank["params"][1])  # training went on
+        assert rank["stats"].nonfinite_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(res[0]["params"], res[1]["params"]))
