@@ -22,9 +22,11 @@ are not sent: they stay, unused, in memory and checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -100,3 +102,14 @@ class Fallback:
     def report(self) -> list[BucketChoice]:
         """Every bucket seen, settled or still probing."""
         return list(self._buckets.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every bucket's probes and choice, so a resumed job keeps the paths it settled
+        rather than probing again (which could settle differently and diverge)."""
+        return {"buckets": [dataclasses.asdict(b) for b in self._buckets.values()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._buckets = {}
+        for fields_ in state.get("buckets", []):
+            b = BucketChoice(**{**fields_, "params": tuple(fields_["params"])})
+            self._buckets[b.params] = b

@@ -473,6 +473,7 @@ class CompressionState:
             "stats": dataclasses.asdict(self.stats()),
             "fingerprint": self.fingerprint(),
             "names": sorted(self._names.values()),
+            "fallback": self.fallback.state_dict() if self.fallback is not None else None,
             "world_size": self._where()[1],
             "rank": self._where()[0],
         }
@@ -548,6 +549,8 @@ class CompressionState:
         if hasattr(transport, "load_state_dict"):
             transport.load_state_dict(state.get("transport") or {})
         self._stats = CommStats(**state["stats"])
+        if self.fallback is not None and state.get("fallback") is not None:
+            self.fallback.load_state_dict(state["fallback"])
         self._nonfinite_on_device = None
         self.deferred = []
 

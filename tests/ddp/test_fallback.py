@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from _workers import fallback_run
@@ -46,6 +48,18 @@ def test_probe_schedule_then_the_faster_path(compressed, dense, choice):
     assert fb.plan(key, comm, torch.device("cpu")) == (choice, False)  # settled for good
     (b,) = fb.report()
     assert (b.compressed_ms, b.dense_ms) == (compressed * 1e3, dense * 1e3)
+    # A resumed job keeps the settled path instead of probing again.
+    resumed = Fallback(probes=3)
+    resumed.load_state_dict(torch.load(_saved(fb), weights_only=False))
+    assert resumed.plan(key, comm, torch.device("cpu")) == (choice, False)
+    assert resumed.report() == fb.report()
+
+
+def _saved(fb: Fallback) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(fb.state_dict(), buf)
+    buf.seek(0)
+    return buf
 
 
 def test_options_are_checked():
