@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 # The CPU build of torch lies on this disk; asking PyPI instead would pull a CUDA build of several GB.
 TORCH_SPEC ?= torch==2.13.0
 WHEELS ?= /opt/wheels
-# Debian packages the tests need; installed only when missing. Open MPI: Horovod and mpi4py.
-APT_PACKAGES ?= openmpi-bin libopenmpi-dev
+# Debian packages the tests need; installed only when missing. Open MPI: Horovod and mpi4py;
+# gcc: the native kernels (commhooks/native), which tests/native builds and checks.
+APT_PACKAGES ?= openmpi-bin libopenmpi-dev gcc
 STAMP := $(VENV)/.setup-stamp
 
 .PHONY: setup demo test bench-kernels bench lint clean

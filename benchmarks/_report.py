@@ -1,7 +1,8 @@
-"""Shared helpers of the convergence benchmarks' Markdown tables."""
+"""Shared helpers of the benchmarks: variant labels, Markdown tables and reports."""
 
 from __future__ import annotations
 
+import ast
 import json
 import statistics
 from collections.abc import Sequence
@@ -31,3 +32,14 @@ def write(md: str, data: object, markdown_path: str = "", json_path: str = "") -
     if json_path:
         with open(json_path, "w") as f:
             json.dump(data, f, indent=1)
+
+
+def parse_variant(label: str) -> tuple[str, dict[str, object]]:
+    """``"spec"`` or ``"spec@option=value,..."`` (hook options, e.g. ``sign@coalesce=True``):
+    the spec and the options, values read as Python literals."""
+    spec, _, rest = label.partition("@")
+    options: dict[str, object] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = ast.literal_eval(value)
+    return spec, options

@@ -27,7 +27,6 @@ runs a small model for a few seconds, for tests.
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime
 import gc
 import itertools
@@ -42,7 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _report import write
+from _report import parse_variant, write
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -127,17 +126,6 @@ class Variant:
         self.opt.zero_grad()
         nn.functional.mse_loss(self.model(x), y).backward()
         self.opt.step()
-
-
-def parse_variant(label: str) -> tuple[str, dict[str, object]]:
-    """``"spec"`` or ``"spec@option=value,..."`` (hook options, e.g. ``sign@coalesce=True``):
-    the spec and the options, values read as Python literals."""
-    spec, _, rest = label.partition("@")
-    options: dict[str, object] = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        options[key] = ast.literal_eval(value)
-    return spec, options
 
 
 def _max_over_ranks(value: float) -> float:

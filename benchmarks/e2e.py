@@ -94,7 +94,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from _report import accuracy_cells, by_label, write
+from _report import accuracy_cells, by_label, parse_variant, write
 from ddp_step import _max_over_ranks, _mean_over_ranks, mlp, n_params
 from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
@@ -314,24 +314,18 @@ FALLBACK_SPECS = ("topk", "sign", "ternary", "qsgd", "powersgd", INT8)
 # int8 with the reduce-scatter transport (not its default): traffic per rank that stays flat
 # as ranks are added, where the default all-gather's grows.
 RS = "+rs"
-# All of a step's buckets exchanged together (not the default): one set of collectives a step
-# instead of one per bucket, without overlap with backward.
-COALESCE = "+coalesce"
-SUFFIXES = {
-    FALLBACK: {"fallback": "auto"},
-    RS: {"transport": "reducescatter"},
-    COALESCE: {"coalesce": True},
-}
+SUFFIXES = {FALLBACK: {"fallback": "auto"}, RS: {"transport": "reducescatter"}}
 
 
 def our_spec(label: str) -> tuple[str, dict[str, Any]]:
     """Our variant's compressor spec and hook options: ``"<spec>+fallback"`` adds
-    ``fallback="auto"``, ``"<spec>+rs"`` ``transport="reducescatter"``, ``"<spec>+coalesce"``
-    ``coalesce=True``."""
-    for suffix, options in SUFFIXES.items():
-        if label.endswith(suffix):
-            return label[: -len(suffix)], dict(options)
-    return label, {}
+    ``fallback="auto"``, ``"<spec>+rs"`` ``transport="reducescatter"``, and
+    ``"<spec>@option=value,..."`` any hook options (e.g. ``sign@coalesce=True``)."""
+    spec, options = parse_variant(label)
+    for suffix, extra in SUFFIXES.items():
+        if spec.endswith(suffix):
+            return spec[: -len(suffix)], {**extra, **options}
+    return spec, options
 
 
 def one_bucket_mb(module: nn.Module) -> float:

@@ -48,9 +48,8 @@ def test_every_registered_name_has_a_row_in_the_overview() -> None:
 # Every ```python block in README.md and docs/*.md runs. An HTML comment on the line before
 # the fence says how:
 #
-#   (none)                            run with this Python, in a fresh temporary directory
-#   <!-- snippet: torchrun -->        run on 2 ranks: torchrun --standalone --nproc_per_node=2
-#   <!-- snippet: skip (reason) -->   not run; the reason is required (keep these rare)
+#   (none), <!-- snippet: python -->  run with this Python, in a fresh temporary directory
+#   <!-- snippet: torchrun -->         run on 2 ranks: torchrun --standalone --nproc_per_node=2
 #
 # Lines after the first line of the comment, up to ``-->``, are set-up code run before the
 # snippet and hidden from readers: the model or optimizer a fragment takes as given.
@@ -93,10 +92,8 @@ def _snippets() -> list[Any]:
 
 @pytest.mark.parametrize(("mode", "arg", "setup", "code"), _snippets())
 def test_snippet_runs(mode: str, arg: str, setup: str, code: str, tmp_path: Any) -> None:
-    assert mode in ("python", "torchrun", "skip"), f"unknown snippet mode {mode!r}"
-    if mode == "skip":
-        assert re.fullmatch(r"\(.{10,}\)", arg), "a skipped snippet needs a (reason)"
-        pytest.skip(arg[1:-1])
+    assert mode in ("python", "torchrun"), f"unknown snippet mode {mode!r}"
+    assert not arg, f"snippet mode {mode!r} takes no argument, got {arg!r}"
     script = tmp_path / "snippet.py"
     script.write_text(setup + "\n" + code + (EPILOGUE if mode == "torchrun" else ""))
     bin_dir = pathlib.Path(sys.executable).parent

@@ -17,7 +17,14 @@ from commhooks.compressors.base import Compressor, CompressorConfig
 from commhooks.engine.average import average_bucket, average_buffer
 from commhooks.engine.state import CompressionState
 
-__all__ = ["bf16_wrapper", "compression_hook", "fp16_wrapper", "register"]
+__all__ = [
+    "WRAPPERS",
+    "bf16_wrapper",
+    "check_wrapper",
+    "compression_hook",
+    "fp16_wrapper",
+    "register",
+]
 
 Hook = Callable[[Any, dist.GradBucket], "Future[Tensor]"]
 
@@ -93,6 +100,16 @@ def bf16_wrapper(hook: Hook) -> Hook:
     return _cast_wrapper(hook, torch.bfloat16)
 
 
+#: ``register(wrapper=...)``'s choices
+WRAPPERS: dict[str, Callable[[Hook], Hook]] = {"fp16": fp16_wrapper, "bf16": bf16_wrapper}
+
+
+def check_wrapper(wrapper: str | None) -> None:
+    """Refuse a ``wrapper`` that is not None, ``"fp16"`` or ``"bf16"`` (a ValueError)."""
+    if wrapper is not None and wrapper not in WRAPPERS:
+        raise ValueError(f"wrapper={wrapper!r}: must be None, 'fp16' or 'bf16'")
+
+
 def _check_gradients(model: nn.Module) -> None:
     """Refuse, before any collective, gradients the compressors cannot carry: complex ones
     (every codec works on real values; averaging their real views through a codec built for
@@ -136,9 +153,7 @@ def register(
     _check_gradients(model)
     group = process_group if process_group is not None else model.process_group
     state = CompressionState(compressor, model=model, process_group=group, **options)
-    wrappers = {None: None, "fp16": fp16_wrapper, "bf16": bf16_wrapper}
-    if wrapper not in wrappers:
-        raise ValueError(f"wrapper={wrapper!r}: must be None, 'fp16' or 'bf16'")
-    hook = compression_hook if wrapper is None else wrappers[wrapper](compression_hook)
+    check_wrapper(wrapper)
+    hook = compression_hook if wrapper is None else WRAPPERS[wrapper](compression_hook)
     model.register_comm_hook(state, hook)
     return state

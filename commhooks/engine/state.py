@@ -465,6 +465,7 @@ class CompressionState:
         The process group is not included.
         """
         self.worker.drain()
+        rank, world = self._where()
         return {
             "iteration": self.iteration,
             "feedback": self.feedback.state_dict() if self.feedback is not None else None,
@@ -474,8 +475,8 @@ class CompressionState:
             "fingerprint": self.fingerprint(),
             "names": sorted(self._names.values()),
             "fallback": self.fallback.state_dict() if self.fallback is not None else None,
-            "world_size": self._where()[1],
-            "rank": self._where()[0],
+            "world_size": world,
+            "rank": rank,
         }
 
     def _where(self) -> tuple[int | None, int | None]:

@@ -11,6 +11,7 @@ from torch import nn
 
 import commhooks.ddp
 from commhooks.compressors.base import Compressor, CompressorConfig
+from commhooks.ddp.hooks import check_wrapper
 from commhooks.registry import compressor as build_compressor
 
 __all__ = ["HOOK_OPTIONS", "Spec", "check_hook", "find_ddp", "register_on"]
@@ -19,7 +20,6 @@ logger = logging.getLogger(__name__)
 
 #: names of the :class:`~commhooks.ddp.HookOptions` fields
 HOOK_OPTIONS = frozenset(f.name for f in dataclasses.fields(commhooks.ddp.HookOptions))
-WRAPPERS = (None, "fp16", "bf16")
 
 Spec = str | CompressorConfig | Compressor[Any]
 
@@ -36,8 +36,7 @@ def check_hook(compressor: Spec, wrapper: str | None, options: dict[str, Any]) -
             f"{', '.join(unknown)}: not an option of commhooks.ddp.HookOptions "
             f"(known: {', '.join(sorted(HOOK_OPTIONS))})"
         )
-    if wrapper not in WRAPPERS:
-        raise ValueError(f"wrapper={wrapper!r}: must be None, 'fp16' or 'bf16'")
+    check_wrapper(wrapper)
     build_compressor(compressor)
     commhooks.ddp.HookOptions(**options)
 

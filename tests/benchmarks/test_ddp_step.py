@@ -41,7 +41,7 @@ def test_ddp_step_smoke_writes_report(tmp_path: pathlib.Path) -> None:
 
 def test_variant_labels_carry_hook_options() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from ddp_step import parse_variant
+    from _report import parse_variant
 
     assert parse_variant("sign") == ("sign", {})
     assert parse_variant("topk:ratio=0.01@coalesce=True,start_iter=2") == (

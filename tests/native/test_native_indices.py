@@ -5,10 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from commhooks import native
 from commhooks.coding.indices import decode_indices, encode_indices
-
-pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler on this machine")
 
 
 def _both(monkeypatch: pytest.MonkeyPatch, fn, *args):
