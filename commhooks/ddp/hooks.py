@@ -156,4 +156,5 @@ def register(
     check_wrapper(wrapper)
     hook = compression_hook if wrapper is None else WRAPPERS[wrapper](compression_hook)
     model.register_comm_hook(state, hook)
+    state.announce()
     return state

@@ -29,6 +29,7 @@ from commhooks.comm.transport import (
 )
 from commhooks.compressors.base import Compressor, CompressorConfig
 from commhooks.engine.fallback import BucketChoice, Fallback
+from commhooks.engine.join import Join
 from commhooks.engine.worker import CommWorker
 from commhooks.feedback import ErrorFeedback, FeedbackConfig
 from commhooks.registry import compressor as build_compressor
@@ -84,6 +85,12 @@ class HookOptions:
         seed: seed of the rank-local randomness (stochastic rounding); the rank is mixed in.
         check_config: on the first compressed step, check that every rank uses the same
             compressor, options and transport, and raise instead of hanging if not.
+        join_timeout_s: how long the first bucket waits for every rank of the group to have
+            registered the hook (each rank announces itself through the process group's store
+            when :func:`~commhooks.ddp.register` runs, and on its first bucket). A rank that
+            runs plain DDP never does: the others then raise, naming it, instead of waiting
+            out the process group's timeout. Raise it where ranks reach their first backward
+            further apart than this after registering (a long evaluation on one rank first).
         nonfinite_check: how a step learns that some rank's gradients overflowed, over the
             all-reduce transport. ``"host"`` reads the all-reduced flag on the host: the
             exchange is abandoned and the bucket sent dense, error feedback untouched (no
@@ -110,6 +117,7 @@ class HookOptions:
     log_every: int = 0
     seed: int = 0
     check_config: bool = True
+    join_timeout_s: float = 60.0
     nonfinite_check: str = "auto"
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
 
@@ -127,6 +135,7 @@ class HookOptions:
         check_int("log_every", self.log_every, lo=0)
         check_int("seed", self.seed)
         check_bool("check_config", self.check_config)
+        check_real("join_timeout_s", self.join_timeout_s, lo=0.0, lo_open=True)
         check_choice("nonfinite_check", self.nonfinite_check, ("auto", "host", "device"))
         if not isinstance(self.feedback, FeedbackConfig):
             raise ValueError(f"feedback={self.feedback!r}: must be a FeedbackConfig")
@@ -203,6 +212,7 @@ class CompressionState:
         self.options = options if options is not None else HookOptions(**kwargs)
         self.process_group = process_group
         self._comm = comm
+        self._join: Join | None = None
         self._transport: Transport | None = None
         self.compressor = build_compressor(compressor)
         ef = self.options.error_feedback
@@ -248,8 +258,22 @@ class CompressionState:
         unless others were given. Every rank of the group must first call this at the same
         point (the hook does, on its first bucket)."""
         if self._comm is None:
+            self.announce()
+            assert self._join is not None
+            self._join.wait(self.options.join_timeout_s)
             self._comm = TorchCollectives(_own_group(self.process_group))
         return self._comm
+
+    def announce(self) -> None:
+        """Tell the group's other ranks, through the process group's store, that this rank
+        runs the hook (see :mod:`commhooks.engine.join`); :func:`~commhooks.ddp.register`
+        calls it, and so does the first bucket. Nothing to do with collectives of the caller's
+        own (Horovod)."""
+        if self._comm is not None and self._join is None:
+            return
+        if self._join is None:
+            self._join = Join(_group_ranks(self.process_group))
+        self._join.announce()
 
     def bind(self, bucket: torch.Tensor | None = None) -> Collectives:
         """Create the collectives now, on the calling thread: with torch.distributed that is
@@ -319,7 +343,7 @@ class CompressionState:
     def fingerprint(self, extra: str = "") -> str:
         """What must agree across ranks: compressor, options (``check_config`` aside: ranks
         that disagree on it are caught too) and transport, plus ``extra``."""
-        options = dataclasses.replace(self.options, check_config=True)
+        options = dataclasses.replace(self.options, check_config=True, join_timeout_s=60.0)
         text = f"{self.compressor.config.spec()}|{options!r}|{self._transport_cls.name}|{extra}"
         return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
@@ -556,13 +580,17 @@ class CompressionState:
         self.deferred = []
 
 
+def _group_ranks(group: dist.ProcessGroup | None) -> list[int]:
+    """The global ranks of ``group`` (None: every rank)."""
+    if not dist.is_initialized():
+        raise RuntimeError("process group: call torch.distributed.init_process_group first")
+    return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+
+
 def _own_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     """A new process group with ``group``'s ranks (None: every rank), for the engine's
     collectives alone; only its own ranks take part in creating it."""
-    if not dist.is_initialized():
-        raise RuntimeError("process group: call torch.distributed.init_process_group first")
-    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-    return dist.new_group(ranks, use_local_synchronization=True)
+    return dist.new_group(_group_ranks(group), use_local_synchronization=True)
 
 
 def _select(bad: torch.Tensor, old: Any, new: Any) -> Any:

@@ -58,6 +58,16 @@ def batch(rank: int, step: int, micro: int = 0, size: int = 16) -> tuple[torch.T
     return torch.randn(size, 32, generator=g), torch.randint(0, 10, (size,), generator=g)
 
 
+def train_alone(ddp: nn.Module, steps: int, first: int = 0) -> None:
+    """``steps`` SGD steps of rank 0's batches (for one-rank groups)."""
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for step in range(first, first + steps):
+        x, y = batch(0, step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+
+
 def digest(tensors: list[torch.Tensor]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for t in tensors:
@@ -352,3 +362,26 @@ def overlap_run(rank: int, world: int, store_path: str, out: str, spec: str, ste
     finally:
         gc.collect()
         dist.destroy_process_group()
+
+
+def one_rank_hooked(rank: int, world: int, store_path: str, out: str, timeout: float) -> None:
+    """Rank 0 registers the hook, the others run plain DDP: record each rank's error and how
+    long its first step took, then leave without tearing gloo down (the ranks are out of step,
+    so a barrier or destroy could wait on each other)."""
+    import os
+    import time
+
+    init(rank, world, store_path)
+    t0 = time.monotonic()
+    res: dict[str, Any] = {"error": ""}
+    try:
+        ddp = nn.parallel.DistributedDataParallel(make_model(), bucket_cap_mb=0.01)
+        if rank == 0:
+            commhooks.ddp.register(ddp, "topk", join_timeout_s=timeout)
+        x, y = batch(rank, 0)
+        nn.functional.cross_entropy(ddp(x), y).backward()
+    except Exception as e:
+        res["error"] = f"{type(e).__name__}: {e}"
+    res["seconds"] = time.monotonic() - t0
+    torch.save(res, out)
+    os._exit(0)

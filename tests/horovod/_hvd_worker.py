@@ -271,6 +271,50 @@ def mismatch() -> str:
     return ""
 
 
+class _Mixed(nn.Module):
+    """Float32 layers around a float64 one: its buckets are exchanged apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(32, 64)
+        self.b = nn.Linear(64, 64).double()
+        self.c = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)).double())).float())
+
+
+def nan_step() -> dict[str, Any]:
+    """A mixed-dtype model in many small buckets; at step 2 rank 1's first-layer gradient gets
+    one NaN. Every rank sees a non-finite average and skips the step (as GradScaler does), and
+    the error feedback, which the buckets exchanged before the NaN's fed, is as it was."""
+    model = _Mixed()
+    _, opt = ours("topk:ratio=0.1", model=model, bucket_cap_mb=0.001, min_numel=0)
+    armed = [False]
+    model.a.weight.register_hook(
+        lambda g: g.index_fill(0, torch.tensor([0]), float("nan"))
+        if armed[0] and hvd.rank() == 1 else g
+    )  # fmt: skip
+    out: dict[str, Any] = {"finite": [], "ef": [], "buckets": len(opt._buckets)}
+    for step in range(5):
+        opt.zero_grad()
+        armed[0] = step == 2
+        x, y = batch(step)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.synchronize()
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+        if finite:
+            with opt.skip_synchronize():
+                opt.step()
+        out["finite"].append(finite)
+        residuals = opt.compression_state.state_dict()["feedback"]["residuals"]
+        out["ef"].append([float(residuals[k].double().abs().sum()) for k in sorted(residuals)])
+    out["nonfinite_steps"] = opt.stats().nonfinite_steps
+    out["equal"] = replicas_equal(model)
+    return out
+
+
 def main() -> None:
     out_dir = sys.argv[1]
     hvd.init()
@@ -285,6 +329,7 @@ def main() -> None:
         "mismatch": mismatch(),
         "overlap": overlap(),
         "conventions": conventions(),
+        "nan_step": nan_step(),
     }
     with open(os.path.join(out_dir, f"rank{hvd.rank()}.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -99,3 +99,18 @@ def test_compression_keyword_takes_specs_and_horovods_members(ranks: list[dict])
         assert c["hvd.Compression.none"]["spec"] == "identity"
         assert all(v["equal"] for k, v in c.items() if k != "both")
         assert c["both"].startswith("compression=") and "not both" in c["both"]
+
+
+def test_a_nan_in_one_bucket_of_a_mixed_dtype_model_leaves_feedback_alone(
+    ranks: list[dict],
+) -> None:
+    """The float32 and float64 buckets exchanged before the one holding the NaN had changed
+    their residuals; the step is one transaction, so those changes are undone."""
+    for r in ranks:
+        res = r["nan_step"]
+        assert res["buckets"] > 2
+        assert res["finite"] == [True, True, False, True, True]
+        assert res["ef"][2] == res["ef"][1]
+        assert res["ef"][3] != res["ef"][2]
+        assert res["nonfinite_steps"] == 1
+        assert res["equal"]

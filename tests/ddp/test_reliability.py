@@ -1,0 +1,173 @@
+"""Reliability: a skipped step changes nothing, resumes are exact or refused, and every
+rank mismatch is named instead of hanging or crashing. Each case runs on real gloo processes
+under a bounded deadline, so a hang fails its test.
+
+The cases, with where each is tested:
+
+1. A NaN on one rank in one bucket of several: the buckets exchanged before it change no
+   error feedback (here, for each non-finite check, with coalescing and with ``fallback``;
+   Horovod's mixed-dtype optimizer in tests/horovod/test_horovod.py).
+2. The hook registered on one rank only: the hooked rank names the missing rank (here).
+3. A wrapper, or ``check_config``, on one rank only: every rank raises (here).
+4. Complex parameters and 5. sparse gradients: refused at registration (here).
+6. Resume: the fallback's settled paths are checkpointed (tests/ddp/test_fallback.py); the
+   ``module.`` prefix is mapped and other names refused; another world size is refused or
+   warned about (here).
+7. Federated: a zero sample count and a non-finite round (tests/federated/test_federated.py).
+8. A spec that repeats a field (tests/test_registry.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _workers import (
+    make_model,
+    one_rank_hooked,
+    run_cases,
+    run_cases_per_rank,
+    train_alone,
+)
+from test_hooks import assert_replicas_identical, ours, per_case
+from torch import nn
+
+import commhooks.ddp
+from commhooks.ddp import CompressionState
+
+# -- 1. a skipped step is one transaction -----------------------------------------------------
+
+
+@pytest.mark.parametrize("check", ["host", "device"])
+def test_a_nan_in_the_last_bucket_rolls_back_the_earlier_buckets_feedback(
+    run_ranks, check: str
+) -> None:
+    """One NaN in the first layer's gradient (DDP's last bucket) on one rank: the buckets
+    exchanged before it were finite and compressed, but the step is skipped, so their
+    error-feedback changes are rolled back with the rest (fused and op-by-op paths), whether
+    the step is decided on the host or on the device."""
+    specs = ["topk:ratio=0.1", "powersgd", "sign", "fp16", "randomk", "uniform:shared_scale=true"]
+    cases = [{"hook": ours(s, nonfinite_check=check), "steps": 5, "nan_at": 3} for s in specs]
+    for spec, res in zip(specs, per_case(run_ranks(run_cases, 2, cases))):
+        for rank in res:
+            assert rank["finite"] == [True, True, True, False, True], spec
+            assert rank["params"][3] == rank["params"][2], spec
+            assert rank["ef"][3] == rank["ef"][2], spec
+            assert rank["ef"][4] != rank["ef"][3], spec
+        assert_replicas_identical(res, spec)
+
+
+@pytest.mark.parametrize(
+    "options", [{"coalesce": True}, {"fallback": "auto", "fallback_probes": 1}]
+)
+def test_a_nan_rolls_back_feedback_with_coalescing_or_fallback(run_ranks, options: dict) -> None:
+    """The same NaN with the buckets exchanged together, or each timed against a dense
+    all-reduce first (probes and settled paths alike): nothing in memory changes."""
+    specs = ["topk:ratio=0.1", "powersgd"]
+    cases = [{"hook": ours(s, **options), "steps": 5, "nan_at": 3} for s in specs]
+    for spec, res in zip(specs, per_case(run_ranks(run_cases, 2, cases))):
+        for rank in res:
+            assert rank["finite"] == [True, True, True, False, True], spec
+            assert rank["params"][3] == rank["params"][2], spec
+            assert rank["ef"][3] == rank["ef"][2], spec
+            assert rank["stats"].nonfinite_steps == 1, spec
+        assert_replicas_identical(res, spec)
+
+
+# -- 2. and 3. what changes the collectives on one rank only ----------------------------------
+
+
+def test_a_hook_on_one_rank_only_names_the_missing_rank(run_ranks) -> None:
+    """Rank 0 registers the hook, rank 1 runs plain DDP: rank 0 raises within its
+    join_timeout_s, naming rank 1, instead of waiting out the process group's timeout (60 s
+    here); rank 1 then fails as its peer leaves."""
+    res = run_ranks(one_rank_hooked, 2, 3.0, deadline=120)
+    assert "rank(s) [1] of the group [0, 1] did not register" in res[0]["error"], res
+    assert res[0]["seconds"] < 45, res
+    assert res[1]["error"], res
+
+
+@pytest.mark.parametrize(
+    ("mine", "other"),
+    [
+        ({"wrapper": "fp16"}, {}),  # a half-precision wrapper on one rank only
+        ({"check_config": False, "coalesce": True}, {"check_config": True}),
+    ],
+)
+def test_what_changes_the_collectives_on_one_rank_raises_on_every_rank(
+    run_ranks, mine: dict, other: dict
+) -> None:
+    """A wrapper on one rank, or another option on a rank that skips the check: every rank
+    raises, naming the mismatch, instead of a crash ("data size doesn't match") or a hang."""
+    cases = []
+    for opts in (mine, other):
+        opts = dict(opts)
+        wrapper = opts.pop("wrapper", None)
+        cases.append({"hook": ours("topk", **opts), "wrapper": wrapper, "steps": 2,
+                      "may_fail": True})  # fmt: skip
+    res = run_ranks(run_cases_per_rank, 2, cases, deadline=120)
+    assert all("ranks disagree" in r[0].get("error", "") for r in res), res
+
+
+def test_check_config_on_some_ranks_only_trains_normally(run_ranks) -> None:
+    """Every rank takes part in the first step's check whatever its check_config, so ranks
+    that differ only in it line up (it used to hang) and train as one."""
+    cases = [{"hook": ours("topk", check_config=c), "steps": 3} for c in (True, False)]
+    res = [r[0] for r in run_ranks(run_cases_per_rank, 2, cases, deadline=120)]
+    assert "error" not in res[0] and "error" not in res[1]
+    assert_replicas_identical(res, "check_config on one rank")
+
+
+# -- 4. and 5. gradients the compressors cannot carry -----------------------------------------
+
+
+def test_complex_parameters_are_refused_at_registration(world_of_one: None) -> None:
+    model = nn.Linear(4, 4)
+    model.weight = nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    with pytest.raises(ValueError, match=r"parameter 'module\.weight' is torch\.complex64"):
+        commhooks.ddp.register(ddp, "identity")
+
+
+def test_sparse_embeddings_are_refused_at_registration(world_of_one: None) -> None:
+    ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Embedding(10, 4, sparse=True)))
+    with pytest.raises(ValueError, match="sparse=True"):
+        commhooks.ddp.register(ddp, "topk")
+
+
+# -- 6. resume is exact or refused -------------------------------------------------------------
+
+
+def test_saved_memory_follows_the_module_prefix_or_is_refused(world_of_one: None) -> None:
+    ddp = nn.parallel.DistributedDataParallel(make_model())
+    state = commhooks.ddp.register(ddp, "topk:ratio=0.1", min_numel=0)
+    train_alone(ddp, 2)
+    saved = state.state_dict()
+    assert saved["names"] and all(n.startswith("module.") for n in saved["names"])
+    # The bare module's names lack DDP's prefix: the memory is renamed, not dropped.
+    bare = CompressionState("topk:ratio=0.1", model=ddp.module, min_numel=0)
+    bare.load_state_dict(saved)
+    for k, v in saved["feedback"]["residuals"].items():
+        assert torch.equal(bare.feedback.residual(k.removeprefix("module.")), v)
+    # No names to match (built without a model): refused, not silently empty.
+    with pytest.raises(ValueError, match="state has none yet"):
+        CompressionState("topk:ratio=0.1", min_numel=0).load_state_dict(saved)
+    other = CompressionState("topk:ratio=0.1", model=nn.Linear(3, 3), min_numel=0)
+    with pytest.raises(ValueError, match="not in this model"):
+        other.load_state_dict(saved)
+
+
+def test_another_world_size_is_refused_or_warned(world_of_one: None) -> None:
+    ddp = nn.parallel.DistributedDataParallel(make_model())
+    state = commhooks.ddp.register(ddp, "uniform", transport="reducescatter", min_numel=0)
+    train_alone(ddp, 1)
+    saved = {**state.state_dict(), "world_size": 2}
+    fresh = CompressionState("uniform", model=ddp, transport="reducescatter", min_numel=0)
+    with pytest.raises(ValueError, match="saved by a 2-rank job, loading into 1 ranks"):
+        fresh.load_state_dict(saved)
+    topk = commhooks.ddp.CompressionState("topk", model=ddp, min_numel=0)
+    other = {**topk.state_dict(), "world_size": 3, "rank": 2}
+    with pytest.warns(UserWarning) as seen:
+        commhooks.ddp.CompressionState("topk", model=ddp, min_numel=0).load_state_dict(other)
+    messages = " | ".join(str(w.message) for w in seen)
+    assert "saved by a 3-rank job loaded into 1 ranks" in messages
+    assert "rank 0 loads the error-feedback memory rank 2 saved" in messages
