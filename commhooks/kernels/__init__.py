@@ -11,6 +11,13 @@ from __future__ import annotations
 
 from commhooks.kernels.backend import Backend
 from commhooks.kernels.codec import FusedCodec
-from commhooks.kernels.dispatch import backend_for, backend_named, mode
+from commhooks.kernels.dispatch import backend_for, backend_for_device, backend_named, mode
 
-__all__ = ["Backend", "FusedCodec", "backend_for", "backend_named", "mode"]
+__all__ = [
+    "Backend",
+    "FusedCodec",
+    "backend_for",
+    "backend_for_device",
+    "backend_named",
+    "mode",
+]

@@ -10,12 +10,22 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from commhooks import native
 from commhooks.native import Stats
 
-__all__ = ["Backend", "Stats"]
+__all__ = ["Backend", "Finite", "Stats", "host_finite"]
+
+#: whether a cast was finite: a host bool, or a device flag (int32, nonzero where some cast
+#: was not) that the residual kernel reads without a host read
+Finite = bool | Tensor
+
+
+def host_finite(finite: Finite) -> bool:
+    """``finite`` as a host bool (one host read for a device flag)."""
+    return finite if isinstance(finite, bool) else int(finite.reshape(-1)[0]) == 0
 
 
 class Backend:
@@ -93,4 +103,28 @@ class Backend:
         self, data: Tensor, n: int, chunk: int, scale: Tensor, mids: Tensor, levels: Tensor,
         bits: int, out: Tensor | None,
     ) -> Tensor:  # fmt: skip
+        raise NotImplementedError
+
+    # -- casts (fp16, bf16) -------------------------------------------------------------------
+
+    def casts(self, dtype: torch.dtype) -> bool:
+        """Whether the cast kernels serve this wire dtype."""
+        return False
+
+    def cast_encode(self, g: Tensor, e: Tensor | None, scale: float, out: Tensor) -> Finite:
+        """``out = half((g + e) * scale)``; writes nothing else. Returns whether every
+        ``out`` (and, for bf16, ``out / scale``) is finite, as a :data:`Finite`."""
+        raise NotImplementedError
+
+    def cast_residual(
+        self, g: Tensor, e: Tensor, scale: float, sent: Tensor, decay: float, finite: Finite
+    ) -> None:
+        """``e = ((g + e) - float(sent) / scale) * decay`` in place, where ``finite`` (from
+        :meth:`cast_encode`) says the cast was finite; else ``e`` stays as it was."""
+        raise NotImplementedError
+
+    def cast_decode(
+        self, half: Tensor, scale: float, out: Tensor | None = None, divisor: float = 1.0
+    ) -> Tensor:
+        """``float(half) / scale / divisor`` as fp32, into ``out`` when given."""
         raise NotImplementedError

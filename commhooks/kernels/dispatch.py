@@ -25,11 +25,12 @@ import logging
 import os
 import threading
 
+import torch
 from torch import Tensor
 
 from commhooks.kernels.backend import Backend
 
-__all__ = ["backend_for", "backend_named", "mode", "reset"]
+__all__ = ["backend_for", "backend_for_device", "backend_named", "mode", "reset"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,18 +82,20 @@ def _name_for(device_type: str) -> str | None:
     return "native" if device_type == "cpu" else None
 
 
+def backend_for_device(device: torch.device, op: str) -> Backend | None:
+    """The backend that runs ``op`` on this kind of device (whatever the tensors), or None."""
+    name = _name_for(device.type)
+    backend = None if name is None else backend_named(name)
+    return backend if backend is not None and op in backend.provides else None
+
+
 def backend_for(*tensors: Tensor, op: str, numel: int | None = None) -> Backend | None:
-    """The backend that runs ``op`` (``"sign"``, ``"uniform"``, ``"stochastic"``, ``"table"``)
-    on these tensors, all on the first one's device; None: use the torch path."""
+    """The backend that runs ``op`` (``"sign"``, ``"uniform"``, ``"stochastic"``, ``"table"``,
+    ``"cast"``) on these tensors, all on the first one's device; None: use the torch path."""
     if not tensors:
         return None
-    name = _name_for(tensors[0].device.type)
-    if name is None:
-        return None
-    backend = backend_named(name)
-    if backend is None or op not in backend.provides:
-        return None
-    return backend if backend.usable(*tensors, numel=numel) else None
+    backend = backend_for_device(tensors[0].device, op)
+    return backend if backend is not None and backend.usable(*tensors, numel=numel) else None
 
 
 def reset() -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from commhooks import native
-from commhooks.kernels.backend import Backend, Stats
+from commhooks.kernels.backend import Backend, Finite, Stats
 
 __all__ = ["NativeBackend"]
 
@@ -17,7 +18,9 @@ class NativeBackend(Backend):
     when the library builds (see :mod:`commhooks.native`)."""
 
     name: ClassVar[str] = "native"
-    provides: ClassVar[frozenset[str]] = frozenset({"sign", "uniform", "stochastic", "table"})
+    provides: ClassVar[frozenset[str]] = frozenset(
+        {"sign", "uniform", "stochastic", "table", "cast"}
+    )
 
     def usable(self, *tensors: Tensor, numel: int | None = None) -> bool:
         return native.usable(*tensors, numel=numel)
@@ -71,3 +74,20 @@ class NativeBackend(Backend):
         bits: int, out: Tensor | None,
     ) -> Tensor:  # fmt: skip
         return native.table_decode(data, n, chunk, scale, mids, levels, bits, out)
+
+    def casts(self, dtype: torch.dtype) -> bool:
+        return native.casts(dtype)
+
+    def cast_encode(self, g: Tensor, e: Tensor | None, scale: float, out: Tensor) -> Finite:
+        return native.cast_encode(g, e, scale, out)
+
+    def cast_residual(
+        self, g: Tensor, e: Tensor, scale: float, sent: Tensor, decay: float, finite: Finite
+    ) -> None:
+        if finite:
+            native.cast_residual(g, e, scale, sent, decay)
+
+    def cast_decode(
+        self, half: Tensor, scale: float, out: Tensor | None = None, divisor: float = 1.0
+    ) -> Tensor:
+        return native.cast_decode(half, scale, out, divisor)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from commhooks.coding.bitpack import _pack_tail, _planes, _unpack_tail
 from commhooks.kernels import _triton_codecs as tk
-from commhooks.kernels.backend import Backend, Stats
+from commhooks.kernels.backend import Backend, Finite, Stats
 from commhooks.native import packed_size
 
 __all__ = ["TritonBackend"]
@@ -31,6 +31,8 @@ __all__ = ["TritonBackend"]
 _NB = 1024
 # Elements per statistics program; chunks larger than this are split across programs.
 _STATS_BLOCK = 4096
+# Elements per program of the elementwise cast kernels.
+_CAST_BLOCK = 4096
 # Kinds of _triton_codecs.encode_kernel.
 _SIGN, _UNIFORM, _UNIFORM_ST, _QSGD, _TERNARY, _GRID = range(6)
 
@@ -55,7 +57,7 @@ class TritonBackend(Backend):
     interprets."""
 
     name: ClassVar[str] = "triton"
-    provides: ClassVar[frozenset[str]] = frozenset({"sign", "uniform", "stochastic"})
+    provides: ClassVar[frozenset[str]] = frozenset({"sign", "uniform", "stochastic", "cast"})
 
     def usable(self, *tensors: Tensor, numel: int | None = None) -> bool:
         if not tensors:
@@ -175,3 +177,43 @@ class TritonBackend(Backend):
         bits, radix = packing
         rule = (_QSGD, _TERNARY, _GRID)[kind]
         return self._decode(rule, data, n, chunk, norm, norm, levels, bits, radix, alphabet, out)
+
+    # -- casts --------------------------------------------------------------------------------
+
+    def casts(self, dtype: torch.dtype) -> bool:
+        return dtype in (torch.float16, torch.bfloat16)
+
+    def cast_encode(self, g: Tensor, e: Tensor | None, scale: float, out: Tensor) -> Finite:
+        """The flag stays on the device: 0-d bool, True where every cast is finite."""
+        n = g.numel()
+        bad = torch.zeros(1, dtype=torch.int32, device=g.device)
+        tk.cast_encode_kernel[(-(-n // _CAST_BLOCK),)](
+            g, g if e is None else e, out.view(torch.int16), bad, n, float(scale),
+            HAS_E=e is not None, BF16=out.dtype == torch.bfloat16, BLOCK=_CAST_BLOCK,
+            **_launch_options(),
+        )  # fmt: skip
+        return bad
+
+    def cast_residual(
+        self, g: Tensor, e: Tensor, scale: float, sent: Tensor, decay: float, finite: Finite
+    ) -> None:
+        if isinstance(finite, bool):
+            if not finite:
+                return
+            finite = torch.zeros(1, dtype=torch.int32, device=g.device)
+        n = g.numel()
+        tk.cast_residual_kernel[(-(-n // _CAST_BLOCK),)](
+            g, e, sent.view(torch.int16), finite, n, float(scale), float(decay),
+            BF16=sent.dtype == torch.bfloat16, BLOCK=_CAST_BLOCK, **_launch_options(),
+        )  # fmt: skip
+
+    def cast_decode(
+        self, half: Tensor, scale: float, out: Tensor | None = None, divisor: float = 1.0
+    ) -> Tensor:
+        n = half.numel()
+        out = out if out is not None else torch.empty(n, dtype=torch.float32, device=half.device)
+        tk.cast_decode_kernel[(-(-n // _CAST_BLOCK),)](
+            half.view(torch.int16), out, n, float(scale), float(divisor),
+            BF16=half.dtype == torch.bfloat16, BLOCK=_CAST_BLOCK, **_launch_options(),
+        )  # fmt: skip
+        return out
