@@ -4,6 +4,10 @@ masked by the encoder's device flag, with no host read."""
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +16,12 @@ from commhooks import native
 from commhooks.kernels.backend import host_finite
 from commhooks.kernels.native_backend import NativeBackend
 from commhooks.kernels.triton_backend import TritonBackend
+
+# Triton's interpreter on CPU tensors; see conftest.py for CUDA machines.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="kernels compiled for CUDA here"
+)
+
 
 TRITON, C = TritonBackend(), NativeBackend()
 N = native.MIN_NUMEL + 3
@@ -86,3 +96,21 @@ def test_feedback_exchange_on_the_device_kernels(
             a.view(torch.int16) if a.dtype != torch.float32 else a,
             b.view(torch.int16) if b.dtype != torch.float32 else b,
         )
+
+
+def test_the_fused_exchange_reads_nothing_back(triton_kernels: None) -> None:
+    """On the device kernels, nothing of a step's exchange is read on the host (counted as
+    tests/engine counts it)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+    from _host_reads import CountReads
+
+    g, e = _data(3, spread=2.0)
+    c = commhooks.compressor("bf16")
+    with CountReads() as mode:
+        ex = c.exchange_feedback([g], [e], ["w"], world_size=2)
+        assert ex is not None
+        msg = ex.message()
+        assert msg is not None
+        ex.receive(list(msg.tensors))
+        ex.result_into([torch.empty(N)], 2.0)
+    assert mode.reads == {}

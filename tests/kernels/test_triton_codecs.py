@@ -5,6 +5,7 @@ tests/native, so the three share one wire layout."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -14,6 +15,12 @@ from commhooks import native
 from commhooks.kernels.backend import Backend
 from commhooks.kernels.native_backend import NativeBackend
 from commhooks.kernels.triton_backend import TritonBackend
+
+# Triton's interpreter on CPU tensors; see conftest.py for CUDA machines.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="kernels compiled for CUDA here"
+)
+
 
 TRITON, C = TritonBackend(), NativeBackend()
 N = 2053  # 5 codes past the last whole byte group, and chunks that end inside a byte
