@@ -23,8 +23,10 @@ __all__ = [
     "cast_decode_kernel",
     "cast_encode_kernel",
     "cast_residual_kernel",
+    "compensate_kernel",
     "decode_kernel",
     "encode_kernel",
+    "nonfinite_kernel",
     "stats_kernel",
 ]
 
@@ -309,3 +311,24 @@ def cast_decode_kernel(h, out, n, s, w, BF16: tl.constexpr, BLOCK: tl.constexpr)
     m = i < n
     v = _half_value(tl.load(h + i, mask=m, other=0).to(tl.int32) & 0xFFFF, BF16)
     tl.store(out + i, tl.div_rn(tl.div_rn(v, s), w), mask=m)
+
+
+@triton.jit
+def nonfinite_kernel(g, e, bad, n, BLOCK: tl.constexpr):
+    """Raise ``bad`` (int32) if some ``g + e`` is not finite: exactly, whatever the
+    magnitudes (a sum could overflow first)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    c = tl.load(g + i, mask=m, other=0.0) + tl.load(e + i, mask=m, other=0.0)
+    wrong = (c != c) | (tl.abs(c) == float("inf"))
+    tl.atomic_max(bad, tl.max(tl.where(m & wrong, 1, 0), axis=0))
+
+
+@triton.jit
+def compensate_kernel(g, e, bad, n, decay, BLOCK: tl.constexpr):
+    """``e = (g + e) * decay`` where ``bad`` is 0, else ``e`` untouched: the residual of a
+    sparsifier that sends exact values, before the sent elements are cleared."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = (i < n) & (tl.load(bad + i * 0) == 0)
+    c = tl.load(g + i, mask=m, other=0.0) + tl.load(e + i, mask=m, other=0.0)
+    tl.store(e + i, c * decay, mask=m)

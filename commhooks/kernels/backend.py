@@ -128,3 +128,13 @@ class Backend:
     ) -> Tensor:
         """``float(half) / scale / divisor`` as fp32, into ``out`` when given."""
         raise NotImplementedError
+
+    # -- sparsifiers' error feedback on a device ------------------------------------------------
+
+    def finite_flag(self, g: Tensor, e: Tensor) -> Tensor:
+        """A device flag (int32, nonzero where some ``g + e`` is not finite), no host read."""
+        raise NotImplementedError
+
+    def compensate(self, g: Tensor, e: Tensor, finite: Tensor, decay: float) -> None:
+        """``e = (g + e) * decay`` in place where the flag says finite; else ``e`` stays."""
+        raise NotImplementedError

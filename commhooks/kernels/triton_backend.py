@@ -31,8 +31,8 @@ __all__ = ["TritonBackend"]
 _NB = 1024
 # Elements per statistics program; chunks larger than this are split across programs.
 _STATS_BLOCK = 4096
-# Elements per program of the elementwise cast kernels.
-_CAST_BLOCK = 4096
+# Elements per program of the elementwise kernels (casts, finiteness flags).
+_FLAT_BLOCK = 4096
 # Kinds of _triton_codecs.encode_kernel.
 _SIGN, _UNIFORM, _UNIFORM_ST, _QSGD, _TERNARY, _GRID = range(6)
 
@@ -57,7 +57,9 @@ class TritonBackend(Backend):
     interprets."""
 
     name: ClassVar[str] = "triton"
-    provides: ClassVar[frozenset[str]] = frozenset({"sign", "uniform", "stochastic", "cast"})
+    provides: ClassVar[frozenset[str]] = frozenset(
+        {"sign", "uniform", "stochastic", "cast", "sparse-feedback"}
+    )
 
     def usable(self, *tensors: Tensor, numel: int | None = None) -> bool:
         if not tensors:
@@ -187,9 +189,9 @@ class TritonBackend(Backend):
         """The flag stays on the device: 0-d bool, True where every cast is finite."""
         n = g.numel()
         bad = torch.zeros(1, dtype=torch.int32, device=g.device)
-        tk.cast_encode_kernel[(-(-n // _CAST_BLOCK),)](
+        tk.cast_encode_kernel[(-(-n // _FLAT_BLOCK),)](
             g, g if e is None else e, out.view(torch.int16), bad, n, float(scale),
-            HAS_E=e is not None, BF16=out.dtype == torch.bfloat16, BLOCK=_CAST_BLOCK,
+            HAS_E=e is not None, BF16=out.dtype == torch.bfloat16, BLOCK=_FLAT_BLOCK,
             **_launch_options(),
         )  # fmt: skip
         return bad
@@ -202,9 +204,9 @@ class TritonBackend(Backend):
                 return
             finite = torch.zeros(1, dtype=torch.int32, device=g.device)
         n = g.numel()
-        tk.cast_residual_kernel[(-(-n // _CAST_BLOCK),)](
+        tk.cast_residual_kernel[(-(-n // _FLAT_BLOCK),)](
             g, e, sent.view(torch.int16), finite, n, float(scale), float(decay),
-            BF16=sent.dtype == torch.bfloat16, BLOCK=_CAST_BLOCK, **_launch_options(),
+            BF16=sent.dtype == torch.bfloat16, BLOCK=_FLAT_BLOCK, **_launch_options(),
         )  # fmt: skip
 
     def cast_decode(
@@ -212,8 +214,22 @@ class TritonBackend(Backend):
     ) -> Tensor:
         n = half.numel()
         out = out if out is not None else torch.empty(n, dtype=torch.float32, device=half.device)
-        tk.cast_decode_kernel[(-(-n // _CAST_BLOCK),)](
+        tk.cast_decode_kernel[(-(-n // _FLAT_BLOCK),)](
             half.view(torch.int16), out, n, float(scale), float(divisor),
-            BF16=half.dtype == torch.bfloat16, BLOCK=_CAST_BLOCK, **_launch_options(),
+            BF16=half.dtype == torch.bfloat16, BLOCK=_FLAT_BLOCK, **_launch_options(),
         )  # fmt: skip
         return out
+
+    # -- sparsifiers' error feedback ----------------------------------------------------------
+
+    def finite_flag(self, g: Tensor, e: Tensor) -> Tensor:
+        n = g.numel()
+        bad = torch.zeros(1, dtype=torch.int32, device=g.device)
+        tk.nonfinite_kernel[(-(-n // _FLAT_BLOCK),)](g, e, bad, n, BLOCK=_FLAT_BLOCK)
+        return bad
+
+    def compensate(self, g: Tensor, e: Tensor, finite: Tensor, decay: float) -> None:
+        n = g.numel()
+        tk.compensate_kernel[(-(-n // _FLAT_BLOCK),)](
+            g, e, finite, n, float(decay), BLOCK=_FLAT_BLOCK, **_launch_options()
+        )

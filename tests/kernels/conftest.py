@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ import torch
 # CUDA_VISIBLE_DEVICES= they run as they do here).
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+sys.path.insert(0, os.path.dirname(__file__))  # _exchange.py
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _exchange import host_reads_of_exchange, run_exchange
 
 import commhooks
 from commhooks import native
@@ -78,15 +79,23 @@ def test_device_cast_exchange_is_the_cpu_kernels(spec: str) -> None:
     outs = []
     for device in ("cuda", "cpu"):
         g, e = _data(3).to(device), (1e-3 * _data(4)).to(device)
-        ex = commhooks.compressor(spec).exchange_feedback([g], [e], ["w"], world_size=2)
-        assert ex is not None
-        msg = ex.message()
-        assert msg is not None
-        ex.receive([t * 2 for t in msg.tensors])
-        out = torch.empty(N, device=device)
-        ex.result_into([out], 2.0)
-        outs.append((out.cpu(), e.cpu()))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        wire, out = run_exchange(spec, g, e)
+        outs.append((wire.cpu().view(torch.int16), out.cpu(), e.cpu()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert host_reads_of_exchange(spec, _data(3).cuda(), torch.zeros(N, device="cuda")) == {}
+
+
+def test_device_randomk_exchange_is_the_cpu_kernels() -> None:
+    """Same wire, mean and residual as the CPU fused path, and nothing read back."""
+    outs = []
+    for device in ("cuda", "cpu"):
+        g, e = _data(5).to(device), (1e-3 * _data(6)).to(device)
+        wire, out = run_exchange("randomk:ratio=0.01", g, e, decay=0.5)
+        outs.append((wire.cpu(), out.cpu(), e.cpu()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert host_reads_of_exchange("randomk", _data(5).cuda(), torch.zeros(N, device="cuda")) == {}
 
 
 def test_the_device_backend_serves_cuda_tensors() -> None:

@@ -5,11 +5,10 @@ masked by the encoder's device flag, with no host read."""
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _exchange import host_reads_of_exchange, run_exchange
 
 import commhooks
 from commhooks import native
@@ -80,16 +79,9 @@ def test_feedback_exchange_on_the_device_kernels(
     for mode in ("triton", "auto"):
         monkeypatch.setenv("COMMHOOKS_KERNELS", mode)
         g, e = _data(2, spread=2.0)
-        c = commhooks.compressor(spec)
-        ex = c.exchange_feedback([g], [e], ["w"], world_size=2, decay=0.5)
-        assert ex is not None
-        msg = ex.message()
-        assert msg is not None
-        ex.receive([t * 2 for t in msg.tensors])
-        out = torch.empty(N)
-        ex.result_into([out], 2.0)
-        results.append((msg.tensors[0], out, e))
-        fused = c.compress_feedback(g, e.clone(), "w")
+        wire, out = run_exchange(spec, g, e, decay=0.5)
+        results.append((wire, out, e))
+        fused = commhooks.compressor(spec).compress_feedback(g, e.clone(), "w")
         assert fused is not None
     for a, b in zip(*results):
         assert torch.equal(
@@ -101,16 +93,5 @@ def test_feedback_exchange_on_the_device_kernels(
 def test_the_fused_exchange_reads_nothing_back(triton_kernels: None) -> None:
     """On the device kernels, nothing of a step's exchange is read on the host (counted as
     tests/engine counts it)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-    from _host_reads import CountReads
-
     g, e = _data(3, spread=2.0)
-    c = commhooks.compressor("bf16")
-    with CountReads() as mode:
-        ex = c.exchange_feedback([g], [e], ["w"], world_size=2)
-        assert ex is not None
-        msg = ex.message()
-        assert msg is not None
-        ex.receive(list(msg.tensors))
-        ex.result_into([torch.empty(N)], 2.0)
-    assert mode.reads == {}
+    assert host_reads_of_exchange("bf16", g, e) == {}
