@@ -49,6 +49,8 @@ def mode() -> str:
 def backend_named(name: str) -> Backend | None:
     """The ``"native"`` or ``"triton"`` backend, loaded once; None where it cannot load
     (logged once)."""
+    if name in _loaded:  # every call of a step: no lock once loaded
+        return _loaded[name]
     with _lock:
         if name not in _loaded:
             _loaded[name] = _load(name)
