@@ -1,5 +1,5 @@
-"""The device backend: the Triton kernels of :mod:`._triton_codecs` behind the
-:class:`~commhooks.kernels.backend.Backend` interface.
+"""The device backend: the Triton kernels of :mod:`._triton_codecs` and :mod:`._triton_flat`
+behind the :class:`~commhooks.kernels.backend.Backend` interface.
 
 It serves CUDA tensors, and CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``,
 what :mod:`~commhooks.kernels.dispatch` sets for ``COMMHOOKS_KERNELS=triton``): the same
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from commhooks.coding.bitpack import _pack_tail, _planes, _unpack_tail
 from commhooks.kernels import _triton_codecs as tk
+from commhooks.kernels import _triton_flat as tf
 from commhooks.kernels.backend import Backend, Finite, Stats
 from commhooks.native import packed_size
 
@@ -189,7 +190,7 @@ class TritonBackend(Backend):
         """The flag stays on the device: 0-d bool, True where every cast is finite."""
         n = g.numel()
         bad = torch.zeros(1, dtype=torch.int32, device=g.device)
-        tk.cast_encode_kernel[(-(-n // _FLAT_BLOCK),)](
+        tf.cast_encode_kernel[(-(-n // _FLAT_BLOCK),)](
             g, g if e is None else e, out.view(torch.int16), bad, n, float(scale),
             HAS_E=e is not None, BF16=out.dtype == torch.bfloat16, BLOCK=_FLAT_BLOCK,
             **_launch_options(),
@@ -204,7 +205,7 @@ class TritonBackend(Backend):
                 return
             finite = torch.zeros(1, dtype=torch.int32, device=g.device)
         n = g.numel()
-        tk.cast_residual_kernel[(-(-n // _FLAT_BLOCK),)](
+        tf.cast_residual_kernel[(-(-n // _FLAT_BLOCK),)](
             g, e, sent.view(torch.int16), finite, n, float(scale), float(decay),
             BF16=sent.dtype == torch.bfloat16, BLOCK=_FLAT_BLOCK, **_launch_options(),
         )  # fmt: skip
@@ -214,7 +215,7 @@ class TritonBackend(Backend):
     ) -> Tensor:
         n = half.numel()
         out = out if out is not None else torch.empty(n, dtype=torch.float32, device=half.device)
-        tk.cast_decode_kernel[(-(-n // _FLAT_BLOCK),)](
+        tf.cast_decode_kernel[(-(-n // _FLAT_BLOCK),)](
             half.view(torch.int16), out, n, float(scale), float(divisor),
             BF16=half.dtype == torch.bfloat16, BLOCK=_FLAT_BLOCK, **_launch_options(),
         )  # fmt: skip
@@ -225,11 +226,11 @@ class TritonBackend(Backend):
     def finite_flag(self, g: Tensor, e: Tensor) -> Tensor:
         n = g.numel()
         bad = torch.zeros(1, dtype=torch.int32, device=g.device)
-        tk.nonfinite_kernel[(-(-n // _FLAT_BLOCK),)](g, e, bad, n, BLOCK=_FLAT_BLOCK)
+        tf.nonfinite_kernel[(-(-n // _FLAT_BLOCK),)](g, e, bad, n, BLOCK=_FLAT_BLOCK)
         return bad
 
     def compensate(self, g: Tensor, e: Tensor, finite: Tensor, decay: float) -> None:
         n = g.numel()
-        tk.compensate_kernel[(-(-n // _FLAT_BLOCK),)](
+        tf.compensate_kernel[(-(-n // _FLAT_BLOCK),)](
             g, e, finite, n, float(decay), BLOCK=_FLAT_BLOCK, **_launch_options()
         )
