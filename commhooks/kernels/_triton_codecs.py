@@ -147,7 +147,9 @@ def _plane_load(data, grp, body_groups, OFF: tl.constexpr, W: tl.constexpr, body
         return tl.zeros((grp.shape[0], 8), tl.int32)
 
 
-@triton.jit
+# The seed halves are plain integers to the kernel: a value of 1 must not be specialized into
+# a constant (which has no .to()).
+@triton.jit(do_not_specialize=["s0", "s1"])
 def encode_kernel(
     g, e, data, tail, p0, p1, n, chunk, body, nbytes, s0, s1,
     HAS_E: tl.constexpr, KIND: tl.constexpr, LEVELS: tl.constexpr, RADIX: tl.constexpr,
