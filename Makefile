@@ -10,7 +10,7 @@ WHEELS ?= /opt/wheels
 APT_PACKAGES ?= openmpi-bin libopenmpi-dev gcc
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test bench-kernels bench lint clean
+.PHONY: setup demo test bench-kernels bench gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -45,9 +45,16 @@ bench: setup
 test: setup
 	$(PY) -m pytest -q
 
+# On a machine with a CUDA device: the CUDA-marked tests, the kernels' speed on the device
+# (25M and 100M elements), DDP jobs over NCCL (1 process) and gloo (2 processes sharing the
+# GPU) with every compressor; report in gpu-check/report.md (docs/gpu.md). Without a GPU it
+# says so and exits 0.
+gpu-check: setup
+	THP_MEM_ALLOC_ENABLE=1 $(PY) scripts/gpu_check.py --out gpu-check
+
 lint: setup
 	$(VENV)/bin/ruff check commhooks tests benchmarks examples
 	$(VENV)/bin/ruff format --check commhooks tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo-out bench-kernels.* bench-out
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo-out bench-kernels.* bench-out gpu-check

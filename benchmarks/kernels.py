@@ -15,7 +15,8 @@ then every variant once, so machine noise spreads over all; min / median / max o
 
 It also compares top-k *selection* (commhooks' sampled-threshold top-k) with
 ``torch.topk(sorted=False)`` at 0.1% and 1%: the time ratio, and the L2 energy kept relative
-to exact top-k's. CUDA runs too with ``--device cuda`` (synchronised timings).
+to exact top-k's. CUDA runs too with ``--device cuda`` (synchronised timings; the quantizers
+on the Triton kernels, see docs/gpu.md); ``make gpu-check`` runs it at 25M and 100M.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from _report import write
 
 import commhooks
+from commhooks.kernels import backend_for
 
 SPECS = [
     "topk:ratio=0.01",
@@ -68,9 +70,12 @@ class Row:
 
     def summary(self) -> dict[str, float]:
         c, d, e = self.compress_s, self.decompress_s, self.eta
+        total = [a + b for a, b in zip(c, d)]
         return {
             "compress_ms": 1e3 * statistics.median(c),
             "decompress_ms": 1e3 * statistics.median(d),
+            # the issue's unit on GPUs: compress + decompress, scaled to 100M parameters
+            "ms_per_100m": 1e3 * statistics.median(total) * 1e8 / self.numel,
             "eta_min": min(e),
             "eta_median": statistics.median(e),
             "eta_max": max(e),
@@ -157,17 +162,19 @@ def topk_selection(numel: int, reps: int, device: torch.device) -> list[dict[str
 def markdown(rows: list[Row], topk: list[dict[str, float]], meta: dict[str, object]) -> str:
     lines = [
         f"Device {meta['device']}, torch {meta['torch']}, {meta['threads']} threads, "
-        f"{meta['reps']} interleaved rounds; eta = copy time / (compress + decompress).",
+        f"{meta['reps']} interleaved rounds, kernels {meta['kernels']}; eta = copy time / "
+        "(compress + decompress); ms/100M = compress + decompress per 100M parameters.",
         "",
-        "| numel | compressor | EF | compress ms | decompress ms | eta min | eta median "
-        "| eta max |",
-        "|---|---|---|---|---|---|---|---|",
+        "| numel | compressor | EF | compress ms | decompress ms | ms/100M | eta min "
+        "| eta median | eta max |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r.summary()
         lines.append(
             f"| {r.numel / 2**20:g}M | `{r.spec}` | {'on' if r.error_feedback else 'off'} | "
-            f"{s['compress_ms']:.1f} | {s['decompress_ms']:.1f} | {s['eta_min']:.3f} | "
+            f"{s['compress_ms']:.1f} | {s['decompress_ms']:.1f} | {s['ms_per_100m']:.2f} | "
+            f"{s['eta_min']:.3f} | "
             f"{s['eta_median']:.3f} | {s['eta_max']:.3f} |"
         )
     lines += [
@@ -182,6 +189,12 @@ def markdown(rows: list[Row], topk: list[dict[str, float]], meta: dict[str, obje
             f"{t['speedup_median']:.2f} / {t['speedup_max']:.2f} | {t['energy']:.4f} |"
         )
     return "\n".join(lines)
+
+
+def _kernels(device: torch.device) -> str:
+    """Which kernel backend serves the quantizers on ``device`` (commhooks.kernels)."""
+    backend = backend_for(torch.zeros(1 << 20, device=device), op="uniform")
+    return backend.name if backend is not None else "none (torch path)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {n / 2**20:g}M done", file=sys.stderr)
     meta = {
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "reps": reps, "sizes": sizes,
+        "reps": reps, "sizes": sizes, "kernels": _kernels(device),
     }  # fmt: skip
     md = markdown(rows, topk, meta)
     data = {**meta, "rows": [asdict(r) | r.summary() for r in rows], "topk": topk}

@@ -295,7 +295,7 @@ class ErrorFeedback:
         e = self._stored(key, tensor)
         # A key's first step has no residual to update in place; it goes op by op.
         if self.fused and self.config.momentum == 0 and e is not None:
-            if type(c)._compress_feedback is not Compressor._compress_feedback:
+            if c.fuses_feedback:
                 self._touch(key, in_place=True)
             fused = c.compress_feedback(tensor, e, key)
             if fused is not None:

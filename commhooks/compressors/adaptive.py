@@ -44,7 +44,6 @@ from torch import Tensor
 from commhooks import native
 from commhooks._validate import check_bool, check_int, check_real
 from commhooks.coding.symbols import decode_symbols, encode_symbols
-from commhooks.compressors._quant import NativeKernels
 from commhooks.compressors.base import (
     Capabilities,
     Compressor,
@@ -54,6 +53,7 @@ from commhooks.compressors.base import (
     Payload,
     compute_dtype,
 )
+from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 
 __all__ = ["Adaptive", "AdaptiveConfig", "RunningStats"]
@@ -126,11 +126,12 @@ class RunningStats:
 
 
 @register(AdaptiveConfig)
-class Adaptive(NativeKernels, Compressor[AdaptiveConfig]):
+class Adaptive(Compressor[AdaptiveConfig]):
     """Adaptive-bit uniform quantizer; see :class:`AdaptiveConfig`."""
 
     def __init__(self, config: AdaptiveConfig) -> None:
         super().__init__(config)
+        self.kernels = AdaptiveKernels(self)
         self._stats: dict[str, RunningStats] = {}
         # Running sums behind G, updated per call (a full pass per call would be O(keys));
         # rebuilt exactly every so often so that floating-point drift cannot build up.
@@ -180,71 +181,9 @@ class Adaptive(NativeKernels, Compressor[AdaptiveConfig]):
         extra = stats.weight() if key is None else (0, 0.0)
         return self.bits_for(stats.var, extra), stats.lo, stats.hi
 
-    # -- native kernels: nearest rounding, no entropy coding -------------------------------
-
-    def _native_ok(self, *tensors: Tensor, numel: int | None = None) -> bool:
-        cfg = self.config
-        return not (cfg.stochastic or cfg.entropy) and native.usable(*tensors, numel=numel)
-
-    def _native_compress(self, tensor: Tensor, residual: Tensor | None) -> Payload | None:
-        """The payload by one statistics pass and one code pass; None (nothing written, the
-        running statistics untouched) unless the data and the running range are safely
-        finite."""
-        key = self._active
-        g = tensor.reshape(-1)
-        e = None if residual is None else residual.view(-1)
-        n = g.numel()
-        old = self._stats.get(key) if key is not None else None
-        # Below 1e38 everywhere, c - decode(code) stays finite: the residual needs no undo.
-        if old is not None and max(abs(old.lo), abs(old.hi)) >= 1e38:
-            return None
-        # Sums of d = c - pivot, the pivot near the mean (the running range's centre, else the
-        # first element), so that E[d^2] - E[d]^2 does not cancel when the mean dominates.
-        pivot = (
-            (old.lo + old.hi) / 2 if old is not None else float(g[0] + (0 if e is None else e[0]))
-        )
-        st = native.chunk_stats(g, e, n, minmax=True, squares=True, pivot=pivot)
-        if not math.isfinite(st.total) or st.amax >= 1e38:
-            return None
-        assert st.sumsq is not None and st.lo is not None and st.hi is not None
-        # fp32 lane sums gathered in fp64: torch's var() to about 1e-6 relative, not bit for
-        # bit, so the stored running variance differs in its low digits and the bit width can
-        # differ where its target sits within that of a rounding boundary (the payload is then
-        # valid, one width apart). Squares past fp32 (|d| > 1.8e19) fall back to the range.
-        mean = st.total / n
-        var = max(float(st.sumsq[0]) / n - mean * mean, 0.0)
-        bits, lo, hi = self._plan(key, float(st.lo[0]), float(st.hi[0]), var, n)
-        rng = torch.tensor([lo, hi], dtype=torch.float32)
-        data = native.grid_encode(g, e, torch.stack(_grid(rng, (1 << bits) - 1)), bits)
-        return torch.tensor([bits], dtype=torch.uint8), rng, data
-
-    def _native_decodes(self, payload: Payload, ctx: Context) -> bool:
-        if len(payload) != 3 or ctx.dtype != torch.float32:
-            return False
-        head, rng, data = payload
-        if head.numel() != 1 or rng.numel() != 2 or rng.dtype != torch.float32:
-            return False
-        bits = int(head[0])
-        if not 1 <= bits <= 8:
-            return False
-        size = native.packed_size(ctx.numel, native.symbol_packing(1 << bits))
-        return data.numel() == size and self._native_ok(data, rng, numel=ctx.numel)
-
-    def _native_decode(self, payload: Payload, ctx: Context, out: Tensor | None) -> Tensor:
-        head, rng, data = payload
-        bits = int(head[0])
-        top = (1 << bits) - 1
-        grid = torch.stack(_grid(rng, top))
-        n = ctx.numel
-        packing = native.symbol_packing(top + 1)
-        return native.stochastic_decode(data, n, n, grid, top, top + 1, packing, out, kind=2)
-
     # -- torch path -----------------------------------------------------------------------------
 
     def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
-        fast = self._compress_native(tensor)
-        if fast is not None:
-            return fast, None
         cfg = self.config
         flat = tensor.reshape(-1).to(compute_dtype(tensor.dtype))
         n = flat.numel()
@@ -277,9 +216,6 @@ class Adaptive(NativeKernels, Compressor[AdaptiveConfig]):
         return (head, rng, data), None
 
     def _decompress(self, payload: Payload, ctx: Context) -> Tensor:
-        fast = self._decompress_native(payload, ctx)
-        if fast is not None:
-            return fast
         head, rng, data = payload
         bits = int(head[0])
         if not 1 <= bits <= 8:
@@ -356,3 +292,66 @@ def _grid(rng: Tensor, top: int) -> tuple[Tensor, Tensor]:
     halves so that no finite range overflows."""
     lo, hi = rng[0] * 0.5, rng[1] * 0.5
     return lo + hi, (hi - lo) / top
+
+
+class AdaptiveKernels(FusedCodec):
+    """Adaptive's nearest-rounding grid codes in fused kernels: one statistics pass (range
+    and variance, which set the bit width), one pass for codes and residual."""
+
+    op = "stochastic"
+    arity = 3
+    owner: Adaptive
+
+    def enabled(self) -> bool:
+        cfg = self.owner.config
+        return not (cfg.stochastic or cfg.entropy)
+
+    def encode(self, ops: Backend, g: Tensor, e: Tensor | None) -> Payload | None:
+        """The payload; None (nothing written, the running statistics untouched) unless the
+        data and the running range are safely finite."""
+        owner = self.owner
+        key = owner._active
+        n = g.numel()
+        old = owner._stats.get(key) if key is not None else None
+        # Below 1e38 everywhere, c - decode(code) stays finite: the residual needs no undo.
+        if old is not None and max(abs(old.lo), abs(old.hi)) >= 1e38:
+            return None
+        # Sums of d = c - pivot, the pivot near the mean (the running range's centre, else the
+        # first element), so that E[d^2] - E[d]^2 does not cancel when the mean dominates.
+        pivot = (
+            (old.lo + old.hi) / 2 if old is not None else float(g[0] + (0 if e is None else e[0]))
+        )
+        st = ops.chunk_stats(g, e, n, minmax=True, squares=True, pivot=pivot)
+        if not math.isfinite(st.total) or st.amax >= 1e38:
+            return None
+        assert st.sumsq is not None and st.lo is not None and st.hi is not None
+        # fp32 lane sums gathered in fp64: torch's var() to about 1e-6 relative, not bit for
+        # bit, so the stored running variance differs in its low digits and the bit width can
+        # differ where its target sits within that of a rounding boundary (the payload is then
+        # valid, one width apart). Squares past fp32 (|d| > 1.8e19) fall back to the range.
+        mean = st.total / n
+        lo_hi_sq = torch.stack([st.lo[0].double(), st.hi[0].double(), st.sumsq[0]]).tolist()
+        var = max(lo_hi_sq[2] / n - mean * mean, 0.0)
+        bits, lo, hi = owner._plan(key, lo_hi_sq[0], lo_hi_sq[1], var, n)
+        rng = torch.tensor([lo, hi], dtype=torch.float32)
+        grid = torch.stack(_grid(rng, (1 << bits) - 1)).to(g.device)
+        data = ops.grid_encode(g, e, grid, bits)
+        head = torch.tensor([bits], dtype=torch.uint8)
+        return head.to(g.device), rng.to(g.device), data
+
+    def sized(self, payload: Payload, n: int) -> bool:
+        head, rng, data = payload
+        if head.numel() != 1 or rng.numel() != 2 or rng.dtype != torch.float32:
+            return False
+        bits = int(head[0])
+        if not 1 <= bits <= 8:
+            return False
+        return data.numel() == native.packed_size(n, native.symbol_packing(1 << bits))
+
+    def decode(self, ops: Backend, payload: Payload, n: int, out: Tensor | None) -> Tensor:
+        head, rng, data = payload
+        bits = int(head[0])
+        top = (1 << bits) - 1
+        grid = torch.stack(_grid(rng, top))
+        packing = native.symbol_packing(top + 1)
+        return ops.stochastic_decode(data, n, n, grid, top, top + 1, packing, out, kind=2)

@@ -22,10 +22,13 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from commhooks.kernels.codec import FusedCodec
 
 __all__ = [
     "Capabilities",
@@ -215,6 +218,9 @@ class Compressor(ABC, Generic[C]):
     #: whether its hot loops have native kernels (``commhooks.native``), which the engine
     #: builds when it is set up rather than in the first training step
     uses_native_kernels: ClassVar[bool] = True
+    #: fused kernels attached by composition (:class:`~commhooks.kernels.codec.FusedCodec`),
+    #: tried before the torch code of ``_compress``/``_decompress``; None: torch only
+    kernels: FusedCodec | None = None
 
     def __init__(self, config: C) -> None:
         self.config = config
@@ -246,7 +252,8 @@ class Compressor(ABC, Generic[C]):
             return (), Context(tensor.shape, tensor.dtype, tensor.device)
         outer, self._active = self._active, key
         try:
-            payload, extra = self._compress(tensor, key)
+            fast = None if self.kernels is None else self.kernels.compress(tensor)
+            payload, extra = (fast, None) if fast is not None else self._compress(tensor, key)
         finally:
             self._active = outer
         return payload, Context(tensor.shape, tensor.dtype, tensor.device, extra)
@@ -276,8 +283,16 @@ class Compressor(ABC, Generic[C]):
     def _compress_feedback(
         self, tensor: Tensor, residual: Tensor, key: str | None
     ) -> tuple[Payload, Any] | None:
-        """Fused kernel behind :meth:`compress_feedback`; None where there is none."""
-        return None
+        """Fused kernel behind :meth:`compress_feedback`; None where there is none. The
+        attached :attr:`kernels` serve by default."""
+        payload = None if self.kernels is None else self.kernels.compress(tensor, residual)
+        return None if payload is None else (payload, None)
+
+    @property
+    def fuses_feedback(self) -> bool:
+        """Whether :meth:`compress_feedback` may update a residual in place."""
+        own = type(self)._compress_feedback is not Compressor._compress_feedback
+        return own or self.kernels is not None
 
     def exchange_feedback(
         self,
@@ -323,7 +338,10 @@ class Compressor(ABC, Generic[C]):
         """Decode a payload (this rank's or any other's) to a dense tensor."""
         if ctx.numel == 0:
             return torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device)
-        return self._decompress(tuple(payload), ctx).reshape(ctx.shape).to(ctx.dtype)
+        payload = tuple(payload)
+        fast = None if self.kernels is None else self.kernels.decompress(payload, ctx)
+        out = fast if fast is not None else self._decompress(payload, ctx)
+        return out.reshape(ctx.shape).to(ctx.dtype)
 
     def aggregate(self, payloads: Sequence[Payload], ctx: Context) -> Tensor:
         """Decode every rank's payload and return their sum (the transport divides for a mean).
@@ -332,6 +350,10 @@ class Compressor(ABC, Generic[C]):
         can sum past fp16's range where their mean fits. Override for aggregation rules that are
         not a plain sum (majority vote). Return new memory: the transports divide it in place.
         """
+        if self.kernels is not None and ctx.numel:
+            fast = self.kernels.aggregate(payloads, ctx)
+            if fast is not None:
+                return fast
         acc = torch.zeros(ctx.shape, dtype=compute_dtype(ctx.dtype), device=ctx.device)
         if ctx.numel == 0:
             return acc

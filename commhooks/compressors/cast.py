@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from commhooks import native
 from commhooks._validate import check_bool
 from commhooks.compressors.base import (
     Capabilities,
@@ -26,6 +25,8 @@ from commhooks.compressors.base import (
     all_finite,
     check_group,
 )
+from commhooks.kernels import backend_for, backend_for_device
+from commhooks.kernels.backend import Backend, Finite, host_finite
 from commhooks.registry import register
 
 __all__ = ["Bf16Config", "Cast", "CastConfig", "Fp16Config", "FusedCastExchange"]
@@ -85,15 +86,15 @@ class Cast(Compressor[CastConfig]):
         """Error feedback's compress (all-gather transports) in the cast kernels: two passes,
         and None (residual untouched) where a cast value is not finite."""
         target = self.config.target
-        if not (
-            _fp32(tensor, residual) and native.casts(target) and native.usable(tensor, residual)
-        ):
+        ops = _cast_ops(target, tensor, residual) if _fp32(tensor, residual) else None
+        if ops is None:
             return None
         g, e = tensor.reshape(-1), residual.view(-1)
-        half = torch.empty(g.numel(), dtype=target)
-        if not native.cast_encode(g, e, 1.0, half):
+        half = torch.empty(g.numel(), dtype=target, device=g.device)
+        finite = ops.cast_encode(g, e, 1.0, half)
+        if not host_finite(finite):  # all-gather transports: their one host read
             return None
-        native.cast_residual(g, e, 1.0, half, 1.0)
+        ops.cast_residual(g, e, 1.0, half, 1.0, True)
         return (half,), None
 
     def exchange(
@@ -113,10 +114,11 @@ class Cast(Compressor[CastConfig]):
         world_size: int,
         decay: float,
     ) -> Exchange | None:
-        """Error feedback around the cast in two passes over the gradient where the native
-        kernels load (fp32 gradients and residuals only); see :class:`FusedCastExchange`."""
+        """Error feedback around the cast in two passes over the gradient where the cast
+        kernels serve (fp32 gradients and residuals only); see :class:`FusedCastExchange`."""
         fp32 = all(_fp32(t, e) for t, e in zip(tensors, residuals))
-        if not (fp32 and native.casts(self.config.target)):
+        ops = backend_for_device(tensors[0].device, "cast")
+        if not (fp32 and ops is not None and ops.casts(self.config.target)):
             return None
         return FusedCastExchange(
             self.config.target, tensors, residuals, self._prescale(world_size), decay
@@ -124,6 +126,12 @@ class Cast(Compressor[CastConfig]):
 
     def _prescale(self, world_size: int) -> float:
         return 1.0 / world_size if self.config.prescale else 1.0
+
+
+def _cast_ops(target: torch.dtype, *tensors: Tensor, numel: int | None = None) -> Backend | None:
+    """The backend whose cast kernels serve these tensors, or None (torch formulas)."""
+    ops = backend_for(*tensors, op="cast", numel=numel)
+    return ops if ops is not None and ops.casts(target) else None
 
 
 def _fp32(tensor: Tensor, residual: Tensor) -> bool:
@@ -139,8 +147,9 @@ class FusedCastExchange(FusedFeedbackExchange):
     else written, so an abandoned exchange leaves the residuals as they were); the residual
     ``e = decay * ((g + e) - float(h) / s)`` is written when :meth:`result` is first read
     (from ``g`` and ``e`` read again, so the caller leaves them alone until then), unless
-    ``h`` or ``h / s`` was not finite; the result decodes ``float(sum h) / s``. Tensors the
-    kernels do not take (small, off the CPU) run the same formulas as torch ops.
+    ``h`` or ``h / s`` was not finite (on a device, the kernel reads the encoder's flag: no
+    host read); the result decodes ``float(sum h) / s``. Tensors the kernels do not take
+    (small ones on the CPU) run the same formulas as torch ops.
     """
 
     def __init__(
@@ -157,12 +166,13 @@ class FusedCastExchange(FusedFeedbackExchange):
         device = self._grads[0].device if self._grads else torch.device("cpu")
         self._wire = torch.empty(sum(sizes), dtype=target, device=device)
         self._sent = list(self._wire.split(sizes))
-        # Per tensor: True/False from the kernel (h finite), None for the torch formulas,
-        # which check the residual itself.
-        self._finite: list[bool | None] = []
-        for g, e, h in zip(self._grads, self._residuals, self._sent):
-            if native.usable(g, e):
-                self._finite.append(native.cast_encode(g, e, scale, h))
+        # Per tensor: the kernel's flag (h finite), None for the torch formulas, which check
+        # the residual themselves.
+        self._finite: list[Finite | None] = []
+        self._ops = [_cast_ops(target, g, e) for g, e in zip(self._grads, self._residuals)]
+        for g, e, h, ops in zip(self._grads, self._residuals, self._sent, self._ops):
+            if ops is not None:
+                self._finite.append(ops.cast_encode(g, e, scale, h))
             else:
                 h.copy_((g + e).mul_(scale) if scale != 1.0 else g + e)
                 self._finite.append(None)
@@ -182,9 +192,11 @@ class FusedCastExchange(FusedFeedbackExchange):
     def result_into(self, outs: Sequence[Tensor], divisor: float) -> None:
         """``float(sum h) / s / divisor`` decoded straight into ``outs`` (after the residuals,
         which read the inputs, are written)."""
+        target = self._wire.dtype
         for h, g, o in zip(self._ready(), self._grads, outs):
-            if o.dtype == torch.float32 and native.usable(g, o) and h.is_contiguous():
-                native.cast_decode(h, self._scale, o.view(-1), divisor)
+            ops = _cast_ops(target, g, o) if o.dtype == torch.float32 else None
+            if ops is not None and h.is_contiguous():
+                ops.cast_decode(h, self._scale, o.view(-1), divisor)
             else:
                 o.copy_(h.to(torch.float32).div_(self._scale).div_(divisor).view(o.shape))
 
@@ -193,9 +205,10 @@ class FusedCastExchange(FusedFeedbackExchange):
 
     def _commit(self) -> None:
         s, decay = self._scale, self._decay
-        for g, e, h, finite in zip(self._grads, self._residuals, self._sent, self._finite):
-            if finite:
-                native.cast_residual(g, e, s, h, decay)
+        rows = zip(self._grads, self._residuals, self._sent, self._finite, self._ops)
+        for g, e, h, finite, ops in rows:
+            if ops is not None and finite is not None:
+                ops.cast_residual(g, e, s, h, decay, finite)
             elif finite is None:
                 residual = (g + e).sub_(h.to(e.dtype).div_(s))
                 if all_finite(residual):
@@ -203,9 +216,11 @@ class FusedCastExchange(FusedFeedbackExchange):
 
     def _decode(self, halves: Sequence[Tensor]) -> list[Tensor]:
         out = []
+        target = self._wire.dtype
         for h, g, shape in zip(halves, self._grads, self._shapes):
-            if native.usable(g, numel=h.numel()) and h.is_contiguous():
-                t = native.cast_decode(h, self._scale)
+            ops = _cast_ops(target, g, numel=h.numel())
+            if ops is not None and h.is_contiguous():
+                t = ops.cast_decode(h, self._scale)
             else:
                 t = h.to(torch.float32).div_(self._scale)
             out.append(t.view(shape))

@@ -31,10 +31,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from commhooks import native
 from commhooks._validate import check_bool, check_choice, check_int, check_real
 from commhooks.coding.symbols import decode_symbols, encode_symbols
-from commhooks.compressors._quant import NativeKernels, chunked, unchunk
+from commhooks.compressors._quant import chunked, unchunk
 from commhooks.compressors.base import (
     Capabilities,
     Compressor,
@@ -44,6 +43,7 @@ from commhooks.compressors.base import (
     Payload,
     compute_dtype,
 )
+from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 
 __all__ = ["NonUniform", "NonUniformConfig", "level_table", "quantize_to_levels"]
@@ -155,11 +155,12 @@ def quantize_to_levels(u: Tensor, levels: Tensor, generator: torch.Generator | N
 
 
 @register(NonUniformConfig)
-class NonUniform(NativeKernels, Compressor[NonUniformConfig]):
+class NonUniform(Compressor[NonUniformConfig]):
     """Non-uniform (log, mu-law or quantile-fitted) quantizer; see :class:`NonUniformConfig`."""
 
     def __init__(self, config: NonUniformConfig) -> None:
         super().__init__(config)
+        self.kernels = NonUniformKernels(self)
         self._levels: dict[str, Tensor] = {}  # quantile: per-key fitted levels (fp32)
         self._calls: dict[str, int] = {}  # quantile: per-key call counter for refits
         self._tables: dict[tuple[str, torch.dtype], Tensor] = {}  # fixed tables, cached
@@ -179,57 +180,10 @@ class NonUniform(NativeKernels, Compressor[NonUniformConfig]):
         """``L``, the number of magnitude levels."""
         return 1 << (self.config.bits - 1)
 
-    # -- native kernels: fixed tables, nearest level, 2/4/8 bits, no entropy coding ------------
-
-    def _native_ok(self, *tensors: Tensor, numel: int | None = None) -> bool:
-        cfg = self.config
-        plain = cfg.levels != "quantile" and not (cfg.stochastic or cfg.entropy)
-        return plain and cfg.bits in _NATIVE and native.usable(*tensors, numel=numel)
-
-    def _native_table(self) -> tuple[Tensor, Tensor]:
-        """The fp32 CPU levels and their midpoints, as :func:`quantize_to_levels` computes them."""
-        levels = self._table(torch.device("cpu"), torch.float32)
-        return levels, (levels[:-1] + levels[1:]) * 0.5
-
-    def _native_compress(self, tensor: Tensor, residual: Tensor | None) -> Payload | None:
-        """Symbols and scales by the fused kernel; None (nothing written) unless safely finite."""
-        cfg = self.config
-        g = tensor.reshape(-1)
-        e = None if residual is None else residual.view(-1)
-        st = native.chunk_stats(g, e, cfg.chunk, minmax=True)
-        # |c| < 1e38 keeps c - decode(symbol) finite, so the residual needs no undo.
-        if not math.isfinite(st.total) or st.amax >= 1e38:
-            return None
-        assert st.lo is not None and st.hi is not None
-        # max |c| per chunk, exactly; abs_ turns an all-zero chunk's -0 (max(0, -0)) into the
-        # torch path's +0.
-        scales = torch.maximum(st.hi, st.lo.neg()).abs_()
-        levels, mids = self._native_table()
-        return native.table_encode(g, e, cfg.chunk, scales, mids, levels, cfg.bits), scales
-
-    def _native_decodes(self, payload: Payload, ctx: Context) -> bool:
-        if len(payload) != 2 or ctx.dtype != torch.float32:
-            return False
-        data, scales = payload
-        n, cfg = ctx.numel, self.config
-        sized = data.numel() == (n * cfg.bits + 7) // 8 and scales.numel() == -(-n // cfg.chunk)
-        return sized and self._native_ok(data, scales, numel=n)
-
-    def _native_decode(self, payload: Payload, ctx: Context, out: Tensor | None) -> Tensor:
-        data, scales = payload
-        levels, mids = self._native_table()
-        cfg = self.config
-        return native.table_decode(
-            data, ctx.numel, cfg.chunk, scales.contiguous(), mids, levels, cfg.bits, out
-        )
-
     # -- torch path -----------------------------------------------------------------------------
 
     def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
         cfg = self.config
-        fast = self._compress_native(tensor)
-        if fast is not None:
-            return fast, None
         flat = tensor.reshape(-1).to(compute_dtype(tensor.dtype))
         n = flat.numel()
         rows = chunked(flat, cfg.chunk)
@@ -254,9 +208,6 @@ class NonUniform(NativeKernels, Compressor[NonUniformConfig]):
         return (data, scales, *extra), None
 
     def _decompress(self, payload: Payload, ctx: Context) -> Tensor:
-        fast = self._decompress_native(payload, ctx)
-        if fast is not None:
-            return fast
         cfg = self.config
         data, scales = payload[0], payload[1]
         if cfg.levels == "quantile":
@@ -336,3 +287,47 @@ class NonUniform(NativeKernels, Compressor[NonUniformConfig]):
         super().load_state_dict(state)
         self._levels = {k: v.detach().clone().float() for k, v in state.get("levels", {}).items()}
         self._calls = {k: int(v) for k, v in state.get("calls", {}).items()}
+
+
+class NonUniformKernels(FusedCodec):
+    """Fixed level tables (log, mu-law), nearest level, 2/4/8 bits, in fused kernels: one
+    statistics pass (each chunk's max |c|), one pass for symbols and residual."""
+
+    op = "table"
+    owner: NonUniform
+
+    def enabled(self) -> bool:
+        cfg = self.owner.config
+        plain = cfg.levels != "quantile" and not (cfg.stochastic or cfg.entropy)
+        return plain and cfg.bits in _NATIVE
+
+    def table(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The fp32 levels and their midpoints, as :func:`quantize_to_levels` computes them."""
+        levels = self.owner._table(device, torch.float32)
+        return levels, (levels[:-1] + levels[1:]) * 0.5
+
+    def encode(self, ops: Backend, g: Tensor, e: Tensor | None) -> Payload | None:
+        cfg = self.owner.config
+        st = ops.chunk_stats(g, e, cfg.chunk, minmax=True)
+        # |c| < 1e38 keeps c - decode(symbol) finite, so the residual needs no undo.
+        if not math.isfinite(st.total) or st.amax >= 1e38:
+            return None
+        assert st.lo is not None and st.hi is not None
+        # max |c| per chunk, exactly; abs_ turns an all-zero chunk's -0 (max(0, -0)) into the
+        # torch path's +0.
+        scales = torch.maximum(st.hi, st.lo.neg()).abs_()
+        levels, mids = self.table(g.device)
+        return ops.table_encode(g, e, cfg.chunk, scales, mids, levels, cfg.bits), scales
+
+    def sized(self, payload: Payload, n: int) -> bool:
+        data, scales = payload
+        cfg = self.owner.config
+        return data.numel() == (n * cfg.bits + 7) // 8 and scales.numel() == -(-n // cfg.chunk)
+
+    def decode(self, ops: Backend, payload: Payload, n: int, out: Tensor | None) -> Tensor:
+        data, scales = payload
+        levels, mids = self.table(data.device)
+        cfg = self.owner.config
+        return ops.table_decode(
+            data, n, cfg.chunk, scales.contiguous(), mids, levels, cfg.bits, out
+        )

@@ -13,7 +13,7 @@ from commhooks import native
 from commhooks._validate import check_bool, check_choice, check_int
 from commhooks.coding.bitpack import symbols_nbytes
 from commhooks.coding.symbols import decode_symbols, encode_symbols
-from commhooks.compressors._quant import NativeKernels, chunked, unchunk
+from commhooks.compressors._quant import chunked, unchunk
 from commhooks.compressors.base import (
     Capabilities,
     Compressor,
@@ -23,9 +23,10 @@ from commhooks.compressors.base import (
     Payload,
     compute_dtype,
 )
+from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 
-__all__ = ["QSGD", "QSGDConfig"]
+__all__ = ["QSGDKernels", "QSGD", "QSGDConfig"]
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,12 @@ class QSGDConfig(CompressorConfig):
 
 
 @register(QSGDConfig)
-class QSGD(NativeKernels, Compressor[QSGDConfig]):
+class QSGD(Compressor[QSGDConfig]):
     """QSGD quantizer; see :class:`QSGDConfig`."""
+
+    def __init__(self, config: QSGDConfig) -> None:
+        super().__init__(config)
+        self.kernels = QSGDKernels(self)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -80,59 +85,11 @@ class QSGD(NativeKernels, Compressor[QSGDConfig]):
             unbiased=True,
         )
 
-    # -- fused native kernels (fp32 on the CPU; the rounding noise is the kernel's own) -------
-
     @property
     def _alphabet(self) -> int:
         return 2 * self.config.levels + 1
 
-    def _native_ok(self, *tensors: Tensor, numel: int | None = None) -> bool:
-        return not self.config.entropy and native.usable(*tensors, numel=numel)
-
-    def _native_compress(self, tensor: Tensor, residual: Tensor | None) -> Payload | None:
-        cfg = self.config
-        g = tensor.reshape(-1)
-        e = None if residual is None else residual.view(-1)
-        l2 = cfg.norm == "l2"
-        st = native.chunk_stats(g, e, cfg.chunk, minmax=not l2, squares=l2)
-        if not math.isfinite(st.total) or st.amax >= 1e18:  # squares overflow fp32 past ~1.8e19
-            return None
-        if l2:
-            assert st.sumsq is not None
-            norm = st.sumsq.sqrt().float()
-        else:
-            assert st.lo is not None and st.hi is not None
-            norm = torch.maximum(st.lo.abs(), st.hi.abs())
-        packing = native.symbol_packing(self._alphabet)
-        data = native.stochastic_encode(
-            0, g, e, cfg.chunk, norm, cfg.levels, self._alphabet, packing, self._native_seed()
-        )
-        return data, norm
-
-    def _native_decodes(self, payload: Payload, ctx: Context) -> bool:
-        if len(payload) != 2 or ctx.dtype != torch.float32:
-            return False
-        data, norm = payload
-        n, cfg = ctx.numel, self.config
-        sized = data.numel() == symbols_nbytes(n, self._alphabet) and norm.numel() == -(
-            -n // cfg.chunk
-        )
-        return sized and self._native_ok(data, norm, numel=n)
-
-    def _native_decode(self, payload: Payload, ctx: Context, out: Tensor | None) -> Tensor:
-        data, norm = payload
-        packing = native.symbol_packing(self._alphabet)
-        cfg = self.config
-        return native.stochastic_decode(
-            data, ctx.numel, cfg.chunk, norm, cfg.levels, self._alphabet, packing, out
-        )
-
-    # -- the torch path ----------------------------------------------------------------------
-
     def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
-        payload = self._compress_native(tensor)
-        if payload is not None:
-            return payload, None
         cfg = self.config
         s = cfg.levels
         flat = tensor.reshape(-1).to(compute_dtype(tensor.dtype))
@@ -159,9 +116,6 @@ class QSGD(NativeKernels, Compressor[QSGDConfig]):
         return (data, wire_norm), None
 
     def _decompress(self, payload: Payload, ctx: Context) -> Tensor:
-        fast = self._decompress_native(payload, ctx)
-        if fast is not None:
-            return fast
         cfg = self.config
         s = cfg.levels
         data, norm = payload
@@ -169,3 +123,45 @@ class QSGD(NativeKernels, Compressor[QSGDConfig]):
         symbols = decode_symbols(data, 2 * s + 1, ctx.numel, use_entropy=cfg.entropy)
         rows = chunked(symbols.to(cd).sub_(s), cfg.chunk)
         return unchunk(rows * (norm.to(cd) / s)[:, None], ctx.numel)
+
+
+class QSGDKernels(FusedCodec):
+    """QSGD in fused kernels (fp32; the rounding noise is the kernels' own counter hash):
+    one statistics pass (the chunks' norms), one pass for symbols and residual."""
+
+    op = "stochastic"
+    owner: QSGD
+
+    def enabled(self) -> bool:
+        return not self.owner.config.entropy
+
+    def encode(self, ops: Backend, g: Tensor, e: Tensor | None) -> Payload | None:
+        cfg = self.owner.config
+        l2 = cfg.norm == "l2"
+        st = ops.chunk_stats(g, e, cfg.chunk, minmax=not l2, squares=l2)
+        if not math.isfinite(st.total) or st.amax >= 1e18:  # squares overflow fp32 past ~1.8e19
+            return None
+        if l2:
+            assert st.sumsq is not None
+            norm = st.sumsq.sqrt().float()
+        else:
+            assert st.lo is not None and st.hi is not None
+            norm = torch.maximum(st.lo.abs(), st.hi.abs())
+        alphabet = self.owner._alphabet
+        packing = native.symbol_packing(alphabet)
+        data = ops.stochastic_encode(
+            0, g, e, cfg.chunk, norm, cfg.levels, alphabet, packing, self.seed()
+        )
+        return data, norm
+
+    def sized(self, payload: Payload, n: int) -> bool:
+        data, norm = payload
+        chunks = -(-n // self.owner.config.chunk)
+        return data.numel() == symbols_nbytes(n, self.owner._alphabet) and norm.numel() == chunks
+
+    def decode(self, ops: Backend, payload: Payload, n: int, out: Tensor | None) -> Tensor:
+        data, norm = payload
+        alphabet = self.owner._alphabet
+        cfg = self.owner.config
+        packing = native.symbol_packing(alphabet)
+        return ops.stochastic_decode(data, n, cfg.chunk, norm, cfg.levels, alphabet, packing, out)

@@ -26,6 +26,7 @@ from commhooks.compressors.base import (
     poison,
     shared_generator,
 )
+from commhooks.kernels import Backend, backend_for_device
 from commhooks.registry import register
 
 __all__ = ["FusedRandomKExchange", "RandomK", "RandomKConfig"]
@@ -113,6 +114,11 @@ class RandomK(Sparsifier[RandomKConfig]):
         unscaled; see :class:`FusedRandomKExchange`."""
         if self.config.unbiased:
             return None
+        ops = backend_for_device(tensors[0].device, "sparse-feedback")
+        if ops is not None and all(ops.usable(t, e) for t, e in zip(tensors, residuals)):
+            # On a device: finiteness stays a device flag, read by the residual kernel.
+            flags = [ops.finite_flag(t.reshape(-1), e.view(-1)) for t, e in zip(tensors, residuals)]
+            return FusedRandomKExchange(self, tensors, residuals, keys, flags, decay, ops)
         if not all(native.usable(t, e) for t, e in zip(tensors, residuals)):
             return None
         # One statistics pass per tensor, before any index is drawn. The torch path poisons
@@ -133,7 +139,8 @@ class FusedRandomKExchange(FusedFeedbackExchange):
     """Random-k's error-feedback exchange with the op-by-op path's numbers in fewer passes.
 
     Given each tensor's finiteness (from :meth:`RandomK.exchange_feedback`'s statistics
-    pass), construction gathers ``c = g + e`` at the shared indices (poisoned to NaN where
+    pass on the CPU; on a device, a device flag from the backend, so nothing is read back),
+    construction gathers ``c = g + e`` at the shared indices (poisoned to NaN where
     some ``c`` is not finite, as the torch path does) and writes nothing. The residual, ``c``
     with the sent elements cleared (they go exactly), is written when :meth:`result` is first
     read, only where every ``c`` was finite; the result scatters the summed values into
@@ -146,17 +153,19 @@ class FusedRandomKExchange(FusedFeedbackExchange):
         tensors: Sequence[Tensor],
         residuals: Sequence[Tensor],
         keys: Sequence[str | None],
-        finite: Sequence[bool],
+        finite: Sequence[bool | Tensor],
         decay: float,
+        ops: Backend | None = None,
     ) -> None:
         super().__init__(tensors, residuals, decay)
         self._finite = list(finite)
+        self._ops = ops
         self._idx: list[Tensor] = []
         self._sent: list[Tensor] = []
         for g, e, k, ok in zip(self._grads, self._residuals, keys, self._finite):
             idx, _ = compressor._strata(g.numel(), k, g.device)
             self._idx.append(idx)
-            self._sent.append(poison(g[idx] + e[idx], torch.tensor(0.0 if ok else math.nan)))
+            self._sent.append(poison(g[idx] + e[idx], _probe(ok)))
 
     def message(self) -> Message | None:
         if self._reduced is not None or not self._grads:
@@ -168,7 +177,11 @@ class FusedRandomKExchange(FusedFeedbackExchange):
 
     def _commit(self) -> None:
         for g, e, idx, finite in zip(self._grads, self._residuals, self._idx, self._finite):
-            if finite:
+            if isinstance(finite, Tensor):
+                assert self._ops is not None
+                self._ops.compensate(g, e, finite, self._decay)
+                e[idx] = torch.where(finite == 0, 0.0, e[idx])  # sent exactly, if committed
+            elif finite:
                 clear_sent_(e, g, idx)
                 if self._decay != 1.0:
                     e.mul_(self._decay)
@@ -176,7 +189,7 @@ class FusedRandomKExchange(FusedFeedbackExchange):
     def _scatter(self, values: Sequence[Tensor]) -> list[Tensor]:
         out = []
         for v, idx, g, shape in zip(values, self._idx, self._grads, self._shapes):
-            dense = torch.zeros(g.numel(), dtype=torch.float32)
+            dense = torch.zeros(g.numel(), dtype=torch.float32, device=g.device)
             dense[idx] = v
             out.append(dense.view(shape))
         return out
@@ -194,3 +207,11 @@ class FusedRandomKExchange(FusedFeedbackExchange):
 
     def local(self) -> list[Tensor]:
         return self._scatter(self._sent)
+
+
+def _probe(finite: bool | Tensor) -> Tensor:
+    """0 for finite, NaN otherwise (what :func:`poison` adds), for a host bool or a device
+    flag (nonzero where not finite)."""
+    if isinstance(finite, Tensor):
+        return torch.where(finite.reshape(()) == 0, 0.0, math.nan)
+    return torch.tensor(0.0 if finite else math.nan)

@@ -16,11 +16,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from commhooks import native
 from commhooks._validate import check_bool, check_choice, check_int
 from commhooks.coding.bitpack import pack_symbols, unpack_symbols
 from commhooks.coding.symbols import decode_symbols, encode_symbols
-from commhooks.compressors._quant import NativeKernels, chunked, unchunk
+from commhooks.compressors._quant import chunked, unchunk
 from commhooks.compressors.base import (
     Capabilities,
     Compressor,
@@ -30,9 +29,10 @@ from commhooks.compressors.base import (
     Payload,
     compute_dtype,
 )
+from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 
-__all__ = ["Sign", "SignConfig"]
+__all__ = ["Sign", "SignConfig", "SignKernels"]
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,12 @@ class SignConfig(CompressorConfig):
 
 
 @register(SignConfig)
-class Sign(NativeKernels, Compressor[SignConfig]):
+class Sign(Compressor[SignConfig]):
     """Scaled sign compressor; see :class:`SignConfig`."""
+
+    def __init__(self, config: SignConfig) -> None:
+        super().__init__(config)
+        self.kernels = SignKernels(self)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -84,34 +88,11 @@ class Sign(NativeKernels, Compressor[SignConfig]):
             unbiased=False,
         )
 
-    def _native_ok(self, *tensors: Tensor, numel: int | None = None) -> bool:
-        return not self.config.entropy and native.usable(*tensors, numel=numel)
-
     def _chunk_for(self, n: int) -> int:
         chunk = self.config.chunk
         return n if chunk is None or chunk >= n else chunk
 
-    def _native_compress(self, tensor: Tensor, residual: Tensor | None) -> Payload | None:
-        """Bits and scales by the fused kernel; None (nothing written) unless safely finite."""
-        g = tensor.reshape(-1)
-        e = None if residual is None else residual.view(-1)
-        n = g.numel()
-        chunk = self._chunk_for(n)
-        st = native.chunk_stats(g, e, chunk)
-        # Finite with |c| < 1e38: c - (+-scale) cannot overflow, so the in-place residual
-        # update needs no undo. Anything else goes the torch way, which carries NaN/inf out.
-        if not math.isfinite(st.total) or st.amax >= 1e38:
-            return None
-        sums = st.sums
-        counts = torch.full_like(sums, chunk)
-        counts[-1] = n - (sums.numel() - 1) * chunk
-        scale = (sums / counts).float()
-        return native.sign_encode(g, e, chunk, scale), scale
-
     def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
-        payload = self._compress_native(tensor)
-        if payload is not None:
-            return payload, None
         flat = tensor.reshape(-1).to(compute_dtype(tensor.dtype))
         n = flat.numel()
         mag = flat.abs()
@@ -129,22 +110,7 @@ class Sign(NativeKernels, Compressor[SignConfig]):
             bits = encode_symbols(bits, 256, use_entropy=True)
         return (bits, scale.float()), None
 
-    def _native_decodes(self, payload: Payload, ctx: Context) -> bool:
-        if len(payload) != 2 or ctx.dtype != torch.float32:
-            return False
-        data, scale = payload
-        n = ctx.numel
-        sized = data.numel() == (n + 7) // 8 and scale.numel() == -(-n // self._chunk_for(n))
-        return sized and self._native_ok(data, scale, numel=n)
-
-    def _native_decode(self, payload: Payload, ctx: Context, out: Tensor | None) -> Tensor:
-        data, scale = payload
-        return native.sign_decode(data, ctx.numel, self._chunk_for(ctx.numel), scale, out)
-
     def _decompress(self, payload: Payload, ctx: Context) -> Tensor:
-        fast = self._decompress_native(payload, ctx)
-        if fast is not None:
-            return fast
         data, scale = payload
         return self._scaled(self._signs(data, ctx.numel), scale.to(compute_dtype(ctx.dtype)))
 
@@ -176,3 +142,36 @@ class Sign(NativeKernels, Compressor[SignConfig]):
         chunk = self.config.chunk
         assert chunk is not None
         return unchunk(chunked(values, chunk) * scale[:, None], values.numel())
+
+
+class SignKernels(FusedCodec):
+    """Sign's fused kernels: one statistics pass (the chunks' mean magnitudes), one pass for
+    the bits and the residual; decoding straight to fp32."""
+
+    op = "sign"
+    owner: Sign
+
+    def enabled(self) -> bool:
+        return not self.owner.config.entropy
+
+    def encode(self, ops: Backend, g: Tensor, e: Tensor | None) -> Payload | None:
+        n = g.numel()
+        chunk = self.owner._chunk_for(n)
+        st = ops.chunk_stats(g, e, chunk)
+        # Finite with |c| < 1e38: c - (+-scale) cannot overflow, so the in-place residual
+        # update needs no undo. Anything else goes the torch way, which carries NaN/inf out.
+        if not math.isfinite(st.total) or st.amax >= 1e38:
+            return None
+        sums = st.sums
+        counts = torch.full_like(sums, chunk)
+        counts[-1] = n - (sums.numel() - 1) * chunk
+        scale = (sums / counts).float()
+        return ops.sign_encode(g, e, chunk, scale), scale
+
+    def sized(self, payload: Payload, n: int) -> bool:
+        data, scale = payload
+        return data.numel() == (n + 7) // 8 and scale.numel() == -(-n // self.owner._chunk_for(n))
+
+    def decode(self, ops: Backend, payload: Payload, n: int, out: Tensor | None) -> Tensor:
+        data, scale = payload
+        return ops.sign_decode(data, n, self.owner._chunk_for(n), scale, out)

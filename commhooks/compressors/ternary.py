@@ -15,11 +15,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from commhooks import native
 from commhooks._validate import check_bool, check_choice, check_int, check_real
 from commhooks.coding.bitpack import symbols_nbytes
 from commhooks.coding.symbols import decode_symbols, encode_symbols
-from commhooks.compressors._quant import NativeKernels
 from commhooks.compressors.base import (
     Capabilities,
     Compressor,
@@ -30,9 +28,10 @@ from commhooks.compressors.base import (
     compute_dtype,
     poison,
 )
+from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 
-__all__ = ["Ternary", "TernaryConfig"]
+__all__ = ["TernaryKernels", "Ternary", "TernaryConfig"]
 
 # Symbols 0, 1, 2 stand for -a, 0, +a; radix packing puts five in a byte.
 _ALPHABET = 3
@@ -78,8 +77,12 @@ class TernaryConfig(CompressorConfig):
 
 
 @register(TernaryConfig)
-class Ternary(NativeKernels, Compressor[TernaryConfig]):
+class Ternary(Compressor[TernaryConfig]):
     """Ternary quantizer; see :class:`TernaryConfig`."""
+
+    def __init__(self, config: TernaryConfig) -> None:
+        super().__init__(config)
+        self.kernels = TernaryKernels(self)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -91,44 +94,7 @@ class Ternary(NativeKernels, Compressor[TernaryConfig]):
             unbiased=cfg.mode == "stochastic" and cfg.clip is None,
         )
 
-    # -- fused native kernels: stochastic mode without clipping, fp32 on the CPU ------------
-
-    def _native_ok(self, *tensors: Tensor, numel: int | None = None) -> bool:
-        cfg = self.config
-        plain = cfg.mode == "stochastic" and cfg.clip is None and not cfg.entropy
-        return plain and native.usable(*tensors, numel=numel)
-
-    def _native_compress(self, tensor: Tensor, residual: Tensor | None) -> Payload | None:
-        g = tensor.reshape(-1)
-        e = None if residual is None else residual.view(-1)
-        n = g.numel()
-        st = native.chunk_stats(g, e, n)
-        if not math.isfinite(st.total) or st.amax >= 1e38:
-            return None
-        scale = torch.tensor([st.amax], dtype=torch.float32)  # max |c|, exactly
-        data = native.stochastic_encode(
-            1, g, e, n, scale, 1, _ALPHABET, (0, _RADIX), self._native_seed()
-        )
-        return data, scale
-
-    def _native_decodes(self, payload: Payload, ctx: Context) -> bool:
-        if len(payload) != 2 or ctx.dtype != torch.float32:
-            return False
-        data, scale = payload
-        sized = data.numel() == symbols_nbytes(ctx.numel, _ALPHABET) and scale.numel() == 1
-        return sized and self._native_ok(data, scale, numel=ctx.numel)
-
-    def _native_decode(self, payload: Payload, ctx: Context, out: Tensor | None) -> Tensor:
-        data, scale = payload
-        n = ctx.numel
-        return native.stochastic_decode(data, n, n, scale, 1, _ALPHABET, (0, _RADIX), out)
-
-    # -- the torch path ----------------------------------------------------------------------
-
     def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
-        payload = self._compress_native(tensor)
-        if payload is not None:
-            return payload, None
         cfg = self.config
         flat = tensor.reshape(-1).to(compute_dtype(tensor.dtype))
         if cfg.clip is not None:
@@ -156,10 +122,36 @@ class Ternary(NativeKernels, Compressor[TernaryConfig]):
         return (data, scale.reshape(1)), None
 
     def _decompress(self, payload: Payload, ctx: Context) -> Tensor:
-        fast = self._decompress_native(payload, ctx)
-        if fast is not None:
-            return fast
         data, scale = payload
         cd = compute_dtype(ctx.dtype)
         symbols = decode_symbols(data, _ALPHABET, ctx.numel, use_entropy=self.config.entropy)
         return symbols.to(cd).sub_(1).mul_(scale.to(cd))
+
+
+class TernaryKernels(FusedCodec):
+    """TernGrad (stochastic mode, no clipping) in fused kernels: max |c| in one statistics
+    pass, then symbols (five a byte) and the residual in one more."""
+
+    op = "stochastic"
+    owner: Ternary
+
+    def enabled(self) -> bool:
+        cfg = self.owner.config
+        return cfg.mode == "stochastic" and cfg.clip is None and not cfg.entropy
+
+    def encode(self, ops: Backend, g: Tensor, e: Tensor | None) -> Payload | None:
+        n = g.numel()
+        st = ops.chunk_stats(g, e, n)
+        if not math.isfinite(st.total) or st.amax >= 1e38:
+            return None
+        scale = torch.tensor([st.amax], dtype=torch.float32, device=g.device)  # max |c|, exactly
+        data = ops.stochastic_encode(1, g, e, n, scale, 1, _ALPHABET, (0, _RADIX), self.seed())
+        return data, scale
+
+    def sized(self, payload: Payload, n: int) -> bool:
+        data, scale = payload
+        return data.numel() == symbols_nbytes(n, _ALPHABET) and scale.numel() == 1
+
+    def decode(self, ops: Backend, payload: Payload, n: int, out: Tensor | None) -> Tensor:
+        data, scale = payload
+        return ops.stochastic_decode(data, n, n, scale, 1, _ALPHABET, (0, _RADIX), out)

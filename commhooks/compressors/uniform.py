@@ -19,10 +19,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from commhooks import native
 from commhooks._validate import check_bool, check_int
 from commhooks.coding.symbols import decode_symbols, encode_symbols
-from commhooks.compressors._quant import NativeKernels, chunked, unchunk
+from commhooks.compressors._quant import chunked, unchunk
 from commhooks.compressors.base import (
     Capabilities,
     Compressor,
@@ -36,9 +35,10 @@ from commhooks.compressors.base import (
     check_group,
     compute_dtype,
 )
+from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 
-__all__ = ["SharedScaleExchange", "Uniform", "UniformConfig", "shared_levels"]
+__all__ = ["UniformKernels", "SharedScaleExchange", "Uniform", "UniformConfig", "shared_levels"]
 
 # Code widths tried in turn for shared-scale codes: the narrowest whose headroom leaves >= 1
 # level per side once world_size codes are added up.
@@ -117,8 +117,12 @@ def shared_levels(bits: int, world_size: int) -> tuple[int, torch.dtype]:
 
 
 @register(UniformConfig)
-class Uniform(NativeKernels, Compressor[UniformConfig]):
+class Uniform(Compressor[UniformConfig]):
     """Uniform min-max quantizer; see :class:`UniformConfig`."""
+
+    def __init__(self, config: UniformConfig) -> None:
+        super().__init__(config)
+        self.kernels = UniformKernels(self)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -133,55 +137,8 @@ class Uniform(NativeKernels, Compressor[UniformConfig]):
 
     # -- normal (min-max) mode ----------------------------------------------------------------
 
-    def _native_ok(self, *tensors: Tensor, numel: int | None = None) -> bool:
-        """The fused kernels serve min-max codes of 1, 2, 4 or 8 bits, rounded either way."""
-        cfg = self.config
-        plain = not (cfg.shared_scale or cfg.entropy) and cfg.bits in _NATIVE
-        return plain and native.usable(*tensors, numel=numel)
-
-    def _native_compress(self, tensor: Tensor, residual: Tensor | None) -> Payload | None:
-        """Codes and scales by the fused kernel; None (nothing written) unless safely finite."""
-        cfg = self.config
-        g = tensor.reshape(-1)
-        e = None if residual is None else residual.view(-1)
-        n = g.numel()
-        st = native.chunk_stats(g, e, cfg.chunk, minmax=True)
-        # |c| < 1e38 keeps c - decode(code) finite, so the residual needs no undo.
-        if not math.isfinite(st.total) or st.amax >= 1e38:
-            return None
-        lo, hi = st.lo, st.hi
-        assert lo is not None and hi is not None
-        if n % cfg.chunk:  # the torch path's zero padding is part of the last chunk's range
-            lo[-1].clamp_(max=0.0)
-            hi[-1].clamp_(min=0.0)
-        step = (hi - lo) / ((1 << cfg.bits) - 1)
-        # Stochastic rounding draws counter-hash noise seeded from the private generator
-        # (reproducible and unbiased, but not torch.rand's stream).
-        seed = self._native_seed() if cfg.stochastic else None
-        data = native.uniform_encode(g, e, cfg.chunk, lo, step, cfg.bits, seed)
-        return data, torch.stack([lo, step], 1).reshape(-1)
-
-    def _native_decodes(self, payload: Payload, ctx: Context) -> bool:
-        if len(payload) != 2 or ctx.dtype != torch.float32:
-            return False
-        data, scales = payload
-        n, cfg = ctx.numel, self.config
-        sized = data.numel() == (n * cfg.bits + 7) // 8 and scales.numel() == 2 * -(-n // cfg.chunk)
-        return sized and self._native_ok(data, scales, numel=n)
-
-    def _native_decode(self, payload: Payload, ctx: Context, out: Tensor | None) -> Tensor:
-        data, scales = payload
-        lo, step = scales.view(-1, 2).unbind(1)
-        cfg = self.config
-        return native.uniform_decode(
-            data, ctx.numel, cfg.chunk, lo.contiguous(), step.contiguous(), cfg.bits, out
-        )
-
     def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
         cfg = self.config
-        payload = self._compress_native(tensor)
-        if payload is not None:
-            return payload, None
         flat = tensor.reshape(-1).to(compute_dtype(tensor.dtype))
         if cfg.shared_scale:
             level, dtype = shared_levels(cfg.bits, 1)
@@ -206,9 +163,6 @@ class Uniform(NativeKernels, Compressor[UniformConfig]):
         if cfg.shared_scale:
             codes, step = payload
             return _decode_codes(codes, step, cfg.chunk, ctx.numel)
-        fast = self._decompress_native(payload, ctx)
-        if fast is not None:
-            return fast
         data, scales = payload
         top = (1 << cfg.bits) - 1
         symbols = decode_symbols(data, top + 1, ctx.numel, use_entropy=cfg.entropy)
@@ -357,3 +311,47 @@ def _numel(shape: torch.Size) -> int:
     for s in shape:
         n *= s
     return n
+
+
+class UniformKernels(FusedCodec):
+    """Min-max codes of 1, 2, 4 or 8 bits, nearest or stochastic, in fused kernels: one
+    statistics pass (each chunk's range), one pass for the codes and the residual."""
+
+    op = "uniform"
+    owner: Uniform
+
+    def enabled(self) -> bool:
+        cfg = self.owner.config
+        return not (cfg.shared_scale or cfg.entropy) and cfg.bits in _NATIVE
+
+    def encode(self, ops: Backend, g: Tensor, e: Tensor | None) -> Payload | None:
+        cfg = self.owner.config
+        n = g.numel()
+        st = ops.chunk_stats(g, e, cfg.chunk, minmax=True)
+        # |c| < 1e38 keeps c - decode(code) finite, so the residual needs no undo.
+        if not math.isfinite(st.total) or st.amax >= 1e38:
+            return None
+        lo, hi = st.lo, st.hi
+        assert lo is not None and hi is not None
+        if n % cfg.chunk:  # the torch path's zero padding is part of the last chunk's range
+            lo[-1].clamp_(max=0.0)
+            hi[-1].clamp_(min=0.0)
+        step = (hi - lo) / ((1 << cfg.bits) - 1)
+        # Stochastic rounding draws counter-hash noise seeded from the private generator
+        # (reproducible and unbiased, but not torch.rand's stream).
+        seed = self.seed() if cfg.stochastic else None
+        data = ops.uniform_encode(g, e, cfg.chunk, lo, step, cfg.bits, seed)
+        return data, torch.stack([lo, step], 1).reshape(-1)
+
+    def sized(self, payload: Payload, n: int) -> bool:
+        data, scales = payload
+        cfg = self.owner.config
+        return data.numel() == (n * cfg.bits + 7) // 8 and scales.numel() == 2 * -(-n // cfg.chunk)
+
+    def decode(self, ops: Backend, payload: Payload, n: int, out: Tensor | None) -> Tensor:
+        data, scales = payload
+        lo, step = scales.view(-1, 2).unbind(1)
+        cfg = self.owner.config
+        return ops.uniform_decode(
+            data, n, cfg.chunk, lo.contiguous(), step.contiguous(), cfg.bits, out
+        )

@@ -276,7 +276,7 @@ def test_stochastic_payload_is_the_torch_layout(spec, n, monkeypatch):
     x = _data(n, 8)
     c = commhooks.compressor(spec)
     payload, ctx = c.compress(x)
-    assert c._native_decodes(payload, ctx)
+    assert c.kernels.decodes(payload, ctx)
     symbols, alphabet = _symbols(c, payload, n)
     assert int(symbols.min()) >= 0 and int(symbols.max()) < alphabet
     assert torch.equal(encode_symbols(symbols, alphabet), payload[0])  # padding included
@@ -357,7 +357,7 @@ def test_stochastic_draws_follow_the_generator():
 def test_configs_without_kernels_keep_the_torch_path(spec):
     c = commhooks.compressor(spec)
     p, ctx = c.compress(_data(30_000, 13))
-    assert not c._native_decodes(p, ctx)
+    assert not c.kernels.decodes(p, ctx)
     assert c.compress_feedback(_data(30_000, 13), torch.zeros(30_000)) is None
 
 
@@ -374,7 +374,7 @@ def test_stochastic_uniform_is_the_torch_layout(spec, n, monkeypatch):
     x = _data(n, 14)
     c = commhooks.compressor(spec)
     payload, ctx = c.compress(x)
-    assert c._native_decodes(payload, ctx)
+    assert c.kernels.decodes(payload, ctx)
     fast = c.decompress(payload, ctx)
     with monkeypatch.context() as m:
         _torch_path(m)
