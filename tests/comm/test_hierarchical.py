@@ -131,7 +131,11 @@ def test_options_name_the_bad_field() -> None:
 
 def test_launcher_environment() -> None:
     assert local_from_env({}) is None
-    assert local_from_env({"LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "3"}) == (4, 3, "LOCAL_WORLD_SIZE")
+    assert local_from_env({"LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "3"}) == (
+        4,
+        3,
+        "LOCAL_WORLD_SIZE",
+    )
     mpi = {"OMPI_COMM_WORLD_LOCAL_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
     assert local_from_env(mpi) == (2, 1, "OMPI_COMM_WORLD_LOCAL_SIZE")
     with pytest.raises(ValueError, match="LOCAL_RANK=4"):
