@@ -5,6 +5,13 @@ Two launches of 4 ranks serve every test (their start-up dominates on a small ma
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -94,3 +101,53 @@ def test_another_topology_is_refused(runs: dict[str, Any]) -> None:
     for res in runs["refused"]:
         err = res["error"]
         assert "topology 'hierarchical:2x2'" in err and "'flat'" in err, err
+
+
+def test_torchrun_two_nodes_found_from_local_world_size(tmp_path) -> None:
+    """Two torchrun invocations on this machine, as node 0 and node 1 of 2 ranks each."""
+    script = pathlib.Path(__file__).with_name("_torchrun_nodes.py")
+    port = str(random.randint(20000, 59999))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "2",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
+                str(script),
+                str(tmp_path),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for node in range(2)
+    ]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                if q.poll() is None:
+                    os.killpg(q.pid, signal.SIGKILL)
+            pytest.fail("torchrun still running after 300 s")
+    assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    for r in ranks:
+        assert r["local_world_size"] == "2"
+        assert r["layouts"] == ["flat", "hierarchical:2x2", "hierarchical:2x2"]
+        assert r["identity_vs_flat"] < 1e-5
+    assert len({r["topk_params"] for r in ranks}) == 1
