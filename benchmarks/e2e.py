@@ -1086,7 +1086,7 @@ def markdown(
 ) -> str:
     pairs = [(n, link) for n in cfg.ranks for link in cfg.links]
     lines = [*node_table(node_rows or []), "## Step time / dense (median of interleaved reps)", ""]
-    for name in cfg.models:
+    for name in cfg.models if pairs else ():
         lines += [
             f"**{name}**: {describe(name, cfg)}, batch {cfg.batch} per rank.",
             "",
@@ -1355,7 +1355,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"e2e: {len(cfg.variants)} variants x {len(cfg.models)} models on "
         f"{len(cfg.ranks) * len(cfg.links)} (ranks, link) pairs; time to accuracy: "
-        f"{', '.join(cfg.tta_variants) if cfg.tta else 'off'}",
+        f"{', '.join(cfg.tta_variants) if cfg.tta else 'off'}; {len(cfg.node_variants)} "
+        f"variants on {len(cfg.nodes) * len(cfg.node_links)} (nodes, link) pairs",
         file=sys.stderr,
         flush=True,
     )
@@ -1410,7 +1411,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": [asdict(t) for t in tgts],
     }
     write(md, data, os.path.join(args.out, "e2e.md"), os.path.join(args.out, "e2e.json"))
-    for path in plot(cfg, rows, tta, args.out):
+    for path in plot(cfg, rows, tta, args.out) if rows else ():
         print(f"wrote {path}", file=sys.stderr)
     return 1 if any(r["error"] for r in runs) else 0
 
