@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from commhooks.comm.collectives import Collectives, TorchCollectives, as_collectives
-from commhooks.comm.transport import Transport, TransportStats, _pieces, transport_class
+from commhooks.comm.transport import Transport, TransportStats, transport_class
 from commhooks.compressors.base import Compressor
 from commhooks.feedback import ErrorFeedback
 
@@ -260,9 +260,7 @@ class HierarchicalTransport(Transport):
         """:meth:`run` for tensors of one dtype."""
         size, me = self.local.world, self.local.rank
         dtype = tensors[0].dtype
-        rows = [_pieces(t.reshape(-1), size) for t in tensors]  # size x piece, per tensor
-        widths = [r.shape[1] for r in rows]
-        send = torch.cat(rows, dim=1)
+        send, widths = _scatter_layout(tensors, size)
         t0 = time.perf_counter()
         recv = self.local.all_to_all(send.reshape(-1)).view(size, -1)
         stats.comm_s += time.perf_counter() - t0
@@ -295,6 +293,24 @@ class HierarchicalTransport(Transport):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if hasattr(self.inner, "load_state_dict"):
             self.inner.load_state_dict(state)
+
+
+def _scatter_layout(tensors: Sequence[Tensor], size: int) -> tuple[Tensor, list[int]]:
+    """A ``size x total`` buffer whose row ``j`` holds piece ``j`` of every tensor (each cut
+    in ``size`` equal pieces, the last zero-padded), built with one copy; and the widths."""
+    widths = [-(-t.numel() // size) for t in tensors]
+    send = tensors[0].new_empty(size, sum(widths))
+    for t, w, cols in zip(tensors, widths, send.split(widths, dim=1), strict=True):
+        if not w:
+            continue
+        flat, full = t.reshape(-1), t.numel() // w  # rows ``full`` and on need padding
+        cols[:full].copy_(flat[: full * w].view(full, w))
+        if full < size:
+            rest = t.numel() - full * w
+            cols[full, :rest].copy_(flat[full * w :])
+            cols[full, rest:].zero_()
+            cols[full + 1 :].zero_()
+    return send, widths
 
 
 def _piece_shape(t: Tensor, size: int) -> tuple[int, ...]:

@@ -11,7 +11,12 @@ import torch
 import torch.distributed as dist
 
 from commhooks.comm.collectives import TorchCollectives
-from commhooks.comm.hierarchical import HierarchicalTransport, local_from_env, node_groups
+from commhooks.comm.hierarchical import (
+    HierarchicalTransport,
+    _scatter_layout,
+    local_from_env,
+    node_groups,
+)
 from commhooks.comm.transport import AllGatherTransport, ReduceScatterTransport
 from commhooks.engine.state import HookOptions
 from commhooks.registry import compressor
@@ -140,3 +145,14 @@ def test_launcher_environment() -> None:
     assert local_from_env(mpi) == (2, 1, "OMPI_COMM_WORLD_LOCAL_SIZE")
     with pytest.raises(ValueError, match="LOCAL_RANK=4"):
         local_from_env({"LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "4"})
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_the_scatter_layout_cuts_equal_zero_padded_pieces(size: int) -> None:
+    tensors = [torch.randn(6, 5), torch.randn(7), torch.randn(1), torch.randn(3, 3)]
+    send, widths = _scatter_layout(tensors, size)
+    assert send.shape == (size, sum(widths))
+    for t, cols in zip(tensors, send.split(widths, dim=1), strict=True):
+        flat = cols.reshape(-1)
+        torch.testing.assert_close(flat[: t.numel()], t.reshape(-1), rtol=0, atol=0)
+        assert not flat[t.numel() :].any()
