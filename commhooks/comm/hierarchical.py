@@ -45,8 +45,8 @@ __all__ = [
     "TOPOLOGIES",
     "HierarchicalTransport",
     "NodeGroups",
-    "check_placement",
     "local_from_env",
+    "misplaced",
     "node_groups",
 ]
 
@@ -129,6 +129,17 @@ def node_groups(
     found = local_from_env() if not ranks_per_node else None
     if found is not None:
         size, _, source = found
+        # Every rank's view first, so that every rank decides alike below.
+        wrong = misplaced(comm, size, found[1])
+        if wrong and topology == "auto":
+            return None  # nodes of unequal sizes, or ranks not numbered node by node
+        if wrong:
+            raise RuntimeError(
+                f"topology='hierarchical': {wrong} ({source}), but the hierarchical transport "
+                "needs nodes of equal size with ranks numbered node by node (rank r on node "
+                "r // ranks per node); launch with torchrun, or mpirun --map-by slot, or pass "
+                "the node groups explicitly"
+            )
     if not size:
         if topology == "auto":
             return None
@@ -141,8 +152,6 @@ def node_groups(
             f"topology={topology!r}: the world size {comm.world} is not a multiple of "
             f"{source}={size} (every node must run as many ranks)"
         )
-    if found is not None:
-        check_placement(comm, size, found[1], source)
     if topology == "auto" and not 1 < size < comm.world:
         return None
     if not isinstance(comm, TorchCollectives):
@@ -159,19 +168,18 @@ def _pick(topology: str, nodes: NodeGroups) -> NodeGroups | None:
     return nodes
 
 
-def check_placement(comm: Collectives, size: int, local_rank: int, source: str) -> None:
-    """Raise alike on every rank unless rank ``r`` has local rank ``r % size`` everywhere."""
+def misplaced(comm: Collectives, size: int, local_rank: int) -> str:
+    """What is wrong with the ranks' placement, the same on every rank (one all-gather of each
+    rank's local rank and size), or ``""`` where every rank ``r`` has local rank ``r % size``
+    of ``size`` and ``size`` divides the world."""
     mine = torch.tensor([local_rank, size], dtype=torch.int64)
     everyone = comm.all_gather(mine).view(-1, 2).tolist()
-    wrong = [r for r, (lr, s) in enumerate(everyone) if (lr, s) != (r % size, size)]
-    if wrong:
-        r = wrong[0]
-        raise RuntimeError(
-            f"topology: rank {r} has local rank {everyone[r][0]} of {everyone[r][1]} "
-            f"({source}), but the hierarchical transport needs ranks numbered node by node "
-            f"(rank r on node r // {size}); launch with torchrun, or mpirun --map-by slot, or "
-            "pass the node groups explicitly"
-        )
+    if comm.world % size:
+        return f"the world size {comm.world} is not a multiple of the ranks per node {size}"
+    for r, (lr, s) in enumerate(everyone):
+        if (lr, s) != (r % size, size):
+            return f"rank {r} has local rank {lr} of {s}"
+    return ""
 
 
 def _torch_groups(comm: TorchCollectives, size: int) -> NodeGroups:

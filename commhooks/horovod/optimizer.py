@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.futures import Future
 
 from commhooks._validate import check_choice, check_int
-from commhooks.comm.hierarchical import TOPOLOGIES, check_placement
+from commhooks.comm.hierarchical import TOPOLOGIES, misplaced
 from commhooks.compressors.base import Compressor, CompressorConfig
 from commhooks.engine.average import average_buffer
 from commhooks.engine.state import CommStats, CompressionState
@@ -242,7 +242,7 @@ def _node_sets(
     per_node = options.get("ranks_per_node", 0) or hvd.local_size()
     source = "ranks_per_node" if options.get("ranks_per_node") else "hvd.local_size()"
     size = comm.world
-    if topology == "flat" or (topology == "auto" and not 1 < per_node < size):
+    if topology == "flat":
         return None
     if process_set is not None and process_set is not hvd.global_process_set:
         if topology == "auto":
@@ -251,13 +251,17 @@ def _node_sets(
             f"topology={topology!r}: the hierarchical topology runs over every rank; with a "
             "process_set, use topology='flat'"
         )
-    if size % per_node:
+    local_rank = comm.rank % per_node if source == "ranks_per_node" else hvd.local_rank()
+    wrong = misplaced(comm, per_node, local_rank)  # every rank's view: all decide alike
+    if wrong and topology == "auto":
+        return None  # nodes of unequal sizes, or ranks not numbered node by node
+    if wrong:
         raise ValueError(
-            f"topology={topology!r}: the world size {size} is not a multiple of "
-            f"{source}={per_node} (every node must run as many ranks)"
+            f"topology={topology!r}: {wrong} ({source}); the hierarchical topology needs "
+            "nodes of equal size with ranks numbered node by node"
         )
-    check_placement(comm, per_node, comm.rank % per_node if source == "ranks_per_node"
-                     else hvd.local_rank(), source)  # fmt: skip
+    if topology == "auto" and not 1 < per_node < size:
+        return None
     groups = [list(range(n, n + per_node)) for n in range(0, size, per_node)]
     groups += [list(range(j, size, per_node)) for j in range(per_node)]
     for ranks in groups:

@@ -73,7 +73,8 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     res["bad groups"] = _errors(lambda: node_groups("auto", comm, groups=(local, None)))
     # torchrun's variables, with ranks not numbered node by node: refused on every rank.
     os.environ.update(LOCAL_WORLD_SIZE="2", LOCAL_RANK=str(rank // 2))
-    res["placement"] = _errors(lambda: node_groups("auto", comm))
+    res["placement auto"] = node_groups("auto", comm)
+    res["placement"] = _errors(lambda: node_groups("hierarchical", comm))
     os.environ.update(LOCAL_RANK=str(rank % 2))
     res["from env"] = getattr(node_groups("auto", comm), "layout", None)
     torch.save(res, out)
@@ -124,7 +125,9 @@ def test_groups_are_resolved_or_refused(ranks: list[dict[str, Any]]) -> None:
         assert "ValueError" in res["no launcher"] and "LOCAL_WORLD_SIZE" in res["no launcher"]
         assert "ranks_per_node=3" in res["not a multiple"]
         assert "node_groups" in res["bad groups"]
+        assert res["placement auto"] is None  # flat, as before the option existed
         assert "RuntimeError" in res["placement"] and "node by node" in res["placement"]
+        assert "rank 1 has local rank 0 of 2" in res["placement"]
 
 
 def test_options_name_the_bad_field() -> None:
