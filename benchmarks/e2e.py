@@ -3,7 +3,7 @@
 Usage (root: it builds network namespaces; ``make bench`` runs the default):
 ``.venv/bin/python benchmarks/e2e.py [--ranks 2 4] [--links 100mbit 1gbit none]
 [--models mlp conv] [--variants dense topk ...] [--steps 3] [--reps 3] [--tta | --no-tta]
-[--smoke] [--out bench-out]``
+[--nodes 2x2] [--node-links 100mbit 1gbit] [--smoke] [--out bench-out]``
 
 Each (ranks, link) pair gets a :class:`commhooks.launch.netns.ShapedCluster`: one network
 namespace per rank, every interface shaped by tc to the link's rate (``none``: unshaped, but
@@ -61,6 +61,19 @@ Measured per (model, ranks, link):
   ``--tta-seeds`` seeds, and its ratio to dense's. A variant stops at the target, after 300
   steps or after 120 s of training. The variants run one after another, not interleaved.
 
+Nodes x ranks per node (``--nodes 2x2``, on ``--node-links``; ``make bench`` runs 2x2 at
+100 Mbit/s and 1 Gbit/s): one namespace per node, shaped as above, each running one torchrun
+of 2 ranks, which reach each other over the namespace's loopback, unshaped (the "nodes x ranks
+per node" mode of ``ShapedCluster``); so the interface counters count only what crosses
+between nodes. On the 8.4M MLP alone, ``--node-variants``: ``dense``, ``compute-only`` (DDP
+under ``no_sync()``: forward, backward and optimizer step, no communication, which tells
+which rows are bound by the link), and for int8, 4-bit, top-k 1%, sign and PowerSGD both
+``<spec>+flat`` (``topology="flat"``) and ``<spec>+hier`` (``topology="hierarchical"``). The
+"Nodes" table sets them side by side: step time (min / median / max), tx bytes per node and
+step measured on the interfaces, and the ratios, checked against the targets of issue 19
+(inter-node bytes <= 0.55x flat; step time <= 0.7x flat where the flat step is link-bound,
+else <= 1.05x).
+
 The targets of the issue (step time at 100 Mbit/s against dense for sign, ternary, topk and
 int8; our PowerSGD against torch's; every compressor unshaped; time to accuracy at 100 Mbit/s)
 are checked in a "Targets" table and a "target" column. On this 2-core machine 4 ranks share
@@ -108,7 +121,8 @@ TORCH_FP16 = "torch-fp16"
 TORCH_BF16 = "torch-bf16"
 TORCH_PSGD = "torch-powersgd"
 TORCH_PSGD_1B = "torch-powersgd-1bucket"
-BASELINES = (DENSE, TORCH_FP16, TORCH_BF16, TORCH_PSGD, TORCH_PSGD_1B)
+COMPUTE = "compute-only"  # DDP under no_sync(): the step without communication
+BASELINES = (DENSE, TORCH_FP16, TORCH_BF16, TORCH_PSGD, TORCH_PSGD_1B, COMPUTE)
 INT8 = "uniform:bits=8"
 NONE = "none"  # an unshaped link
 #: torch's PowerSGD refuses less with error feedback: DDP's first two steps must be dense
@@ -120,6 +134,19 @@ MODELS = ("mlp", "conv")
 MARK_TIMEOUT_S = 60.0
 #: once one rank has failed, how long the others get to notice before they are killed
 FAIL_GRACE_S = 30.0
+
+
+FLAT = "+flat"
+HIER = "+hier"
+#: the compressors the nodes runs compare, flat against hierarchical
+NODE_SPECS = (INT8, "uniform:bits=4", "topk:ratio=0.01", "sign", "powersgd")
+NODE_VARIANTS = (DENSE, COMPUTE, *(s + t for s in NODE_SPECS for t in (FLAT, HIER)))
+#: (spec, link) where issue 19 expects the flat step to be bound by the inter-node link
+LINK_BOUND = {
+    *((spec, link) for spec in (INT8, "uniform:bits=4") for link in ("100mbit", "1gbit")),
+    ("topk:ratio=0.01", "100mbit"),
+    ("sign", "100mbit"),
+}
 
 
 @dataclass(frozen=True)
@@ -154,6 +181,9 @@ class Config:
     timeout_s: float = 1800.0  # one (ranks, link) launch, everything included
     pg_timeout_s: float = 300.0  # one collective
     psgd_probe_s: float = 90.0  # torch's PowerSGD with default buckets, in a launch of its own
+    nodes: tuple[str, ...] = ("2x2",)  # "<nodes>x<ranks per node>" runs
+    node_links: tuple[str, ...] = ("100mbit", "1gbit")
+    node_variants: tuple[str, ...] = NODE_VARIANTS
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Config:
@@ -177,6 +207,7 @@ SMOKE = Config(
     tta_target=70.0,
     tta_max_steps=100,
     tta_max_s=20.0,
+    nodes=(),
     timeout_s=150.0,
     pg_timeout_s=60.0,
     psgd_probe_s=60.0,
@@ -210,6 +241,7 @@ class Row:
     vs_dense: float | None = None
     vs_torch_powersgd: float | None = None
     fallback: str | None = None  # fallback="auto": "<dense buckets>/<buckets> dense"
+    per_node: int = 1  # ranks per namespace (node); the interface bytes are then per node
 
 
 @dataclass
@@ -314,12 +346,18 @@ FALLBACK_SPECS = ("topk", "sign", "ternary", "qsgd", "powersgd", INT8)
 # int8 with the reduce-scatter transport (not its default): traffic per rank that stays flat
 # as ranks are added, where the default all-gather's grows.
 RS = "+rs"
-SUFFIXES = {FALLBACK: {"fallback": "auto"}, RS: {"transport": "reducescatter"}}
+SUFFIXES = {
+    FALLBACK: {"fallback": "auto"},
+    RS: {"transport": "reducescatter"},
+    FLAT: {"topology": "flat"},
+    HIER: {"topology": "hierarchical"},
+}
 
 
 def our_spec(label: str) -> tuple[str, dict[str, Any]]:
     """Our variant's compressor spec and hook options: ``"<spec>+fallback"`` adds
-    ``fallback="auto"``, ``"<spec>+rs"`` ``transport="reducescatter"``, and
+    ``fallback="auto"``, ``"<spec>+rs"`` ``transport="reducescatter"``, ``"<spec>+flat"`` and
+    ``"<spec>+hier"`` ``topology="flat"`` or ``"hierarchical"``, and
     ``"<spec>@option=value,..."`` any hook options (e.g. ``sign@coalesce=True``)."""
     spec, options = parse_variant(label)
     for suffix, extra in SUFFIXES.items():
@@ -387,7 +425,7 @@ class Variant:
             )
             self.model.register_comm_hook(psgd, powerSGD_hook.powerSGD_hook)
             self.dense_steps = TORCH_PSGD_START
-        elif label != DENSE:
+        elif label not in (DENSE, COMPUTE):
             spec, options = our_spec(label)
             self.state = commhooks.ddp.register(self.model, spec, **options)
             if "fallback" in options:
@@ -404,7 +442,8 @@ class Variant:
 
     def step(self, x: Tensor, y: Tensor, loss: Loss) -> None:
         self.opt.zero_grad()
-        loss(self.model(x), y).backward()
+        with self.model.no_sync() if self.label == COMPUTE else contextlib.nullcontext():
+            loss(self.model(x), y).backward()
         self.opt.step()
 
     def counted(self) -> tuple[float, float]:
@@ -418,6 +457,8 @@ class Variant:
         module = self.model.module
         if self.label in (TORCH_PSGD, TORCH_PSGD_1B):
             return torch_powersgd_bytes(module, psgd_rank)
+        if self.label == COMPUTE:
+            return 0.0
         per = 4.0 if self.label == DENSE else 2.0
         return per * sum(p.numel() for p in module.parameters())
 
@@ -507,7 +548,7 @@ def measure_model(name: str, cfg: Config, link: str, marks: Marks) -> list[dict[
     while pending:
         label = pending.pop(0)
         t0 = time.perf_counter()
-        row = Row(name, world, link, label)
+        row = Row(name, world, link, label, per_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         rows.append(row)
         try:
             v = _build(label, name, cfg, psgd_rank, batches, loss, row)
@@ -716,8 +757,11 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait(timeout=30)
 
 
-def run_job(cfg: Config, ranks: int, link: str, tmp: str, timeout_s: float) -> dict[str, Any]:
-    """One launch: ``cfg``'s models and time-to-accuracy runs on a fresh shaped cluster."""
+def run_job(
+    cfg: Config, ranks: int, link: str, tmp: str, timeout_s: float, per_node: int = 1
+) -> dict[str, Any]:
+    """One launch: ``cfg``'s models and time-to-accuracy runs on a fresh shaped cluster of
+    ``ranks // per_node`` namespaces (nodes) of ``per_node`` ranks each."""
     from commhooks.launch.cli import shaped_commands
     from commhooks.launch.commands import quote
     from commhooks.launch.netns import Link, ShapedCluster
@@ -732,7 +776,8 @@ def run_job(cfg: Config, ranks: int, link: str, tmp: str, timeout_s: float) -> d
     job_path = os.path.join(folder, "job.json")
     with open(job_path, "w") as f:
         json.dump(job, f)
-    cluster = ShapedCluster(ranks, Link(None if link == NONE else link))
+    nodes = ranks // per_node
+    cluster = ShapedCluster(nodes, Link(None if link == NONE else link), ranks_per_node=per_node)
     script = [os.path.abspath(__file__), "--worker", job_path]
     cmds = shaped_commands(cluster, script, random.randint(20000, 59999))
     for i, c in enumerate(cmds):
@@ -753,11 +798,23 @@ def run_job(cfg: Config, ranks: int, link: str, tmp: str, timeout_s: float) -> d
     for r in rows:
         if len(r.window) == 2 and r.steps:
             a, b = (counters[s] for s in r.window)
-            r.iface_tx_bytes = sum(b[i][0] - a[i][0] for i in range(ranks)) / ranks / r.steps
-            r.iface_rx_bytes = sum(b[i][1] - a[i][1] for i in range(ranks)) / ranks / r.steps
+            r.iface_tx_bytes = sum(b[i][0] - a[i][0] for i in range(nodes)) / nodes / r.steps
+            r.iface_rx_bytes = sum(b[i][1] - a[i][1] for i in range(nodes)) / nodes / r.steps
             if r.link_est_bytes:
                 r.iface_vs_est = r.iface_tx_bytes / r.link_est_bytes
     return {"rows": rows, "tta": [TTARow(**t) for t in result["tta"]], "wall_s": wall}
+
+
+def run_nodes(cfg: Config, spec: str, link: str, tmp: str) -> dict[str, Any]:
+    """The node variants on ``spec`` (``"<nodes>x<ranks per node>"``) nodes joined by ``link``:
+    the 8.4M MLP, no time to accuracy."""
+    nodes, per_node = (int(v) for v in spec.split("x"))
+    job = replace(cfg, models=("mlp",), variants=cfg.node_variants, tta=False)
+    where = f"[{spec} nodes, {link}]"
+    print(where, file=sys.stderr, flush=True)
+    res = run_job(job, nodes * per_node, link, tmp, cfg.timeout_s, per_node=per_node)
+    print(f"{where} done in {res['wall_s']:.0f} s", file=sys.stderr, flush=True)
+    return res
 
 
 def probe_torch_powersgd(cfg: Config, ranks: int, link: str, tmp: str) -> list[Row]:
@@ -818,9 +875,9 @@ def torch_psgd_row(group: Sequence[Row]) -> Row | None:
 
 def summarize(rows: list[Row]) -> None:
     """Fill in min / median / max and the ratios to dense and to torch's PowerSGD."""
-    groups: dict[tuple[str, int, str], list[Row]] = {}
+    groups: dict[tuple[str, int, str, int], list[Row]] = {}
     for r in rows:
-        groups.setdefault(_key(r), []).append(r)
+        groups.setdefault((*_key(r), r.per_node), []).append(r)
         if r.step_s:
             r.min_s, r.median_s, r.max_s = min(r.step_s), statistics.median(r.step_s), max(r.step_s)
     for group in groups.values():
@@ -926,6 +983,82 @@ def targets(rows: list[Row], tta: list[dict[str, Any]], labels: Sequence[str]) -
     return out
 
 
+def node_pairs(rows: list[Row]) -> list[tuple[Row, Row, Row | None]]:
+    """(flat, hierarchical, compute-only) rows of the same spec, nodes and link."""
+    out = []
+    for r in rows:
+        if r.label.endswith(FLAT):
+            spec = r.label[: -len(FLAT)]
+            same = [
+                x for x in rows if (x.ranks, x.per_node, x.link) == (r.ranks, r.per_node, r.link)
+            ]
+            hier = next((x for x in same if x.label == spec + HIER), None)
+            compute = next((x for x in same if x.label == COMPUTE), None)
+            if hier is not None:
+                out.append((r, hier, compute))
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def node_targets(rows: list[Row]) -> list[Target]:
+    """Issue 19's targets: hierarchical against flat, for the same compressor and link."""
+    out = []
+    for flat, hier, _ in node_pairs(rows):
+        spec = flat.label[: -len(FLAT)]
+        where = f"{spec}, {flat.ranks // flat.per_node}x{flat.per_node} nodes, {flat.link}"
+        b = _ratio(hier.iface_tx_bytes, flat.iface_tx_bytes)
+        out.append(Target("inter-node bytes, hierarchical / flat", where, 0.55, b,
+                          None if b is None else b <= 0.55))  # fmt: skip
+        bound = (spec, flat.link) in LINK_BOUND
+        limit = 0.7 if bound else 1.05
+        t = _ratio(hier.median_s, flat.median_s)
+        what = "step, hierarchical / flat" + (" (link-bound)" if bound else "")
+        out.append(Target(what, where, limit, t, None if t is None else t <= limit))
+    return out
+
+
+def node_table(rows: list[Row]) -> list[str]:
+    """The "Nodes" section: flat and hierarchical side by side."""
+    if not rows:
+        return []
+    lines = [
+        "## Nodes x ranks per node: hierarchical against flat",
+        "",
+        "Ranks of a node share a namespace (loopback, unshaped); only the links between nodes "
+        "are shaped. Step ms: min / median / max over reps (slowest rank). Inter-node MB: tx "
+        "bytes per node and step on the interfaces. compute: the step under DDP's no_sync().",
+        "",
+        "| nodes | link | compressor | compute ms | flat ms | hier ms | hier / flat "
+        "| flat MB | hier MB | hier / flat bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for flat, hier, compute in node_pairs(rows):
+        spec = flat.label[: -len(FLAT)]
+
+        def ms(r: Row | None) -> str:
+            if r is None or r.error:
+                return "error" if r is not None else "-"
+            return f"{_ms(r.min_s)} / **{_ms(r.median_s)}** / {_ms(r.max_s)}"
+
+        lines.append(
+            f"| {flat.ranks // flat.per_node}x{flat.per_node} | {flat.link} | {spec} | "
+            f"{_ms(compute.median_s) if compute else '-'} | {ms(flat)} | {ms(hier)} | "
+            f"{_f(_ratio(hier.median_s, flat.median_s))} | {_mb(flat.iface_tx_bytes)} | "
+            f"{_mb(hier.iface_tx_bytes)} | {_f(_ratio(hier.iface_tx_bytes, flat.iface_tx_bytes))} |"
+        )
+    dense = [r for r in rows if r.label == DENSE and r.median_s]
+    for r in dense:
+        lines.append("")
+        lines.append(
+            f"dense (DDP, no hook), {r.ranks // r.per_node}x{r.per_node} nodes, {r.link}: "
+            f"{_ms(r.median_s)} ms, {_mb(r.iface_tx_bytes)} MB per node and step."
+        )
+    return [*lines, ""]
+
+
 def _f(x: float | None, fmt: str = ".2f", none: str = "n/a") -> str:
     return none if x is None else format(x, fmt)
 
@@ -949,10 +1082,11 @@ def markdown(
     tgts: list[Target],
     runs: list[dict[str, Any]],
     wall: float,
+    node_rows: list[Row] | None = None,
 ) -> str:
     pairs = [(n, link) for n in cfg.ranks for link in cfg.links]
-    lines = ["## Step time / dense (median of interleaved reps)", ""]
-    for name in cfg.models:
+    lines = [*node_table(node_rows or []), "## Step time / dense (median of interleaved reps)", ""]
+    for name in cfg.models if pairs else ():
         lines += [
             f"**{name}**: {describe(name, cfg)}, batch {cfg.batch} per rank.",
             "",
@@ -1129,7 +1263,7 @@ def default_variants() -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ranks", type=int, nargs="+", default=None, help="ranks (2 4)")
+    ap.add_argument("--ranks", type=int, nargs="*", default=None, help="ranks (2 4; none: skip)")
     ap.add_argument(
         "--links", nargs="+", default=None, help="tc rates or 'none' (100mbit 1gbit none)"
     )
@@ -1154,6 +1288,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--tta-target", type=float, default=None, help="test accuracy %% (90)")
     ap.add_argument("--tta-seeds", type=int, default=None, help="seeds per variant (1)")
     ap.add_argument("--timeout-s", type=float, default=None, help="per (ranks, link) (1800)")
+    ap.add_argument(
+        "--nodes", nargs="*", default=None, help="<nodes>x<ranks per node> runs (2x2; none: skip)"
+    )
+    ap.add_argument("--node-links", nargs="+", default=None, help="(100mbit 1gbit)")
+    ap.add_argument("--node-variants", nargs="+", default=None, help="labels, as --variants")
     ap.add_argument("--smoke", action="store_true", help="tiny models, 2 ranks, 100mbit, <1 min")
     ap.add_argument("--out", default="bench-out", help="folder for e2e.json, e2e.md, PNGs")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -1182,6 +1321,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for n in cfg.ranks:
         if not 2 <= n <= 64:
             raise ValueError(f"--ranks {n}: must be in [2, 64]")
+    for spec in cfg.nodes:
+        parts = spec.split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) < 2:
+            raise ValueError(f"--nodes {spec}: expected <nodes>x<ranks per node>, e.g. 2x2")
+    for link in cfg.node_links:
+        Link(link)
+    for label in cfg.node_variants:
+        if label not in BASELINES:
+            commhooks.parse_spec(our_spec(label)[0])
     tta_variants = tuple(v for v in cfg.tta_variants if v in variants)
     return replace(cfg, variants=tuple(variants), tta_variants=tta_variants)
 
@@ -1207,7 +1355,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"e2e: {len(cfg.variants)} variants x {len(cfg.models)} models on "
         f"{len(cfg.ranks) * len(cfg.links)} (ranks, link) pairs; time to accuracy: "
-        f"{', '.join(cfg.tta_variants) if cfg.tta else 'off'}",
+        f"{', '.join(cfg.tta_variants) if cfg.tta else 'off'}; {len(cfg.node_variants)} "
+        f"variants on {len(cfg.nodes) * len(cfg.node_links)} (nodes, link) pairs",
         file=sys.stderr,
         flush=True,
     )
@@ -1227,11 +1376,25 @@ def main(argv: list[str] | None = None) -> int:
                 rows += res["rows"]
                 tta += res["tta"]
                 runs.append({"ranks": n, "link": link, "error": None, "wall_s": res["wall_s"]})
+        node_rows: list[Row] = []
+        for spec in cfg.nodes:
+            for link in cfg.node_links:
+                try:
+                    res = run_nodes(cfg, spec, link, tmp)
+                except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as e:
+                    print(
+                        f"[{spec} nodes, {link}] failed: {_error(e)}", file=sys.stderr, flush=True
+                    )
+                    runs.append({"ranks": spec, "link": link, "error": _error(e), "wall_s": None})
+                    continue
+                node_rows += res["rows"]
+                runs.append({"ranks": spec, "link": link, "error": None, "wall_s": res["wall_s"]})
     summarize(rows)
+    summarize(node_rows)
     tta_rows = tta_summary(tta)
-    tgts = targets(rows, tta_rows, cfg.variants)
+    tgts = node_targets(node_rows) + targets(rows, tta_rows, cfg.variants)
     wall = time.perf_counter() - t0
-    md = markdown(cfg, rows, tta_rows, tgts, runs, wall)
+    md = markdown(cfg, rows, tta_rows, tgts, runs, wall, node_rows)
     data = {
         "config": asdict(cfg),
         "torch": torch.__version__,
@@ -1242,12 +1405,13 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": wall,
         "runs": runs,
         "rows": [asdict(r) for r in rows],
+        "node_rows": [asdict(r) for r in node_rows],
         "tta": [asdict(t) for t in tta],
         "tta_summary": tta_rows,
         "targets": [asdict(t) for t in tgts],
     }
     write(md, data, os.path.join(args.out, "e2e.md"), os.path.join(args.out, "e2e.json"))
-    for path in plot(cfg, rows, tta, args.out):
+    for path in plot(cfg, rows, tta, args.out) if rows else ():
         print(f"wrote {path}", file=sys.stderr)
     return 1 if any(r["error"] for r in runs) else 0
 

@@ -134,6 +134,8 @@ class FederatedAverager:
         options = {
             "error_feedback": cfg.error_feedback, "transport": cfg.transport,
             "min_numel": cfg.min_numel, "min_ratio": cfg.min_ratio, "seed": cfg.seed,
+            # Each client's delta and memory are its own: no mixing inside a node first.
+            "topology": "flat",
         }  # fmt: skip
         self.state = CompressionState(
             compressor, named_parameters=self.params, process_group=process_group, **options

@@ -46,7 +46,11 @@ __all__ = [
 
 @dataclass
 class Traffic:
-    """Bytes handed to collectives and where the time went; the fields that add up."""
+    """Bytes handed to collectives and where the time went; the fields that add up.
+
+    ``node_bytes``: what the hierarchical transport's dense steps inside a node put on each
+    rank's intra-node link (not in ``wire_bytes`` or ``link_bytes``, which then count only what
+    crosses between nodes)."""
 
     raw_bytes: int = 0
     wire_bytes: int = 0
@@ -55,6 +59,7 @@ class Traffic:
     comm_s: float = 0.0
     decompress_s: float = 0.0
     collectives: int = 0
+    node_bytes: float = 0.0
 
     def add(self, other: Traffic) -> None:
         """Add ``other``'s counts to these."""

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from torch.futures import Future
 
+from commhooks._validate import check_choice, check_int
+from commhooks.comm.hierarchical import TOPOLOGIES, misplaced
 from commhooks.compressors.base import Compressor, CompressorConfig
 from commhooks.engine.average import average_buffer
 from commhooks.engine.state import CommStats, CompressionState
@@ -46,10 +48,16 @@ class _Distributed(torch.optim.Optimizer):
                 "(it switches buckets to DDP's asynchronous all-reduce); this optimizer "
                 "exchanges in step(). Leave it 'off'"
             )
+        comm = HorovodCollectives(process_set)
+        nodes = _node_sets(comm, process_set, options)
+        if nodes is None:
+            # Resolved here from Horovod's communicators, not from the environment.
+            options = {**options, "topology": "flat"}
         self._ch = CompressionState(
             compressor,
-            comm=HorovodCollectives(process_set),
+            comm=comm,
             named_parameters=named_parameters,
+            node_groups=nodes,
             **options,
         )
         self._ch_params = [p for _, p in named_parameters if p.requires_grad]
@@ -214,6 +222,62 @@ def _names(
     # Keep the optimizer's order: it fixes the order of the collectives on every rank.
     name_of = {id(p): n for n, p in named}
     return [(name_of[id(p)], p) for p in params]
+
+
+#: process sets this module added, by their ranks: Horovod refuses to add the same ranks twice,
+#: and every rank adds them in the same order, so a second optimizer reuses them
+_SETS: dict[tuple[int, ...], Any] = {}
+
+
+def _node_sets(
+    comm: HorovodCollectives, process_set: Any, options: dict[str, Any]
+) -> tuple[HorovodCollectives, HorovodCollectives] | None:
+    """Horovod process sets for the hierarchical topology: this rank's node (Horovod's local
+    communicator) and its peers with the same local rank (the cross communicator), or None
+    for a flat exchange."""
+    hvd = horovod()
+    topology = options.get("topology", "auto")
+    check_choice("topology", topology, TOPOLOGIES)
+    check_int("ranks_per_node", options.get("ranks_per_node", 0), lo=0)
+    per_node = options.get("ranks_per_node", 0) or hvd.local_size()
+    source = "ranks_per_node" if options.get("ranks_per_node") else "hvd.local_size()"
+    size = comm.world
+    if topology == "flat":
+        return None
+    if process_set is not None and process_set is not hvd.global_process_set:
+        if topology == "auto":
+            return None
+        raise ValueError(
+            f"topology={topology!r}: the hierarchical topology runs over every rank; with a "
+            "process_set, use topology='flat'"
+        )
+    local_rank = comm.rank % per_node if source == "ranks_per_node" else hvd.local_rank()
+    wrong = misplaced(comm, per_node, local_rank)  # every rank's view: all decide alike
+    if wrong and topology == "auto":
+        return None  # nodes of unequal sizes, or ranks not numbered node by node
+    if wrong:
+        raise ValueError(
+            f"topology={topology!r}: {wrong} ({source}); the hierarchical topology needs "
+            "nodes of equal size with ranks numbered node by node"
+        )
+    if topology == "auto" and not 1 < per_node < size:
+        return None
+    groups = [list(range(n, n + per_node)) for n in range(0, size, per_node)]
+    groups += [list(range(j, size, per_node)) for j in range(per_node)]
+    for ranks in groups:
+        if tuple(ranks) not in _SETS:
+            try:
+                _SETS[tuple(ranks)] = hvd.add_process_set(ranks)
+            except (ValueError, RuntimeError) as e:
+                raise RuntimeError(
+                    f"topology={topology!r}: Horovod could not add the process set {ranks} "
+                    f"({e}); set HOROVOD_DYNAMIC_PROCESS_SETS=1 before hvd.init(), or call "
+                    "hvd.init(process_sets='dynamic')"
+                ) from e
+    node, local_rank = divmod(comm.rank, per_node)
+    local = _SETS[tuple(groups[node])]
+    cross = _SETS[tuple(groups[size // per_node + local_rank])]
+    return HorovodCollectives(local), HorovodCollectives(cross)
 
 
 def _buckets(params: list[Tensor], cap_mb: float) -> list[list[Tensor]]:

@@ -33,10 +33,11 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def shaped_commands(cluster: ShapedCluster, script: list[str], port: int) -> list[list[str]]:
-    """One single-process torchrun per namespace, static rendezvous at rank 0's address.
+    """One torchrun per namespace (``cluster.ranks_per_node`` processes each), static
+    rendezvous at namespace 0's address.
 
     Args:
-        cluster: the namespaces; rank ``i`` runs in namespace ``i``.
+        cluster: the namespaces; node ``i`` runs in namespace ``i``.
         script: the training script and its arguments.
         port: rank 0's rendezvous port.
     """
@@ -45,7 +46,7 @@ def shaped_commands(cluster: ShapedCluster, script: list[str], port: int) -> lis
             commands.executable("torchrun"),
             f"--nnodes={cluster.n}",
             f"--node_rank={i}",
-            "--nproc_per_node=1",
+            f"--nproc_per_node={cluster.ranks_per_node}",
             f"--master_addr={cluster.addr(0)}",
             f"--master_port={port}",
             *script,

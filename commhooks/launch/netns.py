@@ -1,4 +1,5 @@
-"""A bandwidth-shaped local cluster: N network namespaces, one rank each, on shaped links.
+"""A bandwidth-shaped local cluster: N network namespaces on shaped links, each one rank or one
+node of several ranks (which then talk over the namespace's loopback, unshaped).
 
 Needs root (``ip netns``, ``tc``). Everything it creates carries the ``chk`` prefix, is removed
 at start if a crashed run left it behind, and is removed again on exit, on error and on
@@ -85,17 +86,32 @@ class ShapedCluster:
     Use as a context manager; :meth:`run` starts one command per namespace.
 
     Args:
-        n: the number of namespaces (ranks), 2 to 64.
+        n: the number of namespaces (ranks, or nodes), 2 to 64.
         link: the shaping of every interface.
+        ranks_per_node: ranks each namespace runs: the "nodes x ranks per node" mode. Ranks of
+            one namespace reach each other through its own address, which the kernel routes
+            over loopback: unshaped and not in :meth:`counters`, so only the links between
+            nodes are shaped and counted (as NVLink or PCIe inside a node against Ethernet
+            between nodes).
     """
 
-    def __init__(self, n: int, link: Link | None = None) -> None:
+    def __init__(self, n: int, link: Link | None = None, ranks_per_node: int = 1) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= 64:
             raise ValueError(f"n={n!r}: must be an int in [2, 64]")
+        if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int):
+            raise ValueError(f"ranks_per_node={ranks_per_node!r}: must be an int")
+        if not 1 <= ranks_per_node <= 64:
+            raise ValueError(f"ranks_per_node={ranks_per_node}: must be in [1, 64]")
         self.n = n
+        self.ranks_per_node = ranks_per_node
         self.link = link or Link()
         self._up = False
         self._old_handlers: dict[int, object] = {}
+
+    @property
+    def world(self) -> int:
+        """Ranks in all: namespaces x ranks per namespace."""
+        return self.n * self.ranks_per_node
 
     # -- names ------------------------------------------------------------------------------
 

@@ -99,3 +99,31 @@ def test_e2e_without_root_exits_with_a_clear_message(
     assert e2e.main(["--smoke", "--out", str(tmp_path / "out")]) == 2
     assert "needs root" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the shaped cluster needs root (ip netns, tc)")
+def test_e2e_nodes_rows_compare_flat_and_hierarchical(tmp_path: pathlib.Path) -> None:
+    """2 nodes x 2 ranks, tiny model: the node rows, their inter-node bytes and targets."""
+    variants = ["dense", "compute-only", "sign+flat", "sign+hier"]
+    res = subprocess.run(
+        [sys.executable, SCRIPT, "--smoke", "--ranks", "--no-tta", "--nodes", "2x2",
+         "--node-links", "1gbit", "--node-variants", *variants, "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=ENV,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "--nproc_per_node=2" in res.stderr
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    assert report["rows"] == []
+    rows = {r["label"]: r for r in report["node_rows"]}
+    assert sorted(rows) == sorted(variants)
+    for r in rows.values():
+        assert r["error"] is None and r["ranks"] == 4 and r["per_node"] == 2, r
+        assert r["min_s"] <= r["median_s"] <= r["max_s"]
+    # Counted on the links between nodes only; the hierarchical exchange sends a piece.
+    assert rows["sign+hier"]["iface_tx_bytes"] < rows["sign+flat"]["iface_tx_bytes"]
+    assert rows["compute-only"]["iface_tx_bytes"] < 0.1 * rows["sign+flat"]["iface_tx_bytes"]
+    whats = {t["what"] for t in report["targets"]}
+    assert "inter-node bytes, hierarchical / flat" in whats
+    text = (tmp_path / "e2e.md").read_text()
+    assert "## Nodes x ranks per node: hierarchical against flat" in text
+    assert "| 2x2 | 1gbit | sign |" in text

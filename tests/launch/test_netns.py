@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -97,6 +98,27 @@ def test_three_namespaces_through_a_bridge() -> None:
 
 
 @root_only
+def test_nodes_mode_shapes_and_counts_only_the_links_between_nodes() -> None:
+    from commhooks.launch.cli import shaped_commands
+
+    with ShapedCluster(2, Link("100mbit"), ranks_per_node=2) as cluster:
+        assert cluster.world == 4
+        assert all("--nproc_per_node=2" in c for c in shaped_commands(cluster, ["x.py"], 29500))
+        before = cluster.counters()
+        # Inside a node: through the namespace's own address, so over loopback, unshaped
+        # (12.5 MB/s shaped would take over a second).
+        t0 = time.perf_counter()
+        assert _transfer(cluster, 0, 0, 20_000_000) == 20_000_000
+        assert time.perf_counter() - t0 < 1.2
+        # (The veths carry a few stray packets of their own, IPv6 neighbour discovery.)
+        moved = [b - a for now, then in zip(cluster.counters(), before) for b, a in zip(now, then)]
+        assert max(moved) < 10_000, moved
+        assert _transfer(cluster, 0, 1, 1_000_000) == 1_000_000
+        assert cluster.counters()[0][0] - before[0][0] >= 1_000_000
+    assert "chk" not in _namespaces()
+
+
+@root_only
 def test_a_crashed_runs_namespaces_are_removed_at_start() -> None:
     subprocess.run(["ip", "netns", "add", "chk7"], check=True)
     try:
@@ -138,3 +160,5 @@ def test_bad_link_names_the_field(kwargs: dict, field: str) -> None:
 def test_bad_size_names_the_field() -> None:
     with pytest.raises(ValueError, match="n=1"):
         ShapedCluster(1)
+    with pytest.raises(ValueError, match="ranks_per_node=0"):
+        ShapedCluster(2, ranks_per_node=0)
