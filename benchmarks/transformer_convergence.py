@@ -8,7 +8,9 @@ The text is the source of ten modules of the running Python's standard library (
 download), read as bytes: the first 90% trains, the rest validates. Each of 2 gloo ranks
 trains a 2-layer pre-norm transformer (d=64, 4 heads, context 64, ~135k parameters) with
 AdamW and a linear-warm-up cosine schedule, on its own seeded batches; the hook is registered
-with :func:`commhooks.ddp.register` (labels ``spec@option=value`` pass hook options). Rank 0
+with :func:`commhooks.ddp.register` (labels ``spec@option=value`` pass hook options;
+``spec@updates=True`` compresses AdamW's updates through :func:`commhooks.ddp.compress_updates`
+instead). Rank 0
 evaluates the validation loss every ``eval_every`` steps. ``--probe-every K`` also measures,
 every K steps, how far the averaged gradient is from the dense average at the same point and
 how large AdamW's steps and second moments are (see ``docs/convergence.md``).
@@ -23,12 +25,12 @@ import gc
 import json
 import math
 import os
+import pathlib
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -85,7 +87,7 @@ class Result:
 def load_text(limit: int = 0) -> Tensor:
     """The bytes of :data:`MODULES` from this Python's standard library, as int64 tokens."""
     root = os.path.dirname(os.__file__)
-    data = b"".join(open(os.path.join(root, m), "rb").read() for m in MODULES)
+    data = b"".join(pathlib.Path(root, m).read_bytes() for m in MODULES)
     data = data[:limit] if limit else data
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
@@ -152,7 +154,9 @@ def probe(
     dense = [p.grad.detach().clone() for p in params]
     flat = torch.cat([d.reshape(-1) for d in dense])
     dist.all_reduce(flat)
-    dense = [d.view_as(p) for d, p in zip(flat.div_(world).split([p.numel() for p in params]), params)]
+    dense = [
+        d.view_as(p) for d, p in zip(flat.div_(world).split([p.numel() for p in params]), params)
+    ]
     for p, h in zip(params, hooked):
         p.grad.copy_(h)
     out: dict[str, float] = {}
@@ -165,7 +169,9 @@ def probe(
     return out, [p for p, b in zip(params, big) if b]
 
 
-def adam_stats(opt: torch.optim.Optimizer, big: list[Tensor], before: list[Tensor], lr: float) -> dict[str, float]:
+def adam_stats(
+    opt: torch.optim.Optimizer, big: list[Tensor], before: list[Tensor], lr: float
+) -> dict[str, float]:
     """AdamW's step on the compressed matrices: RMS of the update over the learning rate
     (weight decay left out), RMS of sqrt(v) (second moment), and the share of elements that
     did not move by 1% of the learning rate."""
@@ -179,14 +185,20 @@ def adam_stats(opt: torch.optim.Optimizer, big: list[Tensor], before: list[Tenso
     }
 
 
-def train_one(rank: int, world: int, text: tuple[Tensor, Tensor], label: str, seed: int, cfg: Config) -> Result:
+def train_one(
+    rank: int, world: int, text: tuple[Tensor, Tensor], label: str, seed: int, cfg: Config
+) -> Result:
     train, val = text
     torch.manual_seed(seed)
     model = TinyLM(cfg)
     ddp = nn.parallel.DistributedDataParallel(model)
     spec, options = parse_variant(label)
-    state = None if spec == "dense" else commhooks.ddp.register(ddp, spec, seed=seed, **options)
     opt = torch.optim.AdamW(ddp.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stats_of = None
+    if options.pop("updates", False):  # compress AdamW's updates instead of the gradients
+        stats_of = commhooks.ddp.compress_updates(ddp, opt, spec, seed=seed, **options).stats
+    elif spec != "dense":
+        stats_of = commhooks.ddp.register(ddp, spec, seed=seed, **options).stats
     g = torch.Generator().manual_seed(seed * 1000 + rank)
     curve, sums, count = [], {}, 0
     t0 = time.perf_counter()
@@ -194,7 +206,11 @@ def train_one(rank: int, world: int, text: tuple[Tensor, Tensor], label: str, se
         lr = lr_at(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y = batch_of(train, torch.randint(len(train) - cfg.context - 1, (cfg.batch,), generator=g), cfg.context)
+        x, y = batch_of(
+            train,
+            torch.randint(len(train) - cfg.context - 1, (cfg.batch,), generator=g),
+            cfg.context,
+        )
         opt.zero_grad()
         lm_loss(ddp, x, y).backward()
         probing = cfg.probe_every and step % cfg.probe_every == cfg.probe_every - 1
@@ -212,15 +228,17 @@ def train_one(rank: int, world: int, text: tuple[Tensor, Tensor], label: str, se
     seconds = time.perf_counter() - t0
     n = sum(p.numel() for p in model.parameters())
     raw = wire = 4 * n * cfg.steps
-    if state is not None:
-        stats = state.stats()
+    if stats_of is not None:
+        stats = stats_of()
         raw, wire = stats.raw_bytes, stats.wire_bytes
     val_loss = curve[-1][1] if curve else float("nan")
     probes = {k: v / count for k, v in sums.items()}
     return Result(label, seed, val_loss, curve, raw, wire, seconds, probes)
 
 
-def worker(rank: int, world: int, tmp: str, cfg: Config, labels: list[str], seeds: list[int]) -> None:
+def worker(
+    rank: int, world: int, tmp: str, cfg: Config, labels: list[str], seeds: list[int]
+) -> None:
     torch.set_num_threads(1)
     store = dist.FileStore(os.path.join(tmp, "store"), world)
     dist.init_process_group(
@@ -236,7 +254,11 @@ def worker(rank: int, world: int, tmp: str, cfg: Config, labels: list[str], seed
                 results.append(train_one(rank, world, text, label, seed, cfg))
                 if rank == 0:
                     r = results[-1]
-                    print(f"{r.label} seed {r.seed}: val {r.val_loss:.4f} ({r.seconds:.0f} s)", file=sys.stderr, flush=True)
+                    print(
+                        f"{r.label} seed {r.seed}: val {r.val_loss:.4f} ({r.seconds:.0f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         if rank == 0:
             with open(os.path.join(tmp, "results.json"), "w") as f:
                 json.dump([asdict(r) for r in results], f)
@@ -310,7 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(steps=args.steps, probe_every=args.probe_every)
     t0 = time.perf_counter()
     results = run(labels, seeds, cfg)
-    md = table(results) + f"\n\n2 ranks, {cfg.steps} steps, seeds {seeds}; {time.perf_counter() - t0:.0f} s"
+    md = (
+        table(results)
+        + f"\n\n2 ranks, {cfg.steps} steps, seeds {seeds}; {time.perf_counter() - t0:.0f} s"
+    )
     if args.probe_every:
         md += "\n\n" + probe_table(results)
     write(md, [asdict(r) for r in results], json_path=args.out)
