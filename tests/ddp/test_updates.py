@@ -69,7 +69,7 @@ def test_updates_stay_in_sync_compress_and_resume(run_ranks: Any, spec: str) -> 
     for r in run_ranks(_worker, 2, spec):
         assert r["same_on_ranks"] and r["is_adamw"]
         assert r["steps"] == 12 and 0 < r["wire"] < r["raw"] / 2, (r["wire"], r["raw"])
-        assert sum(r["losses"][-4:]) < 0.9 * sum(r["losses"][:4]), r["losses"]
+        assert sum(r["losses"][-4:]) < 0.95 * sum(r["losses"][:4]), r["losses"]
         assert r["resumed"] == r["losses"]  # the checkpoint carried moments and residuals
 
 
