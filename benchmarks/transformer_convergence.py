@@ -145,8 +145,9 @@ def probe(
     model: nn.Module, x: Tensor, y: Tensor, world: int
 ) -> tuple[dict[str, float], list[Tensor]]:
     """The hook's averaged gradients (in ``.grad``) against the dense average at the same
-    parameters: relative error and cosine over the matrices the hook compresses (2-D tensors
-    of >= 1024 elements) and over the rest. Leaves ``.grad`` as the hook made it."""
+    parameters: relative error, cosine and the component along the dense average, over the
+    matrices the hook compresses (2-D tensors of >= 1024 elements) and over the rest. Leaves
+    ``.grad`` as the hook made it."""
     params = [p for p in model.parameters()]
     hooked = [p.grad.detach().clone() for p in params]
     model.zero_grad()
@@ -166,6 +167,8 @@ def probe(
         d = torch.cat([t.reshape(-1) for t, b in zip(dense, big) if b == keep])
         out[f"rel_err_{name}"] = float((h - d).norm() / d.norm().clamp_min(1e-12))
         out[f"cos_{name}"] = float(nn.functional.cosine_similarity(h, d, dim=0))
+        # the hooked gradient's component along the dense one (1: unbiased in that direction)
+        out[f"along_{name}"] = float(h.dot(d) / d.dot(d).clamp_min(1e-24))
     return out, [p for p, b in zip(params, big) if b]
 
 
