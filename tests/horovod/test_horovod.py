@@ -99,3 +99,10 @@ def test_compression_keyword_takes_specs_and_horovods_members(ranks: list[dict])
         assert c["hvd.Compression.none"]["spec"] == "identity"
         assert all(v["equal"] for k, v in c.items() if k != "both")
         assert c["both"].startswith("compression=") and "not both" in c["both"]
+
+
+def test_update_compression_keeps_replicas_identical(ranks: list[dict]) -> None:
+    for r in ranks:
+        u = r["updates"]
+        assert u["equal"] and u["finite"] and u["is_adamw"], u
+        assert u["steps"] == 12 and u["ratio"] > 2, u  # (fresh random targets: no trend)
