@@ -10,7 +10,8 @@ trains a 2-layer pre-norm transformer (d=64, 4 heads, context 64, ~135k paramete
 AdamW and a linear-warm-up cosine schedule, on its own seeded batches; the hook is registered
 with :func:`commhooks.ddp.register` (labels ``spec@option=value`` pass hook options;
 ``spec@updates=True`` compresses AdamW's updates through :func:`commhooks.ddp.compress_updates`
-instead). Rank 0
+instead; ``feedback.warmup_steps=50`` and other ``feedback.`` fields build a
+:class:`commhooks.FeedbackConfig`). Rank 0
 evaluates the validation loss every ``eval_every`` steps. ``--probe-every K`` also measures,
 every K steps, how far the averaged gradient is from the dense average at the same point and
 how large AdamW's steps and second moments are (see ``docs/convergence.md``).
@@ -38,6 +39,7 @@ import torch.multiprocessing as mp
 from _report import by_label, parse_variant, write
 from torch import Tensor, nn
 
+import commhooks
 import commhooks.ddp
 
 MODULES = (
@@ -196,6 +198,10 @@ def train_one(
     model = TinyLM(cfg)
     ddp = nn.parallel.DistributedDataParallel(model)
     spec, options = parse_variant(label)
+    # ``feedback.<field>=v`` options build the error-feedback config (DGC warm-up, decay)
+    ef = {k.split(".", 1)[1]: options.pop(k) for k in list(options) if k.startswith("feedback.")}
+    if ef:
+        options["feedback"] = commhooks.FeedbackConfig(**ef)
     opt = torch.optim.AdamW(ddp.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stats_of = None
     if options.pop("updates", False):  # compress AdamW's updates instead of the gradients
