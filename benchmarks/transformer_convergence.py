@@ -6,7 +6,7 @@ Usage: ``python benchmarks/transformer_convergence.py [--seeds 0,1,2] [--steps 3
 
 The text is the source of ten modules of the running Python's standard library (no
 download), read as bytes: the first 90% trains, the rest validates. Each of 2 gloo ranks
-trains a 2-layer pre-norm transformer (d=64, 4 heads, context 64, ~135k parameters) with
+trains a 2-layer pre-norm transformer (d=64, 4 heads, context 64, ~137k parameters) with
 AdamW and a linear-warm-up cosine schedule, on its own seeded batches; the hook is registered
 with :func:`commhooks.ddp.register` (labels ``spec@option=value`` pass hook options;
 ``spec@updates=True`` compresses AdamW's updates through :func:`commhooks.ddp.compress_updates`
