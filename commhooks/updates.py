@@ -35,21 +35,22 @@ class UpdateCompression(torch.optim.Optimizer):
     _uc: CompressionState
     _uc_params: list[Tensor]
 
-    @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """Take the optimizer's step on this rank's gradients, then replace each parameter's
         change by its average over ranks, sent through the compressor with error feedback."""
-        before = [p.detach().clone() for p in self._uc_params]
-        loss = super().step(closure)  # type: ignore[misc]
-        flat = torch.cat([(p - b).reshape(-1) for p, b in zip(self._uc_params, before)])
-        try:
-            average_buffer(self._uc, flat, self._uc_params)
-        except Exception:
-            self._uc.abort_step()
-            raise
-        self._uc.end_step()
-        for p, b, d in zip(self._uc_params, before, param_views(flat, self._uc_params)):
-            torch.add(b, d, out=p)
+        params = self._uc_params
+        before = [p.detach().clone() for p in params]
+        loss = super().step(closure)  # type: ignore[misc]  # a closure may need autograd
+        with torch.no_grad():
+            flat = torch.cat([(p - b).reshape(-1) for p, b in zip(params, before)])
+            try:
+                average_buffer(self._uc, flat, params)
+            except Exception:
+                self._uc.abort_step()
+                raise
+            self._uc.end_step()
+            for p, b, d in zip(params, before, param_views(flat, params)):
+                torch.add(b, d, out=p)
         return loss
 
     def state_dict(self) -> dict[str, Any]:
