@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from commhooks.engine.average import average_buffer, param_views
+from commhooks.engine.average import average_buffer, goes_dense, param_views
 from commhooks.engine.state import CommStats, CompressionState
 
 __all__ = ["UpdateCompression", "compress_updates_of"]
@@ -33,12 +33,12 @@ class UpdateCompression(torch.optim.Optimizer):
     """
 
     _uc: CompressionState
-    _uc_params: list[Tensor]
+    _uc_sent: list[Tensor]  # the parameters whose updates are averaged
 
     def step(self, closure: Any = None) -> Any:
         """Take the optimizer's step on this rank's gradients, then replace each parameter's
         change by its average over ranks, sent through the compressor with error feedback."""
-        params = self._uc_params
+        params = self._uc_sent
         before = [p.detach().clone() for p in params]
         loss = super().step(closure)  # type: ignore[misc]  # a closure may need autograd
         with torch.no_grad():
@@ -75,16 +75,24 @@ class UpdateCompression(torch.optim.Optimizer):
         return self._uc.stats()
 
 
-def compress_updates_of(optimizer: torch.optim.Optimizer, state: CompressionState) -> Any:
+def compress_updates_of(
+    optimizer: torch.optim.Optimizer, state: CompressionState, *, small_averaged: bool = False
+) -> Any:
     """Make ``optimizer`` (in place, and return it) average its updates over ranks through
     ``state`` after each step. Its parameters must be identical on every rank, and its
     gradients the rank's own (not averaged). Every option of ``state`` applies to the updates:
-    ``start_iter`` dense steps first, small and 1-D tensors dense, error feedback."""
+    ``start_iter`` dense steps first, small and 1-D tensors dense, error feedback.
+
+    ``small_averaged``: the gradients of the tensors the engine sends dense (small, 1-D; see
+    :func:`~commhooks.engine.average.goes_dense`) arrive already averaged over ranks, so their
+    updates are the same everywhere and are not sent again.
+    """
     if isinstance(optimizer, UpdateCompression):
         raise ValueError("optimizer: its updates are already compressed")
     cls = type(optimizer)
     optimizer.__class__ = type(f"UpdateCompressed{cls.__name__}", (UpdateCompression, cls), {})
     uc: Any = optimizer
     uc._uc = state
-    uc._uc_params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    uc._uc_sent = [p for p in params if not (small_averaged and goes_dense(state, p))]
     return optimizer

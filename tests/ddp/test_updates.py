@@ -17,11 +17,16 @@ import commhooks.ddp
 from commhooks.ddp import CompressionState
 from commhooks.updates import compress_updates_of
 
+# (spec, options): small tensors' gradients averaged in DDP's hook (the default), or their
+# updates averaged with the rest
+CASES = [("sign", {}), ("powersgd:rank=2", {"small_on_gradients": False})]
 
-def _train(rank: int, spec: str, steps: int, load: Any = None, first: int = 0) -> Any:
+
+def _train(rank: int, case: Any, steps: int, load: Any = None, first: int = 0) -> Any:
+    spec, options = case
     model = nn.parallel.DistributedDataParallel(make_model())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    opt = commhooks.ddp.compress_updates(model, opt, spec, min_numel=64)
+    opt = commhooks.ddp.compress_updates(model, opt, spec, min_numel=64, **options)
     if load is not None:
         model.module.load_state_dict(load[0])
         opt.load_state_dict(load[1])
@@ -36,11 +41,11 @@ def _train(rank: int, spec: str, steps: int, load: Any = None, first: int = 0) -
     return model, opt, losses
 
 
-def _case(rank: int, world: int, spec: str) -> dict[str, Any]:
-    model, opt, losses = _train(rank, spec, 6)
+def _case(rank: int, world: int, case: Any) -> dict[str, Any]:
+    model, opt, losses = _train(rank, case, 6)
     saved = ({k: v.clone() for k, v in model.module.state_dict().items()}, opt.state_dict())
-    _, _, more = _train(rank, spec, 6, load=saved, first=6)  # resumed
-    full, full_opt, straight = _train(rank, spec, 12)  # uninterrupted
+    _, _, more = _train(rank, case, 6, load=saved, first=6)  # resumed
+    full, full_opt, straight = _train(rank, case, 12)  # uninterrupted
     params = [p.detach().clone() for p in full.parameters()]
     gathered = [torch.cat([p.reshape(-1) for p in params]) for _ in range(world)]
     dist.all_gather(gathered, gathered[0].clone())
@@ -56,19 +61,18 @@ def _case(rank: int, world: int, spec: str) -> dict[str, Any]:
     }
 
 
-def _worker(rank: int, world: int, store: str, out: str, specs: list[str]) -> None:
+def _worker(rank: int, world: int, store: str, out: str) -> None:
     init(rank, world, store)
     try:
-        torch.save({spec: _case(rank, world, spec) for spec in specs}, out)
+        torch.save({case[0]: _case(rank, world, case) for case in CASES}, out)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def test_updates_stay_in_sync_compress_and_resume(run_ranks: Any) -> None:
-    specs = ["sign", "powersgd:rank=2"]
-    for ranks in run_ranks(_worker, 2, specs):
-        for spec in specs:
+    for ranks in run_ranks(_worker, 2):
+        for spec, _ in CASES:
             r = ranks[spec]
             assert r["same_on_ranks"] and r["is_adamw"], spec
             assert r["steps"] == 12 and 0 < r["wire"] < r["raw"] / 2, (spec, r["wire"], r["raw"])
