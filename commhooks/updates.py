@@ -26,6 +26,8 @@ from commhooks.engine.state import CommStats, CompressionState
 
 __all__ = ["UpdateCompression", "compress_updates_of"]
 
+EMPTY = torch.empty(0)
+
 
 class UpdateCompression(torch.optim.Optimizer):
     """Methods grafted onto a subclass of the user's optimizer class, so the result is still
@@ -42,9 +44,11 @@ class UpdateCompression(torch.optim.Optimizer):
         before = [p.detach().clone() for p in params]
         loss = super().step(closure)  # type: ignore[misc]  # a closure may need autograd
         with torch.no_grad():
-            flat = torch.cat([(p - b).reshape(-1) for p, b in zip(params, before)])
+            # No parameter left to send: all small, their gradients averaged by the hook.
+            flat = torch.cat([(p - b).reshape(-1) for p, b in zip(params, before)] or [EMPTY])
             try:
-                average_buffer(self._uc, flat, params)
+                if params:
+                    average_buffer(self._uc, flat, params)
             except Exception:
                 self._uc.abort_step()
                 raise
