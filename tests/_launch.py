@@ -31,7 +31,9 @@ def launcher(kind: str, np: int = 2) -> list[str]:
 def launch(kind: str, script: pathlib.Path, out: pathlib.Path, np: int = 2) -> list[dict]:
     """Run ``python script out`` on ``np`` ranks and return each rank's ``rank{r}.json``."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent)}
+    # This checkout first: the package may be installed (editable) from another one.
+    path = os.pathsep.join([str(script.parent), str(pathlib.Path(__file__).resolve().parents[1])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [*launcher(kind, np), sys.executable, str(script), str(out)]
     # A session of its own, so a hang kills the launcher and every rank it started.
     proc = subprocess.Popen(

@@ -20,6 +20,7 @@ from commhooks.engine.state import CompressionState
 __all__ = [
     "WRAPPERS",
     "bf16_wrapper",
+    "check_model",
     "check_wrapper",
     "compression_hook",
     "fp16_wrapper",
@@ -129,6 +130,16 @@ def _check_gradients(model: nn.Module) -> None:
             )
 
 
+def check_model(model: nn.Module) -> None:
+    """Refuse a model that is not a ``DistributedDataParallel`` module, or whose gradients the
+    compressors cannot carry (a ValueError naming the parameter)."""
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            f"model: expected a DistributedDataParallel module, got {type(model).__name__}"
+        )
+    _check_gradients(model)
+
+
 def register(
     model: nn.parallel.DistributedDataParallel,
     compressor: str | CompressorConfig | Compressor[Any],
@@ -146,11 +157,7 @@ def register(
         wrapper: ``"fp16"`` or ``"bf16"`` to cast each bucket first (see :func:`fp16_wrapper`).
         **options: fields of :class:`~commhooks.engine.HookOptions`.
     """
-    if not isinstance(model, nn.parallel.DistributedDataParallel):
-        raise ValueError(
-            f"model: expected a DistributedDataParallel module, got {type(model).__name__}"
-        )
-    _check_gradients(model)
+    check_model(model)
     group = process_group if process_group is not None else model.process_group
     state = CompressionState(compressor, model=model, process_group=group, **options)
     check_wrapper(wrapper)

@@ -31,7 +31,7 @@ from commhooks.engine.fallback import COMPRESSED
 from commhooks.engine.state import CompressionState
 from commhooks.engine.worker import HELD
 
-__all__ = ["average_bucket", "average_buffer", "param_views"]
+__all__ = ["average_bucket", "average_buffer", "goes_dense", "param_views"]
 
 
 def param_views(buffer: Tensor, params: list[Tensor]) -> list[Tensor]:
@@ -41,6 +41,17 @@ def param_views(buffer: Tensor, params: list[Tensor]) -> list[Tensor]:
         views.append(buffer[pos : pos + p.numel()].view(p.shape))
         pos += p.numel()
     return views
+
+
+def goes_dense(state: CompressionState, tensor: Tensor) -> bool:
+    """Whether the engine sends ``tensor`` uncompressed, with the bucket's small ones: fewer
+    than ``min_numel`` elements, 1-D (unless ``compress_1d``), or below ``min_ratio``."""
+    opts = state.options
+    return (
+        tensor.numel() < opts.min_numel
+        or (tensor.dim() <= 1 and not opts.compress_1d)
+        or not state.pays(tensor)
+    )
 
 
 def average_bucket(
@@ -213,17 +224,11 @@ def _average_parts(
     memory: bool = True,
 ) -> None:
     """Average several buffers (DDP buckets) in place with one set of collectives."""
-    opts = state.options
     params = [p for _, ps in parts for p in ps]
     views = [v for b, ps in parts for v in param_views(b, ps)]
     dense, sparse = [], []
     for i, v in enumerate(views):
-        small = (
-            v.numel() < opts.min_numel
-            or (v.dim() <= 1 and not opts.compress_1d)
-            or not state.pays(v)
-        )
-        (dense if small else sparse).append(i)
+        (dense if goes_dense(state, v) else sparse).append(i)
 
     # The small tensors' all-reduce also carries a count of ranks holding non-finite values,
     # so every rank learns of an overflow before anything is committed: such a step goes

@@ -7,6 +7,7 @@ module) works where Horovod is absent. See docs/horovod.md.
 from commhooks.horovod.collectives import HorovodCollectives
 from commhooks.horovod.compression import Compression, HorovodAdapter
 from commhooks.horovod.optimizer import DistributedOptimizer, broadcast_initial_state
+from commhooks.horovod.updates import compress_updates
 
 __all__ = [
     "Compression",
@@ -14,4 +15,5 @@ __all__ = [
     "HorovodAdapter",
     "HorovodCollectives",
     "broadcast_initial_state",
+    "compress_updates",
 ]

@@ -19,7 +19,12 @@ import torch
 from torch import nn
 
 import commhooks
-from commhooks.horovod import Compression, DistributedOptimizer, broadcast_initial_state
+from commhooks.horovod import (
+    Compression,
+    DistributedOptimizer,
+    broadcast_initial_state,
+    compress_updates,
+)
 
 STEPS = 12
 
@@ -132,6 +137,16 @@ def adapters() -> dict[str, Any]:
     model, opt = horovods(Compression.randomk(ratio=0.25))
     out["randomk:ratio=0.25"] = train(model, opt, range(STEPS))
     return out
+
+
+def updates() -> dict[str, Any]:
+    """AdamW whose updates, not gradients, are averaged through sign with error feedback."""
+    model = make_model()
+    adam = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = compress_updates(adam, "sign", model.named_parameters())
+    res = train(model, opt, range(STEPS))
+    st = opt.stats()
+    return {**res, "ratio": st.ratio, "steps": st.steps, "is_adamw": opt is adam}
 
 
 def checkpoint() -> dict[str, Any]:
@@ -325,6 +340,7 @@ def main() -> None:
         "lossless": lossless(),
         "adapters": adapters(),
         "checkpoint": checkpoint(),
+        "updates": updates(),
         "api": api(),
         "mismatch": mismatch(),
         "overlap": overlap(),

@@ -114,3 +114,10 @@ def test_a_nan_in_one_bucket_of_a_mixed_dtype_model_leaves_feedback_alone(
         assert res["ef"][3] != res["ef"][2]
         assert res["nonfinite_steps"] == 1
         assert res["equal"]
+
+
+def test_update_compression_keeps_replicas_identical(ranks: list[dict]) -> None:
+    for r in ranks:
+        u = r["updates"]
+        assert u["equal"] and u["finite"] and u["is_adamw"], u
+        assert u["steps"] == 12 and u["ratio"] > 2, u  # (fresh random targets: no trend)

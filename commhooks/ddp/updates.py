@@ -1,0 +1,91 @@
+"""Update compression for DDP in one line: DDP stops averaging gradients, and the optimizer
+averages its updates through a compressor instead (see :mod:`commhooks.updates`).
+
+No ``from __future__ import annotations`` here: torch checks at registration that a hook's
+``bucket`` parameter is annotated with the real ``dist.GradBucket`` class, not a string.
+"""
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.futures import Future
+
+from commhooks.comm.transport import TransportStats, count_allreduce
+from commhooks.compressors.base import Compressor, CompressorConfig
+from commhooks.ddp.hooks import check_model
+from commhooks.engine.average import goes_dense, param_views
+from commhooks.engine.state import CompressionState
+from commhooks.updates import compress_updates_of
+
+__all__ = ["compress_updates", "local_hook", "small_dense_hook"]
+
+
+def local_hook(state: Any, bucket: dist.GradBucket) -> Future[Tensor]:
+    """A DDP hook that leaves each rank's gradients its own: no communication."""
+    fut: Future[Tensor] = Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def small_dense_hook(state: CompressionState, bucket: dist.GradBucket) -> Future[Tensor]:
+    """A DDP hook that averages, in one dense all-reduce, the gradients of the tensors the
+    engine would send dense anyway (small, 1-D), and leaves the others each rank's own."""
+    buffer = bucket.buffer()
+    views = param_views(buffer, list(bucket.parameters()))
+    small = [v for v in views if goes_dense(state, v)]
+    if small:
+        flat = torch.cat([v.reshape(-1) for v in small])
+        step = TransportStats(raw_bytes=flat.numel() * flat.element_size())
+        state.bind().all_reduce(flat)
+        count_allreduce(step, flat, state.world_size)
+        state.record(step)
+        flat.div_(state.world_size)
+        for v, piece in zip(small, flat.split([v.numel() for v in small])):
+            v.copy_(piece.view(v.shape))
+    return local_hook(state, bucket)
+
+
+def compress_updates(
+    model: nn.parallel.DistributedDataParallel,
+    optimizer: torch.optim.Optimizer,
+    compressor: str | CompressorConfig | Compressor[Any],
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    small_on_gradients: bool = True,
+    **options: Any,
+) -> Any:
+    """Average ``optimizer``'s updates of ``model`` over ranks through ``compressor``, not
+    its gradients; returns ``optimizer`` (changed in place: same class, same state).
+
+    For adaptive optimizers (Adam, AdamW, Adagrad, Lion): each rank's optimizer sees its own
+    dense gradients, so its moments are not inflated by compression noise, and the update it
+    produces is compressed with error feedback. SGD gains nothing from it (its update is the
+    gradient times the learning rate): use :func:`commhooks.ddp.register` there.
+
+    Args:
+        model: the ``DistributedDataParallel`` module (its parameters identical on every rank).
+        optimizer: built over ``model.parameters()``; keep using it as before.
+        compressor: a spec string such as ``"sign"``, a config or a compressor.
+        process_group: defaults to the DDP model's process group.
+        small_on_gradients: average the gradients of the tensors sent dense (small ones,
+            biases, norm weights; see ``min_numel``, ``compress_1d``) in DDP's hook, as plain
+            DDP does, so their optimizer state is the same on every rank; False averages
+            their updates instead, like the rest.
+        **options: fields of :class:`~commhooks.engine.HookOptions`, applied to the updates.
+
+    Tuning: error feedback (on by default for biased compressors) carries what each update
+    lost into the next; pass ``error_feedback=True`` for unbiased ones (ternary, QSGD) too,
+    whose noise Adam no longer averages. Checkpoint with ``optimizer.state_dict()``: it holds
+    this rank's moments and error feedback, so each rank saves its own. A GradScaler that
+    skips a step on one rank only would desynchronise the parameters: use bf16 or fp32.
+    """
+    check_model(model)
+    group = process_group if process_group is not None else model.process_group
+    state = CompressionState(compressor, model=model, process_group=group, **options)
+    if small_on_gradients:
+        model.register_comm_hook(state, small_dense_hook)
+    else:
+        model.register_comm_hook(None, local_hook)
+    return compress_updates_of(optimizer, state, small_averaged=small_on_gradients)

@@ -1,0 +1,102 @@
+"""Update compression: each rank runs its optimizer on its own gradients, and the parameter
+updates, not the gradients, are averaged through a compressor with error feedback.
+
+Adaptive optimizers (Adam, AdamW, Adagrad) divide each element by a running RMS of what
+they are given. Fed compressed gradients, they divide by the RMS of the compression noise
+too: error feedback's released residuals and sign or sparse spikes inflate the second moment,
+and the step shrinks where the gradient is small (``docs/convergence.md`` measures it). Fed
+the rank's own dense gradients, their statistics stay those of plain training; what is
+compressed is the update, whose elements Adam has already put on one scale, so a sign, a
+quantizer or a low-rank fit loses less of it. Error feedback keeps what each rank's update
+lost for its next step, as 1-bit Adam does for its momentum.
+
+Each rank keeps its own optimizer state (moments of its own gradients); the parameters stay
+identical on every rank, since every rank applies the same averaged update.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from commhooks.engine.average import average_buffer, goes_dense, param_views
+from commhooks.engine.state import CommStats, CompressionState
+
+__all__ = ["UpdateCompression", "compress_updates_of"]
+
+EMPTY = torch.empty(0)
+
+
+class UpdateCompression(torch.optim.Optimizer):
+    """Methods grafted onto a subclass of the user's optimizer class, so the result is still
+    an instance of that class for schedulers and checkpoints (see :func:`compress_updates_of`).
+    """
+
+    _uc: CompressionState
+    _uc_sent: list[Tensor]  # the parameters whose updates are averaged
+
+    def step(self, closure: Any = None) -> Any:
+        """Take the optimizer's step on this rank's gradients, then replace each parameter's
+        change by its average over ranks, sent through the compressor with error feedback."""
+        params = self._uc_sent
+        before = [p.detach().clone() for p in params]
+        loss = super().step(closure)  # type: ignore[misc]  # a closure may need autograd
+        with torch.no_grad():
+            # No parameter left to send: all small, their gradients averaged by the hook.
+            flat = torch.cat([(p - b).reshape(-1) for p, b in zip(params, before)] or [EMPTY])
+            try:
+                if params:
+                    average_buffer(self._uc, flat, params)
+            except Exception:
+                self._uc.abort_step()
+                raise
+            self._uc.end_step()
+            for p, b, d in zip(params, before, param_views(flat, params)):
+                torch.add(b, d, out=p)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's own state (this rank's moments) and the compression state."""
+        out = super().state_dict()  # type: ignore[misc]
+        out["commhooks"] = self._uc.state_dict()
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("commhooks", None)
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        if saved is not None:
+            self._uc.load_state_dict(saved)
+
+    @property
+    def compression_state(self) -> CompressionState:
+        return self._uc
+
+    def stats(self) -> CommStats:
+        """Bytes and time of the update exchanges so far (see :class:`CommStats`)."""
+        return self._uc.stats()
+
+
+def compress_updates_of(
+    optimizer: torch.optim.Optimizer, state: CompressionState, *, small_averaged: bool = False
+) -> Any:
+    """Make ``optimizer`` (in place, and return it) average its updates over ranks through
+    ``state`` after each step. Its parameters must be identical on every rank, and its
+    gradients the rank's own (not averaged). Every option of ``state`` applies to the updates:
+    ``start_iter`` dense steps first, small and 1-D tensors dense, error feedback.
+
+    ``small_averaged``: the gradients of the tensors the engine sends dense (small, 1-D; see
+    :func:`~commhooks.engine.average.goes_dense`) arrive already averaged over ranks, so their
+    updates are the same everywhere and are not sent again.
+    """
+    if isinstance(optimizer, UpdateCompression):
+        raise ValueError("optimizer: its updates are already compressed")
+    cls = type(optimizer)
+    optimizer.__class__ = type(f"UpdateCompressed{cls.__name__}", (UpdateCompression, cls), {})
+    uc: Any = optimizer
+    uc._uc = state
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    uc._uc_sent = [p for p in params if not (small_averaged and goes_dense(state, p))]
+    return optimizer
