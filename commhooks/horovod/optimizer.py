@@ -4,6 +4,7 @@ exchanges overlapped with backward."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
@@ -22,6 +23,8 @@ from commhooks.horovod.collectives import HorovodCollectives, horovod
 from commhooks.horovod.compression import HorovodAdapter
 
 __all__ = ["DistributedOptimizer", "broadcast_initial_state"]
+
+logger = logging.getLogger(__name__)
 
 
 class _Distributed(torch.optim.Optimizer):
@@ -269,6 +272,17 @@ def _node_sets(
             try:
                 _SETS[tuple(ranks)] = hvd.add_process_set(ranks)
             except (ValueError, RuntimeError) as e:
+                if topology == "auto":
+                    # Alike on every rank (Horovod started without dynamic process sets):
+                    # stay flat rather than break a job that asked for nothing.
+                    logger.warning(
+                        "commhooks: topology='auto' stays flat: Horovod could not add the "
+                        "process set %s (%s); set HOROVOD_DYNAMIC_PROCESS_SETS=1 for the "
+                        "hierarchical exchange",
+                        ranks,
+                        e,
+                    )
+                    return None
                 raise RuntimeError(
                     f"topology={topology!r}: Horovod could not add the process set {ranks} "
                     f"({e}); set HOROVOD_DYNAMIC_PROCESS_SETS=1 before hvd.init(), or call "

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from _spawn import ranks_runner
 from _workers import run_cases
 from test_hooks import OPTS, SPECS, assert_replicas_identical, per_case
 
@@ -36,10 +37,8 @@ def hier(spec: str, **options: Any) -> tuple[str, str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: Any) -> dict[str, Any]:
-    from tests.conftest import run_ranks as fixture  # its body, once for the module
-
     tmp = tmp_path_factory.mktemp("hier")
-    run = fixture.__wrapped__(tmp)
+    run = ranks_runner(tmp)
     every = [(s, "auto") for s in SPECS] + INNER
     identity = [{"hook": FLAT_IDENTITY, "keep_grads": True},
                 {"hook": hier("identity"), "keep_grads": True}]  # fmt: skip
