@@ -8,7 +8,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
+
+# Triton reads this when triton.language is first imported, which another test's imports
+# (Lightning, transformers, Inductor) may do long before tests/kernels runs: set it first.
+# On a CUDA machine the kernels compile for the device instead (tests/kernels/conftest.py).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 sys.path.insert(0, os.path.dirname(__file__))
 

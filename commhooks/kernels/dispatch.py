@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 
 import torch
@@ -77,8 +78,14 @@ def _name_for(device_type: str) -> str | None:
     if m == "torch":
         return None
     if device_type == "cuda" or (m == "triton" and device_type == "cpu"):
-        if device_type == "cpu":
-            # Read when the kernels are decorated: it must be set before their first import.
+        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            # Read when triton.language is first imported: too late once anything has.
+            if "triton.language" in sys.modules:
+                raise RuntimeError(
+                    "COMMHOOKS_KERNELS=triton on CPU tensors needs Triton's interpreter, but "
+                    "triton was imported without it (Lightning and torch.compile import it); "
+                    "set TRITON_INTERPRET=1 before the process starts"
+                )
             os.environ["TRITON_INTERPRET"] = "1"
         return "triton"
     return "native" if device_type == "cpu" else None

@@ -6,15 +6,11 @@ import os
 import sys
 
 import pytest
-import torch
 
-# Read when the kernels are first decorated, so set before any test imports them. On a CUDA
+# TRITON_INTERPRET=1 is set by tests/conftest.py where there is no CUDA device. On a CUDA
 # machine the kernels are compiled for the device instead (test_cuda_kernels.py runs them
 # there) and the interpreter tests skip, unless TRITON_INTERPRET=1 is set by hand (with
 # CUDA_VISIBLE_DEVICES= they run as they do here).
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 sys.path.insert(0, os.path.dirname(__file__))  # _exchange.py
 
 

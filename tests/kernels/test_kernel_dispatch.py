@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,23 @@ def test_the_package_imports_without_triton() -> None:
     root = Path(__file__).resolve().parents[2]
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_triton_on_cpu_after_triton_was_imported_says_to_set_the_interpreter() -> None:
+    """The interpreter cannot be switched on once triton.language is imported (Lightning and
+    torch.compile import it): a clear error instead of Triton's "outside of a kernel"."""
+    code = (
+        "import triton.language, torch\n"
+        "from commhooks.kernels import backend_for\n"
+        "try:\n"
+        "    backend_for(torch.zeros(8), op='sign')\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["COMMHOOKS_KERNELS"] = "triton"
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert "set TRITON_INTERPRET=1 before the process starts" in res.stdout, res.stderr[-4000:]
