@@ -48,6 +48,7 @@ __all__ = [
     "local_from_env",
     "misplaced",
     "node_groups",
+    "placed",
 ]
 
 #: ``HookOptions.topology``'s choices
@@ -129,17 +130,8 @@ def node_groups(
     found = local_from_env() if not ranks_per_node else None
     if found is not None:
         size, _, source = found
-        # Every rank's view first, so that every rank decides alike below.
-        wrong = misplaced(comm, size, found[1])
-        if wrong and topology == "auto":
-            return None  # nodes of unequal sizes, or ranks not numbered node by node
-        if wrong:
-            raise RuntimeError(
-                f"topology='hierarchical': {wrong} ({source}), but the hierarchical transport "
-                "needs nodes of equal size with ranks numbered node by node (rank r on node "
-                "r // ranks per node); launch with torchrun, or mpirun --map-by slot, or pass "
-                "the node groups explicitly"
-            )
+        if not placed(comm, size, found[1], topology, source):
+            return None
     if not size:
         if topology == "auto":
             return None
@@ -166,6 +158,25 @@ def _pick(topology: str, nodes: NodeGroups) -> NodeGroups | None:
     if topology == "auto" and not (nodes.local.world > 1 and nodes.cross.world > 1):
         return None
     return nodes
+
+
+def placed(comm: Collectives, size: int, local_rank: int, topology: str, source: str) -> bool:
+    """Whether the ranks sit node by node (see :func:`misplaced`), decided alike on every rank:
+    False where they do not and ``topology`` is ``"auto"`` (stay flat).
+
+    Raises:
+        RuntimeError: they do not and ``topology`` is ``"hierarchical"``; names the first
+            misplaced rank and ``source`` (where the ranks per node came from).
+    """
+    wrong = misplaced(comm, size, local_rank)
+    if wrong and topology != "auto":
+        raise RuntimeError(
+            f"topology={topology!r}: {wrong} ({source}), but the hierarchical transport "
+            "needs nodes of equal size with ranks numbered node by node (rank r on node "
+            "r // ranks per node); launch with torchrun, or mpirun --map-by slot, or pass "
+            "the node groups explicitly"
+        )
+    return not wrong
 
 
 def misplaced(comm: Collectives, size: int, local_rank: int) -> str:

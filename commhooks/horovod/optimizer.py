@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.futures import Future
 
 from commhooks._validate import check_choice, check_int
-from commhooks.comm.hierarchical import TOPOLOGIES, misplaced
+from commhooks.comm.hierarchical import TOPOLOGIES, placed
 from commhooks.compressors.base import Compressor, CompressorConfig
 from commhooks.engine.average import average_buffer
 from commhooks.engine.state import CommStats, CompressionState
@@ -255,14 +255,8 @@ def _node_sets(
             "process_set, use topology='flat'"
         )
     local_rank = comm.rank % per_node if source == "ranks_per_node" else hvd.local_rank()
-    wrong = misplaced(comm, per_node, local_rank)  # every rank's view: all decide alike
-    if wrong and topology == "auto":
-        return None  # nodes of unequal sizes, or ranks not numbered node by node
-    if wrong:
-        raise ValueError(
-            f"topology={topology!r}: {wrong} ({source}); the hierarchical topology needs "
-            "nodes of equal size with ranks numbered node by node"
-        )
+    if not placed(comm, per_node, local_rank, topology, source):
+        return None
     if topology == "auto" and not 1 < per_node < size:
         return None
     groups = [list(range(n, n + per_node)) for n in range(0, size, per_node)]
