@@ -75,8 +75,10 @@ def main() -> None:
                 f"raw {s.raw_bytes:,} B, wire {s.wire_bytes:,} B, ratio {s.ratio:.1f}x "
                 f"(last step {s.last_ratio:.1f}x)"
             )
-    # Free the DDP model (a reference cycle with its hook's state) while the group lives:
-    # freed at exit instead, gloo can abort the process.
+    # Leave together: a rank tearing gloo down while another still evaluates can abort. Free
+    # the DDP model (a reference cycle with its hook's state) while the group lives: freed at
+    # exit instead, gloo can abort the process.
+    dist.barrier()
     del model, opt, state
     gc.collect()
     dist.destroy_process_group()

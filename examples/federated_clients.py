@@ -75,6 +75,7 @@ def main() -> None:
         for c, t in enumerate(every):
             uplink, raw, n, *held = t.tolist()
             print(f"| {c} | {n} | {' '.join(map(str, held))} | {uplink:,} | {raw:,} |")
+    dist.barrier()  # leave together: tearing gloo down while a peer still prints can abort
     dist.destroy_process_group()
 
 
