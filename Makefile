@@ -34,7 +34,7 @@ demo: setup
 # THP_MEM_ALLOC_ENABLE=1: torch backs large tensors with huge pages; fresh 256 MB outputs
 # otherwise spend more time in page faults than in the codec (measured there).
 bench-kernels: setup
-	THP_MEM_ALLOC_ENABLE=1 $(PY) benchmarks/kernels.py --out bench-kernels.json --markdown bench-kernels.md
+	THP_MEM_ALLOC_ENABLE=1 $(PY) benchmarks/codec_speed.py --out bench-kernels.json --markdown bench-kernels.md
 
 # End to end over shaped links (root: network namespaces): step time against dense and torch's
 # hooks, wire bytes against the interfaces' counters, time to accuracy on digits; about 30-40

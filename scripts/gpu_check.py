@@ -5,7 +5,7 @@
 On a machine with a CUDA device, in about 8 minutes at most (each step has a time limit):
 
 1. every CUDA-marked test (``pytest -m cuda``);
-2. ``benchmarks/kernels.py --device cuda`` at 25M and 100M elements: eta against the same
+2. ``benchmarks/codec_speed.py --device cuda`` at 25M and 100M elements: eta against the same
    run's device copy, and ms per 100M parameters (compress + decompress);
 3. a 1-process NCCL DDP job with every compressor (``scripts/gpu_ddp_job.py``);
 4. a 2-process job sharing the GPU over gloo, with CUDA tensors.
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = [
         Step("cuda-tests", [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
                             "tests"], 180),
-        Step("kernels", [py, "benchmarks/kernels.py", "--device", "cuda", "--sizes", sizes,
+        Step("kernels", [py, "benchmarks/codec_speed.py", "--device", "cuda", "--sizes", sizes,
                          "--reps", reps, "--markdown", str(out / "kernels.md"),
                          "--out", str(out / "kernels.json")], 240),
         Step("ddp-nccl-1", [py, "scripts/gpu_ddp_job.py", "--backend", "nccl", "--world", "1",

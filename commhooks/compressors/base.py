@@ -86,6 +86,9 @@ class Capabilities:
             group needs fewer, e.g. PowerSGD with nothing to compress; all ranks agree).
         stateful: keeps per-key state across steps (warm starts, running statistics), so callers
             should pass stable keys.
+        passthrough: the payload is the input tensor itself (lossless, no state): without
+            error feedback, an all-reduce of the gradients in place is the whole exchange, and
+            the engine runs it so, with no packing or copying back (``identity``).
     """
 
     kind: Kind
@@ -94,6 +97,7 @@ class Capabilities:
     unbiased: bool
     rounds: int = 1
     stateful: bool = False
+    passthrough: bool = False
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,10 @@ class IdentityConfig(CompressorConfig):
     """Send the gradient unchanged (summable, lossless).
 
     Tuning: nothing to tune. Use it as the dense baseline that goes through the same hook,
-    stats and error-feedback machinery as every compressor, e.g. to measure their overhead.
+    worker, process group and stats as every compressor: the engine all-reduces its buckets in
+    place, as plain DDP does, so its step time against DDP's is the engine's own cost. (With
+    ``error_feedback=True`` it goes through the error-feedback machinery as well, with
+    nothing to feed back.)
     """
 
     name: ClassVar[str] = "identity"
@@ -39,7 +42,9 @@ class Identity(Compressor[IdentityConfig]):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(kind=Kind.CAST, summable=True, static_size=True, unbiased=True)
+        return Capabilities(
+            kind=Kind.CAST, summable=True, static_size=True, unbiased=True, passthrough=True
+        )
 
     def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
         return (tensor.reshape(-1),), None

@@ -8,7 +8,8 @@ only on the shapes and the config.
 
 What one call does with a buffer (the concatenated gradients of some parameters):
 
-* before ``start_iter`` steps: one dense all-reduce, in place;
+* before ``start_iter`` steps, or for ``identity`` without error feedback (a compressor whose
+  payload is the gradient itself): one dense all-reduce, in place;
 * after: the small and 1-D tensors, plus a count of ranks holding non-finite values, in one
   dense all-reduce (riding in the transport's first round when it sums); the rest through the
   state's transport, with error feedback per parameter. A step on which some rank overflowed
@@ -181,11 +182,43 @@ def _sync(buffer: Tensor) -> None:
 def _dense_in_place(state: CompressionState, buffer: Tensor) -> None:
     """A plain all-reduce of the whole buffer, divided by the world size (warm-up, fallback)."""
     step = TransportStats(raw_bytes=buffer.numel() * buffer.element_size())
-    t0 = time.perf_counter()
-    state.comm.all_reduce(buffer)
-    step.comm_s += time.perf_counter() - t0
-    count_allreduce(step, buffer, state.world_size)
-    buffer.div_(state.world_size)
+    _all_reduce_in_place(state, [buffer], step)
+    state.record(step)
+
+
+def _all_reduce_in_place(
+    state: CompressionState, buffers: list[Tensor], step: TransportStats
+) -> None:
+    """Replace each buffer by its average over ranks: one all-reduce each, no copies."""
+    for buffer in buffers:
+        t0 = time.perf_counter()
+        state.comm.all_reduce(buffer)
+        step.comm_s += time.perf_counter() - t0
+        count_allreduce(step, buffer, state.world_size)
+        buffer.div_(state.world_size)
+
+
+def _passes_through(state: CompressionState) -> bool:
+    """Whether the exchange is the gradients themselves, summed (``identity`` without error
+    feedback over the flat all-reduce transport): then packing the bucket's tensors into one
+    buffer and copying the means back, as the transport does for a payload, only costs time."""
+    return (
+        state.feedback is None
+        and state.compressor.capabilities.passthrough
+        and type(state.transport) is AllReduceTransport
+    )
+
+
+def _average_in_place(state: CompressionState, buffers: list[Tensor], step: TransportStats) -> None:
+    """:func:`_average_parts` for a pass-through exchange: every buffer all-reduced in place.
+    Nothing is remembered, so an overflow needs no rollback; it is only counted (the average is
+    non-finite exactly where some rank's input was, or the sum overflowed, alike everywhere)."""
+    _all_reduce_in_place(state, buffers, step)
+    if state.checks_on_device(buffers[-1].device):
+        total = torch.stack([b.sum(dtype=torch.float64) for b in buffers]).sum()
+        state.note_nonfinite((~torch.isfinite(total)).to(torch.float32))
+    elif not all(all_finite(b) for b in buffers):
+        step.extra["nonfinite"] = True
     state.record(step)
 
 
@@ -224,6 +257,11 @@ def _average_parts(
     memory: bool = True,
 ) -> None:
     """Average several buffers (DDP buckets) in place with one set of collectives."""
+    buffers = [b for b, _ in parts]
+    step = TransportStats(raw_bytes=sum(b.numel() * b.element_size() for b in buffers))
+    if _passes_through(state):
+        _average_in_place(state, buffers, step)
+        return
     params = [p for _, ps in parts for p in ps]
     views = [v for b, ps in parts for v in param_views(b, ps)]
     dense, sparse = [], []
@@ -235,8 +273,6 @@ def _average_parts(
     # dense (the optimizer and GradScaler see the inf/nan) and error feedback is not touched.
     # Over an all-reduce transport they ride in its first round (one collective fewer); the
     # round's work is then dropped on every rank alike.
-    buffers = [b for b, _ in parts]
-    step = TransportStats(raw_bytes=sum(b.numel() * b.element_size() for b in buffers))
     if state.step_nonfinite:
         # An earlier exchange of this step overflowed on some rank, so the step will be
         # skipped: the rest goes dense, leaving error feedback alone.

@@ -67,8 +67,8 @@ def test_every_compressor_and_transport_keeps_replicas_identical(run_ranks) -> N
         stats = res[0]["stats"]
         assert stats.steps == 10 and stats.raw_bytes > 0, label
         if spec == "identity" and transport == "auto":
-            # Only the per-bucket non-finite flag is added.
-            assert stats.raw_bytes < stats.wire_bytes < 1.01 * stats.raw_bytes
+            # All-reduced in place, as plain DDP does: not a byte more (no flag rides along).
+            assert stats.wire_bytes == stats.raw_bytes
         elif transport != "reducescatter":
             # Casts halve the bytes; threshold's saving depends on the gradients' scale;
             # everything else at its defaults saves more.
@@ -144,6 +144,7 @@ def test_lossless_settings_give_the_dense_result(run_ranks) -> None:
         ("topk:ratio=1.0", "auto"),
         ("topk:ratio=1.0", "reducescatter"),
         ("randomk:ratio=1.0", "auto"),
+        ("identity", "auto"),
         ("identity", "reducescatter"),
         ("identity", "allgather"),
     ]
@@ -281,6 +282,13 @@ def test_mismatched_start_iter_raises(run_ranks) -> None:
 def test_nonfinite_gradients_reach_gradscaler_and_leave_feedback_alone(run_ranks) -> None:
     specs = ["topk:ratio=0.1", "powersgd", "uniform:bits=4", "sign", "uniform:shared_scale=true"]
     cases = [{"hook": ours(s), "steps": 6, "inf_at": 3} for s in specs]
+    # identity all-reduces in place (nothing to roll back) and still counts the step, with
+    # the check on the host (the CPU default) and on the device.
+    specs += ["identity", "identity (device check)"]
+    cases += [
+        {"hook": ours("identity", nonfinite_check=check), "steps": 6, "inf_at": 3}
+        for check in ("host", "device")
+    ]
     for spec, res in zip(specs, per_case(run_ranks(run_cases, 2, cases))):
         for rank in res:
             assert rank["finite"] == [True, True, True, False, True, True], spec

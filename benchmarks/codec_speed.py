@@ -1,6 +1,6 @@
 """Kernel speed of every compressor against memory bandwidth (``make bench-kernels``).
 
-Usage: ``python benchmarks/kernels.py [--sizes 4M,16M,64M] [--reps 5] [--device cpu|cuda]
+Usage: ``python benchmarks/codec_speed.py [--sizes 4M,16M,64M] [--reps 5] [--device cpu|cuda]
 [--specs "topk;sign"] [--out F.json] [--markdown F.md] [--smoke]``
 
 For each size (fp32 elements) and compressor, with and without error feedback, it times

@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/kernels.py`` (``make bench-kernels``): it runs and writes a
+"""Smoke test of ``benchmarks/codec_speed.py`` (``make bench-kernels``): it runs and writes a
 well-formed report. No timing is asserted; the numbers belong in docs/benchmarks.md."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def test_kernels_smoke_writes_report(tmp_path: pathlib.Path) -> None:
     out, md = tmp_path / "k.json", tmp_path / "k.md"
-    script = str(ROOT / "benchmarks" / "kernels.py")
+    script = str(ROOT / "benchmarks" / "codec_speed.py")
     subprocess.run(
         [sys.executable, script, "--smoke", "--out", str(out), "--markdown", str(md)],
         check=True, timeout=300, capture_output=True,
