@@ -21,10 +21,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from commhooks.compressors.base import Compressor, CompressorConfig
 from commhooks.engine.average import average_buffer, goes_dense, param_views
 from commhooks.engine.state import CommStats, CompressionState
+from commhooks.feedback import FeedbackConfig
+from commhooks.registry import compressor as build_compressor
 
-__all__ = ["UpdateCompression", "compress_updates_of"]
+__all__ = ["SPARSE_WARMUP", "UpdateCompression", "compress_updates_of", "update_options"]
+
+#: The error-feedback options update compression gives a compressor with a kept ``ratio``
+#: (top-k, DGC) when none are passed: a sparsity warm-up whose kept share falls
+#: exponentially from 50% to the compressor's own ratio over the first 30 steps
+#: (``docs/convergence.md`` measures it against longer, gentler ones).
+SPARSE_WARMUP = FeedbackConfig(warmup_steps=30, warmup_ratio=0.5)
 
 EMPTY = torch.empty(0)
 
@@ -77,6 +86,29 @@ class UpdateCompression(torch.optim.Optimizer):
     def stats(self) -> CommStats:
         """Bytes and time of the update exchanges so far (see :class:`CommStats`)."""
         return self._uc.stats()
+
+
+def update_options(
+    compressor: str | CompressorConfig | Compressor[Any], options: dict[str, Any]
+) -> tuple[Compressor[Any], dict[str, Any]]:
+    """The compressor and hook options update compression runs with: ``options`` as given,
+    plus ``feedback=SPARSE_WARMUP`` where the compressor keeps a ``ratio`` (top-k, DGC) and
+    neither ``feedback`` nor ``options`` was passed.
+
+    Adam puts its updates on one scale per element, so a 1% sparsifier sends each element
+    about once in a hundred steps, a burst of what error feedback held; early in training,
+    when the loss falls fastest, that delay costs most. The warm-up sends more then. Pass
+    ``feedback=commhooks.FeedbackConfig()`` for none, or your own ``warmup_steps``."""
+    built = build_compressor(compressor)
+    options = dict(options)
+    if (
+        hasattr(built.config, "ratio")
+        and "feedback" not in options
+        and "options" not in options
+        and built.config.ratio < SPARSE_WARMUP.warmup_ratio
+    ):
+        options["feedback"] = SPARSE_WARMUP
+    return built, options
 
 
 def compress_updates_of(

@@ -101,6 +101,7 @@ class PowerSGDExchange(Exchange):
         self._wire = [d for d in (torch.float32, torch.float64) if d in used]
 
         self._round = 0
+        self._iteration = 0  # power iterations whose Q round is done
         # Per round: the compute dtypes of its buffers, and the buffers.
         self._wires: list[list[torch.dtype]] = []
         self._messages: list[tuple[Tensor, ...]] = []
@@ -134,6 +135,10 @@ class PowerSGDExchange(Exchange):
         parts += [self._own_dense(i).reshape(-1).to(dtype) for i in self._dense_of(dtype)]
         return torch.cat(parts)
 
+    def _pack_p(self, dtype: torch.dtype) -> Tensor:
+        """A later power iteration's P round: the batches' P = M Q, no dense tensors."""
+        return torch.cat([b.p.reshape(-1) for b in self._batches_of(dtype)])
+
     def _pack_round2(self, dtype: torch.dtype) -> Tensor:
         parts = []
         for b in self._batches_of(dtype):
@@ -149,7 +154,10 @@ class PowerSGDExchange(Exchange):
         return torch.split(buf, sizes)
 
     def _receive_round1(self, dtype: torch.dtype, buf: Tensor) -> None:
-        batches, dense = self._batches_of(dtype), self._dense_of(dtype)
+        """A P round: round 1 (with the dense tensors), or a later power iteration's."""
+        batches = self._batches_of(dtype)
+        dense = self._dense_of(dtype) if self._round == 0 else []
+        last = self._iteration == self._c.config.iterations - 1
         rank = self._c.config.rank
         sizes = [b.sizes[0] for b in batches] + [self._tensors[i].numel() for i in dense]
         pieces = self._unpack(buf, sizes)
@@ -158,7 +166,11 @@ class PowerSGDExchange(Exchange):
             b.p = orthogonalize(piece.view(-1, b.n, rank), self._c.config.orthogonalization)
             assert b.mats is not None
             b.q_local = mtp(b.mats, b.p)
-            b.mats = None
+            if self._c.wire_dtype is not None:
+                # What this rank sends is rounded: local() and error feedback see it so.
+                b.q_local = b.q_local.to(self._c.wire_dtype).to(b.dtype)
+            if last:
+                b.mats = None
         for i, piece in zip(dense, pieces[len(batches) :]):
             # A copy: the reduced buffer belongs to the transport, which may reuse it.
             t = self._tensors[i]
@@ -168,34 +180,74 @@ class PowerSGDExchange(Exchange):
         batches = self._batches_of(dtype)
         rank = self._c.config.rank
         pieces = self._unpack(buf, [b.sizes[1] for b in batches])
+        more = self._iteration < self._c.config.iterations - 1
         for b, piece in zip(batches, pieces):
             b.q_sum = piece.view(-1, b.m, rank).clone()
-            self._c._remember(b.keys, b.q_sum, b.q_used)
+            if more:
+                # Another power iteration within the step: P = M Q from the summed Q.
+                assert b.mats is not None
+                b.p = mq(b.mats, self._c._unit(b.q_sum, b.q_used))
+            else:
+                self._c._remember(b.keys, b.q_sum, b.q_used)
 
     # -- the protocol -----------------------------------------------------------------------------
+
+    def _split(self, dtype: torch.dtype, numel: int) -> list[tuple[int, bool]]:
+        """How this round's ``dtype`` buffer of ``numel`` elements travels: pieces of
+        (elements, cast to the wire dtype). P and Q are cast under ``precision``; the dense
+        tensors of round 1 keep the compute dtype, so they arrive summed exactly."""
+        if self._c.wire_dtype is None:
+            return [(numel, False)]
+        if self._round > 0:
+            return [(numel, True)]
+        p = sum(b.sizes[0] for b in self._batches_of(dtype))
+        return [(k, cast) for k, cast in ((p, True), (numel - p, False)) if k]
 
     def message(self) -> Message | None:
         if self._round >= len(self._messages):
             return None
-        return Message(self._messages[self._round], ReduceOp.SUM)
+        wire = self._c.wire_dtype
+        tensors: list[Tensor] = []
+        for dtype, buf in zip(self._wires[self._round], self._messages[self._round]):
+            plan = self._split(dtype, buf.numel())
+            if len(plan) == 1 and not plan[0][1]:
+                tensors.append(buf)
+                continue
+            for (_, cast), piece in zip(plan, buf.split([k for k, _ in plan])):
+                tensors.append(piece.to(wire) if cast else piece)
+        return Message(tuple(tensors), ReduceOp.SUM)
 
     def receive(self, reduced: Sequence[Tensor]) -> None:
         if self._round >= len(self._messages):
             raise RuntimeError("exchange: receive() called after the last round")
         reduced = list(reduced)
         wire = self._wires[self._round]
-        if len(reduced) != len(wire):
-            raise ValueError(f"reduced: got {len(reduced)} tensors, sent {len(wire)}")
-        for dtype, buf in zip(wire, reduced):
-            if self._round == 0:
+        plans = [self._split(d, b.numel()) for d, b in zip(wire, self._messages[self._round])]
+        sent = sum(len(plan) for plan in plans)
+        if len(reduced) != sent:
+            raise ValueError(f"reduced: got {len(reduced)} tensors, sent {sent}")
+        for dtype, plan in zip(wire, plans):
+            pieces, reduced = reduced[: len(plan)], reduced[len(plan) :]
+            # Back from the wire dtype (precision="bf16", "fp16") to the compute dtype.
+            buf = (
+                pieces[0].to(dtype)
+                if len(pieces) == 1
+                else torch.cat([t.to(dtype) for t in pieces])
+            )
+            if self._round % 2 == 0:
                 self._receive_round1(dtype, buf)
             else:
                 self._receive_round2(dtype, buf)
+        if self._round % 2 == 1:
+            self._iteration += 1
         self._round += 1
-        if self._round == 1 and self._batches:
+        # Rounds alternate P and Q, ``iterations`` times each; the first P round carries the
+        # dense tensors, so a group without compressed matrices needs only that one.
+        if self._batches and self._round < 2 * self._c.config.iterations:
             wire2 = [d for d in self._wire if self._batches_of(d)]
             self._wires.append(wire2)
-            self._messages.append(tuple(self._pack_round2(d) for d in wire2))
+            pack = self._pack_round2 if self._round % 2 == 1 else self._pack_p
+            self._messages.append(tuple(pack(d) for d in wire2))
 
     def _require_done(self) -> None:
         if self._round < len(self._messages):
@@ -208,8 +260,9 @@ class PowerSGDExchange(Exchange):
         return list(self._result)
 
     def local(self) -> list[Tensor]:
-        if self._messages and self._round < 1:
-            raise RuntimeError("exchange: local() needs P, which round 1 produces")
+        final_p = 2 * self._c.config.iterations - 1 if self._batches else 1
+        if self._messages and self._round < final_p:
+            raise RuntimeError("exchange: local() needs the last P round's P")
         if self._local is None:
             own = {i: self._own_dense(i).clone() for i in self._dense}
             self._local = self._assemble(lambda b: b.q_local, own, summed=False)

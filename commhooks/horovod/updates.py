@@ -13,7 +13,7 @@ from torch import Tensor
 from commhooks.engine.state import CompressionState
 from commhooks.horovod.collectives import HorovodCollectives
 from commhooks.horovod.optimizer import _names
-from commhooks.updates import compress_updates_of
+from commhooks.updates import compress_updates_of, update_options
 
 __all__ = ["compress_updates"]
 
@@ -38,10 +38,13 @@ def compress_updates(
         process_set: a Horovod process set (default: every rank).
         **options: fields of :class:`~commhooks.engine.HookOptions`, applied to the updates.
 
-    Tuning is as for :func:`commhooks.ddp.compress_updates`.
+    Sparsifiers get the same default sparsity warm-up
+    (:data:`~commhooks.updates.SPARSE_WARMUP`), and tuning is as for
+    :func:`commhooks.ddp.compress_updates`.
     """
+    built, options = update_options(compressor, options)
     state = CompressionState(
-        compressor,
+        built,
         comm=HorovodCollectives(process_set),
         named_parameters=_names(optimizer, named_parameters),
         **options,

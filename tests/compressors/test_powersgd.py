@@ -66,6 +66,14 @@ def test_registered_and_built_from_spec() -> None:
     assert commhooks.compressor(c.config.spec()).config == c.config
 
 
+def test_precision_and_iterations_from_spec() -> None:
+    c = build("powersgd:rank=4,precision=bf16,iterations=2")
+    assert (c.config.precision, c.config.iterations, c.wire_dtype) == ("bf16", 2, torch.bfloat16)
+    assert c.capabilities.rounds == 4
+    assert build("powersgd:precision=fp16").wire_dtype == torch.float16
+    assert build().wire_dtype is None and build().config.iterations == 1
+
+
 def test_capabilities() -> None:
     caps = build().capabilities
     assert (caps.kind.value, caps.summable, caps.static_size, caps.unbiased, caps.rounds) == (
@@ -87,6 +95,9 @@ def test_capabilities() -> None:
         ({"min_compression_rate": float("nan")}, "min_compression_rate"),
         ({"min_compression_rate": "2"}, "min_compression_rate"),
         ({"seed": 1.0}, "seed"),
+        ({"precision": "fp8"}, "precision"),
+        ({"iterations": 0}, "iterations"),
+        ({"iterations": 1.0}, "iterations"),
     ],
 )
 def test_bad_fields_name_the_field(kwargs: dict, field: str) -> None:
@@ -775,3 +786,96 @@ def test_fused_non_finite_keeps_only_the_affected_residuals(monkeypatch) -> None
             torch.testing.assert_close(fused[r].residual(k), plain[r].residual(k))
             if i in (0, 1, 3, 4):  # the compressed ones (dense residuals stay zero)
                 assert torch.equal(fused[r].residual(k), before[r][i]) == (i == 0), (r, k)
+
+
+# -- precision and power iterations ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision,wire", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+def test_half_precision_wire_and_iterations(
+    precision: str, wire: torch.dtype, iterations: int
+) -> None:
+    """P and Q travel in the wire dtype, 2 * iterations rounds; the dense tensors of round 1
+    keep fp32 and arrive summed exactly; every rank agrees bit for bit; this rank's local()
+    is what it sent (its rounded Q), so the sum of the locals is the result up to the
+    rounding of the sum itself."""
+    world, r = 2, 2
+    gen = torch.Generator().manual_seed(iterations)
+    shapes = [(24, 16), (24, 16), (20,), (3, 2)]
+    keys = [f"k{i}" for i in range(len(shapes))]
+    ranks = fake_ranks(f"powersgd:rank={r},precision={precision},iterations={iterations}", world)
+    inputs = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(world)]
+    exchanges, sent = exchange_all(ranks, inputs, keys)
+    assert len(sent) == 2 * iterations
+    p_sizes, q_sizes = 2 * 24 * r, 2 * 16 * r
+    assert [(t.dtype, t.numel()) for t in sent[0].tensors] == [
+        (wire, p_sizes), (torch.float32, 20 + 6),
+    ]  # fmt: skip
+    for i, m in enumerate(sent[1:], start=1):
+        assert [(t.dtype, t.numel()) for t in m.tensors] == [(wire, q_sizes if i % 2 else p_sizes)]
+    results = [ex.result() for ex in exchanges]
+    for s, t in zip(results[0], results[1]):
+        torch.testing.assert_close(s, t, rtol=0, atol=0)
+    for i in (2, 3):
+        torch.testing.assert_close(results[0][i], inputs[0][i] + inputs[1][i], rtol=0, atol=0)
+    for i in (0, 1):
+        summed = sum(ex.local()[i] for ex in exchanges)
+        assert float((results[0][i] - summed).norm()) <= 1e-2 * float(summed.norm())
+    for ex in exchanges:  # local() decodes this rank's Q as sent: rounded to the wire dtype
+        for b in ex._batches.values():  # type: ignore[attr-defined]
+            assert torch.equal(b.q_local, b.q_local.to(wire).float())
+    for k in ranks[0]._q:
+        torch.testing.assert_close(ranks[1]._q[k], ranks[0]._q[k], rtol=0, atol=0)
+
+
+def test_more_iterations_fit_better_and_half_precision_costs_little() -> None:
+    """A matrix with a slowly decaying spectrum, from a cold start: each power iteration brings
+    the rank-2 fit closer to the best one; bf16 on the wire changes the error by under 1%."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 48, generator=gen) @ torch.diag(torch.logspace(0, -1.5, 48))
+    best = float(torch.linalg.svdvals(x)[2:].square().sum().sqrt())
+
+    def error(spec: str) -> float:
+        exchanges, _ = exchange_all(fake_ranks(spec, 2), [[x], [x]], ["w"])
+        return float((exchanges[0].result()[0] - 2 * x).norm()) / 2
+
+    errs = [error(f"powersgd:rank=2,iterations={i}") for i in (1, 2, 3)]
+    assert errs[0] > errs[1] > errs[2] >= best * (1 - 1e-5), (errs, best)
+    for i in (1, 2):
+        half = error(f"powersgd:rank=2,iterations={i},precision=bf16")
+        assert abs(half - errs[i - 1]) <= 0.01 * errs[i - 1], (i, half, errs[i - 1])
+
+
+def test_half_precision_single_tensor_payload() -> None:
+    """compress (all-gather transports): P and Q in bf16, half the bytes; the decode and the
+    sum are in fp32; error feedback subtracts what was sent."""
+    x = torch.randn(40, 30)
+    c = build("powersgd:rank=3,precision=bf16,iterations=2")
+    payload, ctx = c.compress(x, "w")
+    assert [t.dtype for t in payload] == [torch.bfloat16] * 2
+    assert Compressor.nbytes(payload) == (40 + 30) * 3 * 2
+    y = c.decompress(payload, ctx)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, payload[0].float() @ payload[1].float().T, rtol=0, atol=0)
+    torch.testing.assert_close(c.aggregate([payload, payload], ctx), 2 * y)
+    target = x.clone()
+    c.subtract_sent_(target, payload, ctx)
+    torch.testing.assert_close(target, x - y, rtol=1e-6, atol=1e-6)
+    assert c._q["w"].dtype == torch.float32
+
+
+def test_half_precision_and_iterations_state_dict_round_trip() -> None:
+    spec = "powersgd:rank=2,precision=bf16,iterations=2"
+    gen = torch.Generator().manual_seed(4)
+    steps = [[[torch.randn(24, 18, generator=gen)] for _ in range(2)] for _ in range(4)]
+    ranks = fake_ranks(spec, 2)
+    for inputs in steps[:2]:
+        exchange_all(ranks, inputs, ["w"])
+    restored = fake_ranks(spec, 2)
+    for new, old in zip(restored, ranks):
+        new.load_state_dict(old.state_dict())
+    for inputs in steps[2:]:
+        ea, _ = exchange_all(ranks, inputs, ["w"])
+        eb, _ = exchange_all(restored, inputs, ["w"])
+        torch.testing.assert_close(ea[0].result()[0], eb[0].result()[0], rtol=0, atol=0)

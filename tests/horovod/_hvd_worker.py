@@ -149,6 +149,18 @@ def updates() -> dict[str, Any]:
     return {**res, "ratio": st.ratio, "steps": st.steps, "is_adamw": opt is adam}
 
 
+def updates_topk() -> dict[str, Any]:
+    """Top-k 1% on AdamW's updates: the default sparsity warm-up is on, and still keeping
+    more than 1% at step 12 of 30."""
+    model = make_model()
+    adam = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = compress_updates(adam, "topk:ratio=0.01", model.named_parameters())
+    res = train(model, opt, range(STEPS))
+    ef = opt.compression_state.feedback
+    return {**res, "warmup": (ef.config.warmup_steps, ef.config.warmup_ratio),
+            "ratio_now": ef.compressor.config.ratio}  # fmt: skip
+
+
 def checkpoint() -> dict[str, Any]:
     model, opt = ours("topk:ratio=0.05")
     train(model, opt, range(STEPS))
@@ -341,6 +353,7 @@ def main() -> None:
         "adapters": adapters(),
         "checkpoint": checkpoint(),
         "updates": updates(),
+        "updates_topk": updates_topk(),
         "api": api(),
         "mismatch": mismatch(),
         "overlap": overlap(),

@@ -121,3 +121,6 @@ def test_update_compression_keeps_replicas_identical(ranks: list[dict]) -> None:
         u = r["updates"]
         assert u["equal"] and u["finite"] and u["is_adamw"], u
         assert u["steps"] == 12 and u["ratio"] > 2, u  # (fresh random targets: no trend)
+        t = r["updates_topk"]  # sparsifiers warm their sparsity up by default, as under DDP
+        assert t["equal"] and t["finite"] and list(t["warmup"]) == [30, 0.5], t
+        assert 0.1 < t["ratio_now"] < 0.11, t
