@@ -3,22 +3,13 @@ well-formed report. No timing is asserted; the numbers belong in docs/benchmarks
 
 from __future__ import annotations
 
-import json
 import pathlib
-import subprocess
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from _smoke import smoke_report
 
 
 def test_kernels_smoke_writes_report(tmp_path: pathlib.Path) -> None:
-    out, md = tmp_path / "k.json", tmp_path / "k.md"
-    script = str(ROOT / "benchmarks" / "codec_speed.py")
-    subprocess.run(
-        [sys.executable, script, "--smoke", "--out", str(out), "--markdown", str(md)],
-        check=True, timeout=300, capture_output=True,
-    )  # fmt: skip
-    report = json.loads(out.read_text())
+    report, text = smoke_report("codec_speed", tmp_path)
     rows = report["rows"]
     specs = sorted({r["spec"] for r in rows})
     assert specs == sorted(["topk:ratio=0.01", "sign", "uniform:bits=8", "powersgd:rank=2"])
@@ -31,5 +22,4 @@ def test_kernels_smoke_writes_report(tmp_path: pathlib.Path) -> None:
     assert [t["ratio"] for t in report["topk"]] == [0.001, 0.01]
     for t in report["topk"]:
         assert 0.9 <= t["energy"] <= 1.0 + 1e-9 and t["speedup_median"] > 0
-    text = md.read_text()
     assert "| numel | compressor | EF |" in text and "torch.topk(sorted=False)" in text

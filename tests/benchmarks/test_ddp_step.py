@@ -5,24 +5,14 @@ No timings are asserted; the machine is shared and the numbers belong in docs/dd
 
 from __future__ import annotations
 
-import json
 import pathlib
-import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from _smoke import ROOT, smoke_report
 
 
 def test_ddp_step_smoke_writes_report(tmp_path: pathlib.Path) -> None:
-    out, md = tmp_path / "step.json", tmp_path / "step.md"
-    script = str(ROOT / "benchmarks" / "ddp_step.py")
-    subprocess.run(
-        [sys.executable, script, "--smoke", "--out", str(out), "--markdown", str(md)],
-        check=True,
-        timeout=300,
-        capture_output=True,
-    )
-    report = json.loads(out.read_text())
+    report, text = smoke_report("ddp_step", tmp_path)
     rows = {r["label"]: r for r in report["rows"]}
     assert list(rows) == ["allreduce", "torch-fp16", "topk", "sign", "powersgd"]
     n = report["n_params"]
@@ -34,7 +24,6 @@ def test_ddp_step_smoke_writes_report(tmp_path: pathlib.Path) -> None:
         assert r["ratio"] > 1.0, label
         assert r["min_s"] <= r["median_s"] <= r["max_s"], label
     assert rows["allreduce"]["vs_allreduce"] == 1.0
-    text = md.read_text()
     assert text.startswith("| variant |")
     assert all(f"| {label} |" in text for label in rows)
 
