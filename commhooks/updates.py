@@ -30,7 +30,7 @@ from commhooks.registry import compressor as build_compressor
 __all__ = ["SPARSE_WARMUP", "UpdateCompression", "compress_updates_of", "update_options"]
 
 #: The error-feedback options update compression gives a compressor with a kept ``ratio``
-#: (top-k, DGC) when none are passed: a sparsity warm-up whose kept share falls
+#: (top-k, DGC, random-k) when none are passed: a sparsity warm-up whose kept share falls
 #: exponentially from 50% to the compressor's own ratio over the first 30 steps
 #: (``docs/convergence.md`` measures it against longer, gentler ones).
 SPARSE_WARMUP = FeedbackConfig(warmup_steps=30, warmup_ratio=0.5)
@@ -92,8 +92,8 @@ def update_options(
     compressor: str | CompressorConfig | Compressor[Any], options: dict[str, Any]
 ) -> tuple[Compressor[Any], dict[str, Any]]:
     """The compressor and hook options update compression runs with: ``options`` as given,
-    plus ``feedback=SPARSE_WARMUP`` where the compressor keeps a ``ratio`` (top-k, DGC) and
-    neither ``feedback`` nor ``options`` was passed.
+    plus ``feedback=SPARSE_WARMUP`` where the compressor keeps a ``ratio`` under 50% (top-k,
+    DGC, random-k) and neither ``feedback`` nor ``options`` was passed.
 
     Adam puts its updates on one scale per element, so a 1% sparsifier sends each element
     about once in a hundred steps, a burst of what error feedback held; early in training,

@@ -74,9 +74,9 @@ def compress_updates(
             DDP does, so their optimizer state is the same on every rank; False averages
             their updates instead, like the rest.
         **options: fields of :class:`~commhooks.engine.HookOptions`, applied to the updates.
-            Without ``feedback``, a compressor that keeps a ``ratio`` under 50% (top-k, DGC)
-            gets :data:`~commhooks.updates.SPARSE_WARMUP`: the kept share falls from 50% to
-            its own ratio over the first 30 steps.
+            Without ``feedback``, a compressor that keeps a ``ratio`` under 50% (top-k, DGC,
+            random-k) gets :data:`~commhooks.updates.SPARSE_WARMUP`: the kept share falls
+            from 50% to its own ratio over the first 30 steps.
 
     Tuning: error feedback (on by default for biased compressors) carries what each update
     lost into the next; pass ``error_feedback=True`` for unbiased ones (ternary, QSGD) too,

@@ -106,7 +106,7 @@ def test_updates_stay_in_sync_compress_and_resume(run_ranks: Any) -> None:
 
 
 def test_update_options_warm_up_sparsifiers_only_by_default() -> None:
-    for spec in ("topk:ratio=0.01", "dgc"):
+    for spec in ("topk:ratio=0.01", "dgc", "randomk"):
         assert update_options(spec, {})[1] == {"feedback": SPARSE_WARMUP}, spec
     for spec in ("sign", "powersgd", "topk:ratio=0.5", "uniform:bits=8"):
         assert "feedback" not in update_options(spec, {})[1], spec
