@@ -198,6 +198,15 @@ def _all_reduce_in_place(
         buffer.div_(state.world_size)
 
 
+def _nonfinite_on_device(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """1 (in ``dtype``, shape ``(1,)``, on the tensors' device) if any element of ``tensors``
+    is inf or nan, else 0, without a host read. A float64 sum of fp32 or half values cannot
+    overflow, so it is finite exactly when every element is: one pass. (fp64 values beyond
+    1e308 would read as an overflow.)"""
+    total = torch.stack([t.sum(dtype=torch.float64) for t in tensors]).sum()
+    return (~torch.isfinite(total)).to(dtype).reshape(1)
+
+
 def _passes_through(state: CompressionState) -> bool:
     """Whether the exchange is the gradients themselves, summed (``identity`` without error
     feedback over the flat all-reduce transport): then packing the bucket's tensors into one
@@ -215,8 +224,7 @@ def _average_in_place(state: CompressionState, buffers: list[Tensor], step: Tran
     non-finite exactly where some rank's input was, or the sum overflowed, alike everywhere)."""
     _all_reduce_in_place(state, buffers, step)
     if state.checks_on_device(buffers[-1].device):
-        total = torch.stack([b.sum(dtype=torch.float64) for b in buffers]).sum()
-        state.note_nonfinite((~torch.isfinite(total)).to(torch.float32))
+        state.note_nonfinite(_nonfinite_on_device(buffers, torch.float32))
     elif not all(all_finite(b) for b in buffers):
         step.extra["nonfinite"] = True
     state.record(step)
@@ -329,10 +337,7 @@ def _average_on_device(
     flag rides in the first round, the exchange always completes, a bucket some rank
     overflowed gets a NaN in each average (so GradScaler skips the step), and the step's
     memory changes are undone on the device when it closes (``nonfinite_check="device"``)."""
-    # A float64 sum of fp32 or half values cannot overflow, so it is finite exactly when every
-    # element is: one pass, no host read. (fp64 gradients beyond 1e308 would read as overflow.)
-    total = torch.stack([b.sum(dtype=torch.float64) for b in buffers]).sum()
-    flag = (~torch.isfinite(total)).to(buffers[-1].dtype).reshape(1)
+    flag = _nonfinite_on_device(buffers, buffers[-1].dtype)
     state.journal(in_place=True, on_device=True)
     ride = torch.cat([*(views[i].reshape(-1) for i in dense), flag])
     grads = [views[i] for i in sparse]
@@ -341,8 +346,7 @@ def _average_on_device(
     bad = ride[-1:]
     # The averages are the same on every rank, so a non-finite one (an overflow in g + e, in
     # a cast or in the sum, which the input flag cannot see) marks the step on every rank.
-    means = torch.stack([g.sum(dtype=torch.float64) for g in grads]).sum()
-    state.note_nonfinite(bad + (~torch.isfinite(means)).to(bad.dtype))
+    state.note_nonfinite(bad + _nonfinite_on_device(grads, bad.dtype))
     # One NaN per average is enough for GradScaler and the optimizer to see the overflow.
     mark = torch.where(bad > 0, float("nan"), 0.0)
     for v in views:
