@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,10 +29,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from commhooks._validate import check_bool, check_int, check_real
-from commhooks.comm.transport import Traffic, TransportStats
+from commhooks.comm.transport import Traffic
 from commhooks.compressors.base import Compressor, CompressorConfig, all_finite
-from commhooks.engine.average import average_buffer
 from commhooks.engine.state import CommStats, CompressionState
+from commhooks.engine.step import Step
 
 __all__ = ["FedConfig", "FedStats", "FederatedAverager"]
 
@@ -168,6 +168,7 @@ class FederatedAverager:
         self.round = 0
         self._start: list[Tensor] | None = None
         self._participating = False
+        self._cstep: Step | None = None  # SCAFFOLD's variates' step, closed with the round's
         self._momentum = [torch.zeros_like(p, dtype=torch.float32) for _, p in self.params]
         self._c = [torch.zeros_like(p, dtype=torch.float32) for _, p in self.params]
         self._ci = [torch.zeros_like(p, dtype=torch.float32) for _, p in self.params]
@@ -213,7 +214,8 @@ class FederatedAverager:
             # The pseudo-gradient w_start - w, scaled so the transport's mean is the weighted
             # mean over the participants.
             deltas = [(s - p.detach()).float() * mine for (_, p), s in zip(self.params, start)]
-            update = self._exchange(self.state, deltas)
+            step = self.state.begin()
+            update = self._exchange(step, deltas)
             # The average is the same on every rank, so every rank skips a non-finite round
             # alike: parameters back to the round's start, server momentum and control
             # variates untouched, the error-feedback memory rolled back when the state closes.
@@ -226,10 +228,12 @@ class FederatedAverager:
             else:
                 for (_, p), s in zip(self.params, start):
                     p.copy_(s.to(p.dtype))
-                self.state.record(TransportStats(extra={"nonfinite": True}))
-        moved = self._fold(self.state)
-        if self.cstate is not None:
-            moved.add(self._fold(self.cstate))
+                step.mark_nonfinite()
+            moved = self._fold(step)
+            if self.cstate is not None:
+                # Closed every round, exchanged or not, so its step count follows the rounds.
+                cstep, self._cstep = self._cstep or self.cstate.begin(), None
+                moved.add(self._fold(cstep))
         s = self._stats
         s.add(moved)
         s.last_raw_bytes, s.last_wire_bytes = moved.raw_bytes, moved.wire_bytes
@@ -258,31 +262,24 @@ class FederatedAverager:
                 self._ci[i] = new
             else:
                 changes.append(torch.zeros_like(d))
-        mean = self._exchange(self.cstate, changes)
+        self._cstep = self.cstate.begin()
+        mean = self._exchange(self._cstep, changes)
         for i in range(len(self._c)):
             self._c[i].add_(mean[i])
 
-    def _exchange(self, state: CompressionState, tensors: list[Tensor]) -> list[Tensor]:
+    def _exchange(self, step: Step, tensors: list[Tensor]) -> list[Tensor]:
         """The mean over ranks of ``tensors`` (one per parameter), compressed."""
-        flat = torch.cat([t.reshape(-1) for t in tensors])
         # An absent client joins with a zero delta and leaves its error-feedback memory alone:
         # its residual waits for its next round.
-        average_buffer(state, flat, [p for _, p in self.params], memory=self._participating)
-        return [
-            piece.view(t.shape)
-            for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)
-        ]
+        keys = [n for n, _ in self.params]
+        return step.average(keys, tensors, last=True, memory=self._participating)
 
-    def _fold(self, state: CompressionState) -> Traffic:
-        """Close the state's step; return the bytes and times it moved this round (and count
-        its non-finite steps in this client's stats)."""
-        before = state.stats()
-        state.end_step()
-        after = state.stats()
-        self._stats.nonfinite_steps += after.nonfinite_steps - before.nonfinite_steps
-        return Traffic(
-            **{f.name: getattr(after, f.name) - getattr(before, f.name) for f in fields(Traffic)}
-        )
+    def _fold(self, step: Step) -> Traffic:
+        """Close ``step``; return the bytes and times it moved this round (and count it in
+        this client's stats if it was skipped)."""
+        report = step.close()
+        self._stats.nonfinite_steps += int(report.nonfinite)
+        return report
 
     # -- public state ---------------------------------------------------------------------------
 

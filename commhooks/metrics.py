@@ -1,6 +1,6 @@
 """Per-step and cumulative communication stats: log lines, callbacks, TensorBoard.
 
-:meth:`commhooks.ddp.CompressionState.end_step` hands every closed step to
+:meth:`commhooks.engine.Step.close` hands every closed step to
 :func:`step_ended`, which
 
 - logs one line every ``HookOptions.log_every`` steps (0: never), with the rank, the last
@@ -110,7 +110,7 @@ def remove_stats_callback(state: CompressionState, fn: StatsCallback) -> None:
 
 
 def step_ended(state: CompressionState, stats: CommStats) -> None:
-    """What :meth:`CompressionState.end_step` calls once a step's stats are folded in: the
+    """What :meth:`commhooks.engine.Step.close` calls once a step's stats are folded in: the
     ``log_every`` line, then the callbacks."""
     every = state.options.log_every
     if every and stats.steps % every == 0:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from commhooks.compressors.base import Compressor, CompressorConfig
-from commhooks.engine.average import average_buffer, goes_dense, param_views
+from commhooks.engine.average import goes_dense
 from commhooks.engine.state import CommStats, CompressionState
 from commhooks.feedback import FeedbackConfig
 from commhooks.registry import compressor as build_compressor
@@ -35,8 +35,6 @@ __all__ = ["SPARSE_WARMUP", "UpdateCompression", "compress_updates_of", "update_
 #: (``docs/convergence.md`` measures it against longer, gentler ones).
 SPARSE_WARMUP = FeedbackConfig(warmup_steps=30, warmup_ratio=0.5)
 
-EMPTY = torch.empty(0)
-
 
 class UpdateCompression(torch.optim.Optimizer):
     """Methods grafted onto a subclass of the user's optimizer class, so the result is still
@@ -45,6 +43,7 @@ class UpdateCompression(torch.optim.Optimizer):
 
     _uc: CompressionState
     _uc_sent: list[Tensor]  # the parameters whose updates are averaged
+    _uc_keys: list[str]  # their error-feedback names
 
     def step(self, closure: Any = None) -> Any:
         """Take the optimizer's step on this rank's gradients, then replace each parameter's
@@ -53,17 +52,16 @@ class UpdateCompression(torch.optim.Optimizer):
         before = [p.detach().clone() for p in params]
         loss = super().step(closure)  # type: ignore[misc]  # a closure may need autograd
         with torch.no_grad():
-            # No parameter left to send: all small, their gradients averaged by the hook.
-            flat = torch.cat([(p - b).reshape(-1) for p, b in zip(params, before)] or [EMPTY])
-            try:
-                if params:
-                    average_buffer(self._uc, flat, params)
-            except Exception:
-                self._uc.abort_step()
-                raise
-            self._uc.end_step()
-            for p, b, d in zip(params, before, param_views(flat, params)):
-                torch.add(b, d, out=p)
+            # The step the DDP hook opened for the small tensors' gradients, if it did.
+            step = self._uc.current()
+            # No parameter left to send (all small, their gradients averaged by the hook):
+            # the step still closes, so the step counter follows the optimizer's.
+            if params:
+                deltas = [p - b for p, b in zip(params, before)]
+                means = step.average(self._uc_keys, deltas, last=True)
+                for p, b, d in zip(params, before, means):
+                    torch.add(b, d, out=p)
+            step.close()
         return loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -131,4 +129,5 @@ def compress_updates_of(
     uc._uc = state
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     uc._uc_sent = [p for p in params if not (small_averaged and goes_dense(state, p))]
+    uc._uc_keys = [state.key_of(p) for p in uc._uc_sent]
     return optimizer

@@ -118,10 +118,10 @@ def test_callbacks_run_after_each_step_and_can_be_removed() -> None:
         seen.append(s.steps)
 
     metrics.add_stats_callback(state, note)
-    state.end_step()
-    state.end_step()
+    state.begin().close()
+    state.begin().close()
     metrics.remove_stats_callback(state, note)
-    state.end_step()
+    state.begin().close()
     assert seen == [1, 2]
     with pytest.raises(ValueError, match=r"^fn="):
         metrics.remove_stats_callback(state, note)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.futures import Future
 
 from commhooks.compressors.base import Compressor, CompressorConfig
-from commhooks.engine.average import average_bucket, average_buffer
+from commhooks.engine.average import average_bucket, average_flat
 from commhooks.engine.state import CompressionState
 
 __all__ = [
@@ -52,8 +52,8 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
         state.bind()
 
         def job() -> None:
-            state.begin_tensor(state.key_of(param))
-            average_buffer(state, flat, [param], final=False)
+            key = state.key_of(param)
+            average_flat(state.begin_tensor(key), flat, [key], [param.shape], final=False)
 
         state.worker.run(job, flat.device)
         if flat.data_ptr() != grad.data_ptr():

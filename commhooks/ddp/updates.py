@@ -37,10 +37,11 @@ def small_dense_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
     small = [v for v in views if goes_dense(state, v)]
     if small:
         flat = torch.cat([v.reshape(-1) for v in small])
-        step = TransportStats(raw_bytes=flat.numel() * flat.element_size())
+        traffic = TransportStats(raw_bytes=flat.numel() * flat.element_size())
         state.bind().all_reduce(flat)
-        count_allreduce(step, flat, state.world_size)
-        state.record(step)
+        count_allreduce(traffic, flat, state.world_size)
+        # Counted in the step the optimizer's update exchange closes.
+        state.current().record(traffic)
         flat.div_(state.world_size)
         for v, piece in zip(small, flat.split([v.numel() for v in small])):
             v.copy_(piece.view(v.shape))

@@ -3,12 +3,14 @@ over ranks out, through a compressor, error feedback and a transport, on a commu
 worker that overlaps the exchange with backward.
 
 :class:`CompressionState` holds the options, the per-rank state and the worker;
-:func:`average_buffer` averages one buffer synchronously (Horovod, federated) and
-:func:`average_bucket` one DDP bucket on the worker.
+:meth:`CompressionState.begin` opens a :class:`Step`, which every front end feeds
+(:meth:`Step.submit`) and closes (:meth:`Step.close`); the DDP hook feeds it one bucket at a
+time through :func:`average_bucket`.
 """
 
-from commhooks.engine.average import average_bucket, average_buffer, param_views
+from commhooks.engine.average import average_bucket, average_flat, param_views
 from commhooks.engine.state import CommStats, CompressionState, HookOptions
+from commhooks.engine.step import Step, StepReport
 from commhooks.engine.worker import HELD, CommWorker
 
 __all__ = [
@@ -17,7 +19,9 @@ __all__ = [
     "CommWorker",
     "CompressionState",
     "HookOptions",
+    "Step",
+    "StepReport",
     "average_bucket",
-    "average_buffer",
+    "average_flat",
     "param_views",
 ]

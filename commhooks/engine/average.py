@@ -1,10 +1,11 @@
 """The averaging engine: a group of gradient tensors in, their average over ranks out.
 
-Every front end calls these: DDP's hook once per bucket (on the communication worker, see
-:mod:`commhooks.engine.worker`), Horovod's optimizer once per bucket of parameters, the
-federated averager once per round. All collectives go through ``state.comm`` (a
-:class:`~commhooks.comm.collectives.Collectives`), warm-up included, in an order that depends
-only on the shapes and the config.
+Every front end reaches it through a :class:`~commhooks.engine.step.Step`:
+:meth:`Step.submit` runs :func:`average_flat` on the communication worker (Horovod's
+optimizer per bucket of parameters, update compression, federated rounds), and DDP's hook
+runs :func:`average_bucket` there once per bucket (see :mod:`commhooks.engine.worker`). All
+collectives go through ``state.comm`` (a :class:`~commhooks.comm.collectives.Collectives`),
+warm-up included, in an order that depends only on the shapes and the config.
 
 What one call does with a buffer (the concatenated gradients of some parameters):
 
@@ -14,12 +15,13 @@ What one call does with a buffer (the concatenated gradients of some parameters)
   dense all-reduce (riding in the transport's first round when it sums); the rest through the
   state's transport, with error feedback per parameter. A step on which some rank overflowed
   goes dense everywhere, so the optimizer and GradScaler see the inf/nan, and the step's
-  error-feedback changes are rolled back when it closes (:meth:`CompressionState.end_step`).
+  error-feedback changes are rolled back when it closes (:meth:`Step.close`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,17 +32,20 @@ from commhooks.comm.transport import AllReduceTransport, TransportStats, count_a
 from commhooks.compressors.base import all_finite
 from commhooks.engine.fallback import COMPRESSED
 from commhooks.engine.state import CompressionState
+from commhooks.engine.step import Step
 from commhooks.engine.worker import HELD
 
-__all__ = ["average_bucket", "average_buffer", "goes_dense", "param_views"]
+__all__ = ["average_bucket", "average_flat", "goes_dense", "param_views"]
 
 
-def param_views(buffer: Tensor, params: list[Tensor]) -> list[Tensor]:
-    """Per-parameter views of a flat buffer holding the gradients of ``params`` in order."""
+def param_views(buffer: Tensor, params: Sequence[Tensor] | Sequence[torch.Size]) -> list[Tensor]:
+    """Per-tensor views of a flat buffer holding ``params`` (tensors or shapes) in order."""
     views, pos = [], 0
     for p in params:
-        views.append(buffer[pos : pos + p.numel()].view(p.shape))
-        pos += p.numel()
+        shape = p.shape if isinstance(p, Tensor) else p
+        n = shape.numel()
+        views.append(buffer[pos : pos + n].view(shape))
+        pos += n
     return views
 
 
@@ -66,112 +71,110 @@ def average_bucket(
 ) -> Any:
     """Average one DDP bucket in place and return it; runs on the communication worker.
 
-    With ``coalesce`` the buckets before the last are held (the return value is
+    ``first`` opens a step (rolling back one still open: its backward stopped before the
+    last bucket, or one of its jobs failed) and ``last`` closes it. With ``coalesce`` the
+    buckets before the last are held (the return value is
     :data:`~commhooks.engine.worker.HELD`) and exchanged together with the last, which then
-    completes their futures. ``first``/``last``: the bucket opens/closes a step.
+    completes their futures.
     """
     if buffer.is_complex():
         raise ValueError(
             f"bucket: {buffer.dtype} gradients; commhooks compresses real gradients only "
             "(register() names the parameter)"
         )
-    if first:
-        # The previous step is still open: its backward stopped before the last bucket, or
-        # one of its jobs failed. Roll it back and drop what it held.
-        _drop_stale(state)
-        state.abort_step()
+    step = state.begin() if first else state.current()
     state.check_agreement(buffer)
+    keys = [state.key_of(p) for p in params]
+    shapes = [p.shape for p in params]
     held = False
     try:
         if state.iteration < state.options.start_iter:
-            _dense_in_place(state, buffer)
+            _dense_in_place(step, buffer)
         elif state.fallback is not None:
-            _measured(state, buffer, params, final=last)
+            _measured(step, buffer, keys, shapes, final=last)
         elif state.options.coalesce and not last:
-            state.deferred.append((buffer, params, future))
+            step.deferred.append((buffer, keys, shapes, future))
             held = True
         else:
-            _average_deferred(state, buffer, params, final=last)
+            _average_deferred(step, buffer, keys, shapes, final=last)
     except Exception:
-        state.abort_step()
+        step.abort()
         raise
     if last:
-        state.end_step()
+        step.close()
     return HELD if held else buffer
 
 
-def average_buffer(
-    state: CompressionState,
+def average_flat(
+    step: Step,
     buffer: Tensor,
-    params: list[Tensor],
+    keys: list[str],
+    shapes: Sequence[torch.Size],
     *,
     final: bool = True,
     memory: bool = True,
 ) -> None:
-    """Average ``buffer`` (the concatenated gradients of ``params``) over ranks, in place and
-    synchronously on the calling thread: dense before ``start_iter``, compressed after.
+    """Average ``buffer`` (the concatenated tensors named ``keys``, of ``shapes``) over ranks,
+    in place and synchronously on the calling thread: dense before ``start_iter``,
+    compressed after. :meth:`Step.submit` runs it on the communication worker.
 
-    Does not close the step (call ``state.end_step()``). ``final=False`` says more buffers of
-    this step follow: the in-place error-feedback updates are then journaled, so that a later
-    buffer's overflow can roll the whole step back. ``memory=False`` sends the buffer without
-    this rank's error feedback, which stays as it was (an absent federated client).
+    ``final=False`` says more buffers of this step follow: the in-place error-feedback
+    updates are then journaled, so that a later buffer's overflow can roll the whole step
+    back. ``memory=False`` sends the buffer without this rank's error feedback, which stays
+    as it was (an absent federated client).
     """
+    state = step.state
     state.check_agreement(buffer)
     if state.iteration < state.options.start_iter:
-        _dense_in_place(state, buffer)
+        _dense_in_place(step, buffer)
     else:
-        _average_parts(state, [(buffer, params)], final=final, memory=memory)
-
-
-def _drop_stale(state: CompressionState) -> None:
-    """A step starts with buckets still held: the last step's backward stopped before its last
-    bucket. Drop them, or their buffers, which DDP refills, would be averaged twice."""
-    stale, state.deferred = state.deferred, []
-    for _, _, fut in stale:
-        fut.set_exception(RuntimeError("commhooks: backward ended before the last bucket"))
+        _average_parts(step, [(buffer, keys, list(shapes))], final=final, memory=memory)
 
 
 def _average_deferred(
-    state: CompressionState, buffer: Tensor, params: list[Tensor], final: bool
+    step: Step, buffer: Tensor, keys: list[str], shapes: list[torch.Size], final: bool
 ) -> None:
     """Average the held buckets and this one in one go, then complete the held futures."""
-    held, state.deferred = state.deferred, []
+    held, step.deferred = step.deferred, []
+    parts = [*((b, k, s) for b, k, s, _ in held), (buffer, keys, shapes)]
     try:
-        _average_parts(state, [*((b, p) for b, p, _ in held), (buffer, params)], final=final)
+        _average_parts(step, parts, final=final)
     except Exception as e:
-        for _, _, fut in held:
+        for *_, fut in held:
             fut.set_exception(e)
         raise
-    for b, _, fut in held:
+    for b, *_, fut in held:
         fut.set_result(b)
 
 
-def _measured(state: CompressionState, buffer: Tensor, params: list[Tensor], final: bool) -> None:
+def _measured(
+    step: Step, buffer: Tensor, keys: list[str], shapes: list[torch.Size], final: bool
+) -> None:
     """``fallback="auto"``: probe both paths, then keep the faster (see ``engine/fallback.py``)."""
+    state = step.state
     assert state.fallback is not None
-    keys = tuple(state.key_of(p) for p in params)
-    path, probe = state.fallback.plan(keys, state.comm, buffer.device)
+    path, probe = state.fallback.plan(tuple(keys), state.comm, buffer.device)
     if probe:
         _sync(buffer)  # backward's queued kernels must not be charged to either path
     t0 = time.perf_counter()
     if path == COMPRESSED:
-        _average_parts(state, [(buffer, params)], final=final)
+        _average_parts(step, [(buffer, keys, shapes)], final=final)
     else:
         # Settled dense: what error feedback still holds for these tensors goes now (popped
         # under the step's journal, so a skipped step gives it back).
         if not probe and state.feedback is not None and all_finite(buffer):
-            for view, key in zip(param_views(buffer, params), keys):
+            for view, key in zip(param_views(buffer, shapes), keys):
                 residual = state.feedback.pop(key)
                 if residual is not None:
                     view.add_(residual.to(view.dtype))
-        _dense_in_place(state, buffer)
+        _dense_in_place(step, buffer)
         # The average is the same on every rank: non-finite exactly where some rank's input
         # was (or the sum overflowed, which the optimizer skips as well), so the step is.
         if not all_finite(buffer):
-            state.record(TransportStats(extra={"nonfinite": True}))
+            step.mark_nonfinite()
     if probe:
         _sync(buffer)
-        state.fallback.record(keys, path, time.perf_counter() - t0)
+        state.fallback.record(tuple(keys), path, time.perf_counter() - t0)
 
 
 def _sync(buffer: Tensor) -> None:
@@ -179,22 +182,22 @@ def _sync(buffer: Tensor) -> None:
         torch.cuda.synchronize(buffer.device)
 
 
-def _dense_in_place(state: CompressionState, buffer: Tensor) -> None:
+def _dense_in_place(step: Step, buffer: Tensor) -> None:
     """A plain all-reduce of the whole buffer, divided by the world size (warm-up, fallback)."""
-    step = TransportStats(raw_bytes=buffer.numel() * buffer.element_size())
-    _all_reduce_in_place(state, [buffer], step)
-    state.record(step)
+    traffic = TransportStats(raw_bytes=buffer.numel() * buffer.element_size())
+    _all_reduce_in_place(step.state, [buffer], traffic)
+    step.record(traffic)
 
 
 def _all_reduce_in_place(
-    state: CompressionState, buffers: list[Tensor], step: TransportStats
+    state: CompressionState, buffers: list[Tensor], traffic: TransportStats
 ) -> None:
     """Replace each buffer by its average over ranks: one all-reduce each, no copies."""
     for buffer in buffers:
         t0 = time.perf_counter()
         state.comm.all_reduce(buffer)
-        step.comm_s += time.perf_counter() - t0
-        count_allreduce(step, buffer, state.world_size)
+        traffic.comm_s += time.perf_counter() - t0
+        count_allreduce(traffic, buffer, state.world_size)
         buffer.div_(state.world_size)
 
 
@@ -218,23 +221,24 @@ def _passes_through(state: CompressionState) -> bool:
     )
 
 
-def _average_in_place(state: CompressionState, buffers: list[Tensor], step: TransportStats) -> None:
+def _average_in_place(step: Step, buffers: list[Tensor], traffic: TransportStats) -> None:
     """:func:`_average_parts` for a pass-through exchange: every buffer all-reduced in place.
     Nothing is remembered, so an overflow needs no rollback; it is only counted (the average is
     non-finite exactly where some rank's input was, or the sum overflowed, alike everywhere)."""
-    _all_reduce_in_place(state, buffers, step)
+    state = step.state
+    _all_reduce_in_place(state, buffers, traffic)
     if state.checks_on_device(buffers[-1].device):
-        state.note_nonfinite(_nonfinite_on_device(buffers, torch.float32))
+        step.note_nonfinite(_nonfinite_on_device(buffers, torch.float32))
     elif not all(all_finite(b) for b in buffers):
-        step.extra["nonfinite"] = True
-    state.record(step)
+        traffic.extra["nonfinite"] = True
+    step.record(traffic)
 
 
 def _dense_average(
     state: CompressionState,
     views: list[Tensor],
     idx: list[int],
-    step: TransportStats,
+    traffic: TransportStats,
     extra: Tensor | None = None,
 ) -> Tensor | None:
     """Average ``views[i]`` for ``i in idx`` in place with one all-reduce; ``extra`` rides
@@ -242,7 +246,7 @@ def _dense_average(
     tail = [extra] if extra is not None else []
     flat = torch.cat([*(views[i].reshape(-1) for i in idx), *tail])
     state.comm.all_reduce(flat)
-    count_allreduce(step, flat, state.world_size)
+    count_allreduce(traffic, flat, state.world_size)
     _write_mean(state, views, idx, flat[: flat.numel() - len(tail)])
     return flat[-1] if extra is not None else None
 
@@ -258,20 +262,21 @@ def _write_mean(
 
 
 def _average_parts(
-    state: CompressionState,
-    parts: list[tuple[Tensor, list[Tensor]]],
+    step: Step,
+    parts: list[tuple[Tensor, list[str], list[torch.Size]]],
     *,
     final: bool,
     memory: bool = True,
 ) -> None:
     """Average several buffers (DDP buckets) in place with one set of collectives."""
-    buffers = [b for b, _ in parts]
-    step = TransportStats(raw_bytes=sum(b.numel() * b.element_size() for b in buffers))
+    state = step.state
+    buffers = [b for b, _, _ in parts]
+    traffic = TransportStats(raw_bytes=sum(b.numel() * b.element_size() for b in buffers))
     if _passes_through(state):
-        _average_in_place(state, buffers, step)
+        _average_in_place(step, buffers, traffic)
         return
-    params = [p for _, ps in parts for p in ps]
-    views = [v for b, ps in parts for v in param_views(b, ps)]
+    names = [k for _, ks, _ in parts for k in ks]
+    views = [v for b, _, shapes in parts for v in param_views(b, shapes)]
     dense, sparse = [], []
     for i, v in enumerate(views):
         (dense if goes_dense(state, v) else sparse).append(i)
@@ -281,22 +286,22 @@ def _average_parts(
     # dense (the optimizer and GradScaler see the inf/nan) and error feedback is not touched.
     # Over an all-reduce transport they ride in its first round (one collective fewer); the
     # round's work is then dropped on every rank alike.
-    if state.step_nonfinite:
+    if step.nonfinite:
         # An earlier exchange of this step overflowed on some rank, so the step will be
         # skipped: the rest goes dense, leaving error feedback alone.
-        _dense_average(state, views, list(range(len(views))), step)
-        step.extra["nonfinite"] = True
-        state.record(step)
+        _dense_average(state, views, list(range(len(views))), traffic)
+        traffic.extra["nonfinite"] = True
+        step.record(traffic)
         return
-    keys = [state.key_of(params[i]) for i in sparse]
+    keys = [names[i] for i in sparse]
     out: list[Tensor] | None = None
     moved: TransportStats | None = None
     if sparse and state.checks_on_device(buffers[-1].device):
-        _average_on_device(state, views, dense, sparse, keys, buffers, step, memory)
+        _average_on_device(step, views, dense, sparse, keys, buffers, traffic, memory)
         return
     finite = all(all_finite(b) for b in buffers)
     flag = buffers[-1].new_full((1,), 0.0 if finite else 1.0)
-    state.journal(in_place=not final)
+    step.journal(in_place=not final)
     if sparse and isinstance(state.transport, AllReduceTransport):
         ride = torch.cat([*(views[i].reshape(-1) for i in dense), flag])
         grads = [views[i] for i in sparse]
@@ -307,38 +312,39 @@ def _average_parts(
         _write_mean(state, views, dense, ride[:-1])
         nonfinite = done is None
     else:
-        nonfinite = bool(_dense_average(state, views, dense, step, extra=flag) != 0)
+        nonfinite = bool(_dense_average(state, views, dense, traffic, extra=flag) != 0)
         if sparse and not nonfinite:
             out, moved = state.transport.run(keys, [views[i] for i in sparse], memory=memory)
     if sparse and nonfinite:
-        _dense_average(state, views, sparse, step)
+        _dense_average(state, views, sparse, traffic)
     if nonfinite:
-        step.extra["nonfinite"] = True
+        traffic.extra["nonfinite"] = True
     if moved is not None:
         moved.raw_bytes = 0  # the buckets' raw bytes are counted once, above
-        step.add(moved)
+        traffic.add(moved)
     if out is not None:
         for i, o in zip(sparse, out):
             views[i].copy_(o)
-    state.record(step)
+    step.record(traffic)
 
 
 def _average_on_device(
-    state: CompressionState,
+    step: Step,
     views: list[Tensor],
     dense: list[int],
     sparse: list[int],
     keys: list[str],
     buffers: list[Tensor],
-    step: TransportStats,
+    traffic: TransportStats,
     memory: bool,
 ) -> None:
     """:func:`_average_parts` over the all-reduce transport with no host read: the overflow
     flag rides in the first round, the exchange always completes, a bucket some rank
     overflowed gets a NaN in each average (so GradScaler skips the step), and the step's
     memory changes are undone on the device when it closes (``nonfinite_check="device"``)."""
+    state = step.state
     flag = _nonfinite_on_device(buffers, buffers[-1].dtype)
-    state.journal(in_place=True, on_device=True)
+    step.journal(in_place=True, on_device=True)
     ride = torch.cat([*(views[i].reshape(-1) for i in dense), flag])
     grads = [views[i] for i in sparse]
     _, _, moved = state.transport.run_riding(keys, grads, ride, None, out=grads, memory=memory)
@@ -346,12 +352,12 @@ def _average_on_device(
     bad = ride[-1:]
     # The averages are the same on every rank, so a non-finite one (an overflow in g + e, in
     # a cast or in the sum, which the input flag cannot see) marks the step on every rank.
-    state.note_nonfinite(bad + _nonfinite_on_device(grads, bad.dtype))
+    step.note_nonfinite(bad + _nonfinite_on_device(grads, bad.dtype))
     # One NaN per average is enough for GradScaler and the optimizer to see the overflow.
     mark = torch.where(bad > 0, float("nan"), 0.0)
     for v in views:
         if v.numel():
             v.view(-1)[:1].add_(mark.to(v.dtype))
     moved.raw_bytes = 0  # the buckets' raw bytes are counted once, by the caller's step
-    step.add(moved)
-    state.record(step)
+    traffic.add(moved)
+    step.record(traffic)

@@ -14,9 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.futures import Future
 
-from commhooks import metrics, native
+from commhooks import native
 from commhooks._validate import check_bool, check_choice, check_int, check_real
 from commhooks.comm.collectives import Collectives, TorchCollectives
 from commhooks.comm.hierarchical import TOPOLOGIES, HierarchicalTransport, NodeGroups, node_groups
@@ -25,12 +24,12 @@ from commhooks.comm.transport import (
     AllReduceTransport,
     Traffic,
     Transport,
-    TransportStats,
     transport_class,
 )
 from commhooks.compressors.base import Compressor, CompressorConfig
 from commhooks.engine.fallback import BucketChoice, Fallback
 from commhooks.engine.join import Join
+from commhooks.engine.step import Step
 from commhooks.engine.worker import CommWorker
 from commhooks.feedback import ErrorFeedback, FeedbackConfig
 from commhooks.registry import compressor as build_compressor
@@ -252,7 +251,6 @@ class CompressionState:
         self._names: dict[int, str] = {id(p): n for n, p in named_parameters or ()}
         self.iteration = 0
         self._stats = CommStats()
-        self._step = TransportStats()
         self._checked = False
         self._mismatch: str | None = None
         self._seen: set[str] = set()
@@ -260,12 +258,9 @@ class CompressionState:
         self.fallback = (
             Fallback(self.options.fallback_probes) if self.options.fallback == "auto" else None
         )
-        #: buckets of this step held for the last one (``coalesce``): buffer, params, future
-        self.deferred: list[tuple[torch.Tensor, list[torch.Tensor], Future[torch.Tensor]]] = []
-        # The compressor and its state before this step's first exchange (for a rollback).
-        self._snapshot: tuple[Compressor[Any], dict[str, Any]] | None = None
-        # Device-side checks: this step's count of overflowing ranks, and the steps so counted.
-        self._bad: torch.Tensor | None = None
+        #: the open step (see :meth:`begin`), None between steps
+        self.open_step: Step | None = None
+        # Steps skipped by a device-side check, counted on the device (never read in a step).
         self._nonfinite_on_device: torch.Tensor | None = None
         #: runs the exchanges of the front ends that overlap them with backward
         self.worker = CommWorker()
@@ -373,13 +368,6 @@ class CompressionState:
             self._pays[(shape, tensor.dtype)] = hit
         return hit
 
-    def begin_tensor(self, key: str) -> None:
-        """Per-tensor calls (compiled autograd's Python reducer) have no ``is_last()``: a key
-        seen again means a new step began."""
-        if key in self._seen:
-            self.end_step()
-        self._seen.add(key)
-
     def fingerprint(self, extra: str = "") -> str:
         """What must agree across ranks: compressor, options (``check_config`` aside: ranks
         that disagree on it are caught too) and transport, plus ``extra``."""
@@ -411,22 +399,11 @@ class CompressionState:
             )
             raise RuntimeError(self._mismatch)
 
-    def record(self, step: TransportStats) -> None:
-        """Add one bucket's transport stats to this step's."""
-        self._step.add(step)
-        self._step.extra.update(step.extra)
-
     def memories(self) -> list[ErrorFeedback]:
         """Every error-feedback memory of this state: the workers' and the transport's own
         (the reduce-scatter transport's server side)."""
         server = getattr(self._transport, "server", None)
         return [m for m in (self.feedback, server) if m is not None]
-
-    @property
-    def step_nonfinite(self) -> bool:
-        """Whether some rank had non-finite gradients in an exchange of the current step that
-        checked on the host."""
-        return bool(self._step.extra.get("nonfinite"))
 
     def checks_on_device(self, device: torch.device) -> bool:
         """Whether exchanges on ``device`` over this transport decide on overflow without
@@ -436,79 +413,45 @@ class CompressionState:
             mode = "device" if device.type == "cuda" else "host"
         return mode == "device" and isinstance(self.transport, AllReduceTransport)
 
-    def note_nonfinite(self, flag: torch.Tensor) -> None:
-        """Add an exchange's all-reduced count of overflowing ranks (a device tensor) to the
-        step's; :meth:`end_step` undoes the step's memory changes where it is non-zero."""
-        flag = flag.reshape(()).detach()
-        self._bad = flag.clone() if self._bad is None else self._bad.add_(flag)
+    # -- steps ---------------------------------------------------------------------------------
 
-    def journal(self, in_place: bool, on_device: bool = False) -> None:
-        """Before an exchange: whether more exchanges of this step follow it, so that fused
-        in-place residual updates must be journaled (see :meth:`ErrorFeedback.journal`).
-        The first call of a step also notes the compressor's state (PowerSGD's Q, the
-        shared generators' counters), which a rolled-back step restores."""
-        if self._snapshot is None:
-            current = self.transport.current
-            self._snapshot = (current, current.state_dict())
-        for m in self.memories():
-            m.journal(in_place or on_device, on_device)
+    def begin(self) -> Step:
+        """Open a step (see :class:`~commhooks.engine.step.Step`); an unfinished earlier step
+        (a backward that stopped before its last bucket, a failed exchange) is rolled back
+        first."""
+        if self.open_step is not None:
+            self.open_step.abort()
+        self.open_step = Step(self)
+        return self.open_step
+
+    def current(self) -> Step:
+        """The open step, or a new one."""
+        return self.open_step if self.open_step is not None else self.begin()
+
+    def _closed(self, step: Step) -> None:
+        """Called by a step as it closes or aborts."""
+        if self.open_step is step:
+            self.open_step = None
+        self._seen.clear()
+
+    def count_nonfinite_on_device(self, skipped: torch.Tensor) -> None:
+        """Add a closed step's device-side verdict (0-d bool: some rank overflowed) to the
+        skipped steps, without reading it."""
+        prev = self._nonfinite_on_device
+        self._nonfinite_on_device = skipped.long() + (prev if prev is not None else 0)
+
+    def begin_tensor(self, key: str) -> Step:
+        """Per-tensor calls (compiled autograd's Python reducer) have no ``is_last()``: a key
+        seen again means a new step began. Returns the step ``key`` belongs to."""
+        if key in self._seen and self.open_step is not None:
+            self.open_step.close()
+        self._seen.add(key)
+        return self.current()
 
     def abort_step(self) -> None:
-        """Close an unfinished step without counting it: every memory change it made is rolled
-        back and its stats dropped (a failed exchange, a backward that stopped early, a
-        checkpoint loaded mid-step). A no-op between steps."""
-        for m in self.memories():
-            m.rollback()
-        if self._snapshot is not None:
-            compressor, saved = self._snapshot
-            compressor.load_state_dict(saved)
-        self._snapshot = None
-        self._bad = None
-        self._step = TransportStats()
-        self._seen.clear()
-
-    def end_step(self) -> None:
-        """Close a step (after the last bucket): commit or roll back its error-feedback
-        changes, fold its stats in, advance counters, log.
-
-        A step on which any rank had non-finite gradients is rolled back: the optimizer or
-        GradScaler skips it, so the residuals must stay as they were before it.
-        """
-        s, st = self._stats, self._step
-        nonfinite = bool(st.extra.get("nonfinite"))
-        bad = self._bad
-        for m in self.memories():
-            if nonfinite:
-                m.rollback()
-            elif bad is not None:
-                m.rollback_where(bad > 0)
-            else:
-                m.commit_step()
-        if self._snapshot is not None:
-            compressor, saved = self._snapshot
-            if nonfinite:
-                compressor.load_state_dict(saved)
-            elif bad is not None:
-                compressor.load_state_dict(_select(bad > 0, saved, compressor.state_dict()))
-        self._snapshot = None
-        if bad is not None and not nonfinite:
-            self._nonfinite_on_device = (bad > 0).long() + (
-                self._nonfinite_on_device if self._nonfinite_on_device is not None else 0
-            )
-        self._bad = None
-        s.steps += 1
-        s.add(st)
-        s.nonfinite_steps += int(nonfinite)
-        s.last_raw_bytes, s.last_wire_bytes = st.raw_bytes, st.wire_bytes
-        s.last_link_bytes = st.link_bytes
-        s.last_compress_s, s.last_comm_s = st.compress_s, st.comm_s
-        s.last_decompress_s = st.decompress_s
-        self._step = TransportStats()
-        self._seen.clear()
-        self.iteration += 1
-        if self.feedback is not None and self.iteration > self.options.start_iter:
-            self.feedback.step()
-        metrics.step_ended(self, s)  # the log_every line and stats callbacks
+        """Roll the open step back (see :meth:`Step.abort`); a no-op between steps."""
+        if self.open_step is not None:
+            self.open_step.abort()
 
     # -- public --------------------------------------------------------------------------------
 
@@ -626,7 +569,6 @@ class CompressionState:
         if self.fallback is not None and state.get("fallback") is not None:
             self.fallback.load_state_dict(state["fallback"])
         self._nonfinite_on_device = None
-        self.deferred = []
 
 
 def _group_ranks(group: dist.ProcessGroup | None) -> list[int]:
@@ -640,16 +582,6 @@ def _own_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     """A new process group with ``group``'s ranks (None: every rank), for the engine's
     collectives alone; only its own ranks take part in creating it."""
     return dist.new_group(_group_ranks(group), use_local_synchronization=True)
-
-
-def _select(bad: torch.Tensor, old: Any, new: Any) -> Any:
-    """``new`` with every tensor that has a same-shaped counterpart in ``old`` replaced by
-    ``torch.where(bad, old, new)``; other values (counters) stay ``new``'s."""
-    if isinstance(new, dict) and isinstance(old, dict):
-        return {k: _select(bad, old[k], v) if k in old else v for k, v in new.items()}
-    if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor) and old.shape == new.shape:
-        return torch.where(bad.to(new.device), old, new)
-    return new
 
 
 def _renamed(obj: Any, renaming: dict[str, str]) -> Any:

@@ -17,8 +17,8 @@ from torch.futures import Future
 from commhooks._validate import check_choice, check_int
 from commhooks.comm.hierarchical import TOPOLOGIES, placed
 from commhooks.compressors.base import Compressor, CompressorConfig
-from commhooks.engine.average import average_buffer
 from commhooks.engine.state import CommStats, CompressionState
+from commhooks.engine.step import Step
 from commhooks.horovod.collectives import HorovodCollectives, horovod
 from commhooks.horovod.compression import HorovodAdapter
 
@@ -70,7 +70,8 @@ class _Distributed(torch.optim.Optimizer):
         self._sum = sum_instead
         self._passes: dict[int, int] = {}
         self._done_in: list[int] = [0] * len(self._buckets)  # parameters done, per bucket
-        self._started: list[tuple[Tensor, Future[Tensor]]] = []  # per bucket, in order
+        self._started: list[Future[list[Tensor]]] = []  # per bucket, in order
+        self._step: Step | None = None
         self._synchronized = False
         self._should_synchronize = True
         # CPU and CUDA gradients' hooks run on different autograd threads.
@@ -106,15 +107,12 @@ class _Distributed(torch.optim.Optimizer):
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        final = i == len(self._buckets) - 1
-        ch = self._ch
-
-        def job() -> Tensor:
-            average_buffer(ch, flat, params, final=final)
-            return flat
-
-        self._started.append((flat, ch.worker.submit(job, flat.device)))
+        if i == 0:
+            self._step = self._ch.begin()
+        assert self._step is not None
+        keys = [self._ch.key_of(p) for p in params]
+        last = i == len(self._buckets) - 1
+        self._started.append(self._step.submit(keys, [p.grad for p in params], last=last))
 
     def synchronize(self) -> None:
         """Wait for every parameter's gradient to be averaged over the process set, compressed,
@@ -127,22 +125,17 @@ class _Distributed(torch.optim.Optimizer):
         with self._start_lock:
             for i in range(len(self._started), len(self._buckets)):
                 self._start(i)
+        step = self._step if self._step is not None else self._ch.begin()
         try:
-            for params, (flat, fut) in zip(self._buckets, self._started):
-                fut.wait()
-                if self._sum:
-                    flat.mul_(self._ch.world_size)
-                for p, piece in zip(params, flat.split([p.numel() for p in params])):
-                    p.grad.copy_(piece.view(p.grad.shape))
-        except Exception:
-            self._ch.worker.drain()
-            self._ch.abort_step()
-            raise
+            step.close()  # raises what a bucket's exchange raised, the step rolled back
+            for params, fut in zip(self._buckets, self._started):
+                for p, mean in zip(params, fut.value()):
+                    p.grad.copy_(mean.mul_(self._ch.world_size) if self._sum else mean)
         finally:
+            self._step = None
             self._started = []
             self._done_in = [0] * len(self._buckets)
             self._passes.clear()
-        self._ch.end_step()
         self._synchronized = True
 
     @contextlib.contextmanager

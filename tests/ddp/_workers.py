@@ -314,7 +314,7 @@ def overlap_run(rank: int, world: int, store_path: str, out: str, spec: str, ste
     the same steps with a reference hook that averages each bucket synchronously."""
     import threading
 
-    from commhooks.engine import average_buffer
+    from commhooks.engine import average_flat
 
     init(rank, world, store_path)
     try:
@@ -330,10 +330,12 @@ def overlap_run(rank: int, world: int, store_path: str, out: str, spec: str, ste
                 return fut
 
             def sync(st: Any, bucket: dist.GradBucket) -> Any:
-                average_buffer(st, bucket.buffer(), list(bucket.parameters()),
-                               final=bucket.is_last())  # fmt: skip
+                params = list(bucket.parameters())
+                step = st.begin() if bucket.index() == 0 else st.current()
+                average_flat(step, bucket.buffer(), [st.key_of(p) for p in params],
+                             [p.shape for p in params], final=bucket.is_last())  # fmt: skip
                 if bucket.is_last():
-                    st.end_step()
+                    step.close()
                 fut = torch.futures.Future()
                 fut.set_result(bucket.buffer())
                 return fut

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import traceback
 from typing import Any
@@ -12,7 +13,7 @@ import torch.distributed as dist
 from _spawn import init
 from torch.overrides import TorchFunctionMode
 
-from commhooks.engine import CompressionState, average_buffer
+from commhooks.engine import CompressionState, average_flat
 
 #: the Tensor methods that copy a device value to the host
 READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
@@ -44,16 +45,15 @@ def count_reads(rank: int, world: int, store_path: str, out: str, specs: list[st
         for spec in specs:
             state = CompressionState(spec, named_parameters=named, nonfinite_check="device")
             gen = torch.Generator().manual_seed(rank)
-            for step in range(3):
+            keys, shapes = [n for n, _ in named], [p.shape for p in params]
+            for i in range(3):
                 buf = torch.randn(sum(p.numel() for p in params), generator=gen)
-                mode = CountReads() if step == 2 else None
-                if mode is not None:
-                    with mode:
-                        average_buffer(state, buf, params)
-                        state.end_step()
-                else:
-                    average_buffer(state, buf, params)
-                    state.end_step()
+                mode = CountReads() if i == 2 else contextlib.nullcontext()
+                with mode:
+                    # On this thread, so the mode sees every read.
+                    step = state.begin()
+                    average_flat(step, buf, keys, shapes)
+                    step.close()
             st = state.stats()
             result[spec] = {"reads": dict(mode.reads), "ratio": st.ratio}
         torch.save(result, out)
@@ -71,12 +71,16 @@ def overflow_rolls_back(rank: int, world: int, store_path: str, out: str) -> Non
         state = CompressionState("randomk:ratio=0.1", named_parameters=[("w", params[0])],
                                  nonfinite_check="device", min_numel=0)  # fmt: skip
         grad = torch.full((64 * 64,), 4.0e4, dtype=torch.float16)
-        average_buffer(state, grad.clone(), params)  # residual: 4e4 where not sent
-        state.end_step()
+        step = state.begin()
+        average_flat(step, grad.clone(), ["w"], [params[0].shape])  # residual: 4e4 where not sent
+        step.close()
         before = state.feedback.residual("w").clone()
         out_grad = grad.clone()
-        average_buffer(state, out_grad, params)  # g + e = 8e4 > 65504: inf where sent now
-        state.end_step()
+        step = state.begin()
+        average_flat(
+            step, out_grad, ["w"], [params[0].shape]
+        )  # g + e = 8e4 > 65504: inf where sent
+        step.close()
         after = state.feedback.residual("w").clone()
         torch.save({"same": bool(torch.equal(before, after)),
                     "finite": bool(torch.isfinite(after).all()),

@@ -245,7 +245,7 @@ def overlap() -> dict[str, Any]:
     out: dict[str, Any] = {
         "buckets": len(opt._buckets),
         "started": len(opt._started),
-        "pending": all(not f.done() for _, f in opt._started),
+        "pending": all(not f.done() for f in opt._started),
     }
     gate.set()
     opt.step()
