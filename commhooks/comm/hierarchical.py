@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from commhooks.comm.collectives import Collectives, TorchCollectives, as_collectives
-from commhooks.comm.transport import Transport, TransportStats, transport_class
+from commhooks.comm.transport import Transport, TransportStats, count_allreduce, transport_class
 from commhooks.compressors.base import Compressor
 from commhooks.feedback import ErrorFeedback
 
@@ -258,25 +258,63 @@ class HierarchicalTransport(Transport):
         """The inner reduce-scatter transport's server-side memory, if any."""
         return getattr(self.inner, "server", None)
 
-    def run(
-        self, keys: Sequence[str], tensors: Sequence[Tensor], memory: bool = True
-    ) -> tuple[list[Tensor], TransportStats]:
-        stats = TransportStats(raw_bytes=sum(t.numel() * t.element_size() for t in tensors))
-        out: list[Tensor] = list(tensors)
+    carries_ride = True
+
+    @property
+    def device_checks(self) -> bool:  # type: ignore[override]
+        """As the transport between nodes: the steps inside a node read nothing on the host."""
+        return self.inner.device_checks
+
+    def _run(
+        self,
+        keys: Sequence[str],
+        tensors: Sequence[Tensor],
+        memory: bool,
+        stats: TransportStats,
+        ride: Tensor | None,
+        proceed: Callable[[Tensor], bool] | None,
+        out: Sequence[Tensor] | None,
+    ) -> list[Tensor] | None:
+        """``ride`` is summed inside the node first, then across nodes with the first dtype's
+        exchange (in its first summing round over an all-reduce)."""
+        if ride is not None:
+            t0 = time.perf_counter()
+            self.local.all_reduce(ride)
+            stats.comm_s += time.perf_counter() - t0
+            stats.node_bytes += (
+                2 * (self.local.world - 1) / self.local.world * (ride.numel() * ride.element_size())
+            )
+        means: list[Tensor] = list(tensors)
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(tensors):
             by_dtype.setdefault(t.dtype, []).append(i)
         for idx in by_dtype.values():
             group = [tensors[i] for i in idx]
-            means = self._run_dtype([keys[i] for i in idx], group, memory, stats)
-            for i, m in zip(idx, means):
-                out[i] = m
-        return out, stats
+            got = self._run_dtype([keys[i] for i in idx], group, memory, stats, ride, proceed)
+            if got is None:
+                return None
+            ride = proceed = None  # summed once, with the first dtype
+            for i, m in zip(idx, got):
+                means[i] = m
+        if ride is not None:  # no tensors: the ride crosses the nodes on its own
+            t0 = time.perf_counter()
+            self.cross.all_reduce(ride)
+            stats.comm_s += time.perf_counter() - t0
+            count_allreduce(stats, ride, self.cross.world)
+            if proceed is not None and not proceed(ride):
+                return None
+        return means
 
     def _run_dtype(
-        self, keys: list[str], tensors: list[Tensor], memory: bool, stats: TransportStats
-    ) -> list[Tensor]:
-        """:meth:`run` for tensors of one dtype."""
+        self,
+        keys: list[str],
+        tensors: list[Tensor],
+        memory: bool,
+        stats: TransportStats,
+        ride: Tensor | None,
+        proceed: Callable[[Tensor], bool] | None,
+    ) -> list[Tensor] | None:
+        """:meth:`_run` for tensors of one dtype."""
         size, me = self.local.world, self.local.rank
         dtype = tensors[0].dtype
         send, widths = _scatter_layout(tensors, size)
@@ -292,10 +330,14 @@ class HierarchicalTransport(Transport):
             piece.view(_piece_shape(t, size))
             for piece, t in zip(mine.split(widths), tensors, strict=True)
         ]
-        means, moved = self.inner.run([f"{k}/{me}" for k in keys], shards, memory=memory)
+        means, moved = self.inner.run(
+            [f"{k}/{me}" for k in keys], shards, memory=memory, ride=ride, proceed=proceed
+        )
         moved.raw_bytes = 0  # counted above, for the whole tensors
         stats.add(moved)
         stats.extra.update(moved.extra)
+        if means is None:
+            return None
         own = torch.cat([m.reshape(-1).to(dtype) for m in means])
         t0 = time.perf_counter()
         gathered = self.local.all_gather(own).view(size, -1)

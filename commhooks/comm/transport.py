@@ -143,14 +143,67 @@ class Transport(ABC):
         """The compressor in use this step (error feedback's warm-up may swap it)."""
         return self.feedback.compressor if self.feedback is not None else self.compressor
 
-    @abstractmethod
+    #: whether :meth:`_run` sums ``ride`` inside its own collectives (else :meth:`run`
+    #: all-reduces it on its own first)
+    carries_ride: bool = False
+    #: whether an exchange completes without reading device values on the host, so the
+    #: engine can decide on overflows on the device (``nonfinite_check="device"``)
+    device_checks: bool = False
+    #: whether a pass-through compressor's exchange (``identity`` without error feedback) is
+    #: a plain sum over the whole group: the engine then all-reduces whole buffers in place
+    sums_in_place: bool = False
+
     def run(
-        self, keys: Sequence[str], tensors: Sequence[Tensor], memory: bool = True
-    ) -> tuple[list[Tensor], TransportStats]:
+        self,
+        keys: Sequence[str],
+        tensors: Sequence[Tensor],
+        memory: bool = True,
+        *,
+        ride: Tensor | None = None,
+        proceed: Callable[[Tensor], bool] | None = None,
+        out: Sequence[Tensor] | None = None,
+    ) -> tuple[list[Tensor] | None, TransportStats]:
         """Average ``tensors`` (named ``keys``) over ranks; returns them in their own dtypes.
 
-        ``memory=False`` sends them without this rank's error feedback, which stays as it was
-        (a federated client absent from a round joins with a zero delta)."""
+        Args:
+            keys: one name per tensor (error-feedback memory, shared randomness).
+            tensors: the tensors.
+            memory: False sends them without this rank's error feedback, which stays as it
+                was (a federated client absent from a round joins with a zero delta).
+            ride: a flat tensor summed over ranks in place on the way (the engine's overflow
+                flag and small tensors): packed into a summing round where the transport has
+                one (:attr:`carries_ride`), else all-reduced on its own first.
+            proceed: called with the summed ``ride``; False abandons the exchange alike on
+                every rank (error feedback untouched) and the means are None.
+            out: where to write the means (may be ``tensors`` themselves); then returned.
+        """
+        stats = TransportStats(raw_bytes=sum(t.numel() * t.element_size() for t in tensors))
+        if ride is not None and not self.carries_ride:
+            self._all_reduce(ride, ReduceOp.SUM, stats)
+            if proceed is not None and not proceed(ride):
+                return None, stats
+            ride = proceed = None
+        means = self._run(keys, tensors, memory, stats, ride, proceed, out)
+        if means is None or out is None:
+            return means, stats
+        for o, m in zip(out, means):
+            if o.data_ptr() != m.data_ptr():
+                o.copy_(m)
+        return list(out), stats
+
+    @abstractmethod
+    def _run(
+        self,
+        keys: Sequence[str],
+        tensors: Sequence[Tensor],
+        memory: bool,
+        stats: TransportStats,
+        ride: Tensor | None,
+        proceed: Callable[[Tensor], bool] | None,
+        out: Sequence[Tensor] | None,
+    ) -> list[Tensor] | None:
+        """:meth:`run`'s exchange, adding to ``stats``. ``ride`` and ``proceed`` are None
+        unless :attr:`carries_ride`; ``out`` may be used to write the means in place."""
 
     # -- helpers shared by the transports ----------------------------------------------------
 
@@ -201,29 +254,22 @@ class AllReduceTransport(Transport):
                 "(per-worker scales or indices); use 'allgather' or 'reducescatter'"
             )
 
-    def run(
-        self, keys: Sequence[str], tensors: Sequence[Tensor], memory: bool = True
-    ) -> tuple[list[Tensor], TransportStats]:
-        out, _, stats = self.run_riding(keys, tensors, None, None, memory=memory)
-        assert out is not None
-        return out, stats
+    carries_ride = True
+    device_checks = True
+    sums_in_place = True
 
-    def run_riding(
+    def _run(
         self,
         keys: Sequence[str],
         tensors: Sequence[Tensor],
+        memory: bool,
+        stats: TransportStats,
         ride: Tensor | None,
         proceed: Callable[[Tensor], bool] | None,
-        out: Sequence[Tensor] | None = None,
-        memory: bool = True,
-    ) -> tuple[list[Tensor] | None, Tensor | None, TransportStats]:
-        """:meth:`run`, with ``ride`` (a flat tensor) summed over ranks in place on the way:
-        packed into the first round's all-reduce when that round sums, else all-reduced on
-        its own before it. ``proceed(summed ride)`` then decides, alike on every rank, whether
-        to go on; if not, the exchange is abandoned (error feedback untouched) and the
-        outputs are None. Saves the DDP hook its separate small all-reduce. With ``out`` (which
-        may be ``tensors`` themselves) the means are written there and ``out`` is returned."""
-        stats = TransportStats(raw_bytes=sum(t.numel() * t.element_size() for t in tensors))
+        out: Sequence[Tensor] | None,
+    ) -> list[Tensor] | None:
+        """``ride`` goes in the first round's all-reduce when that round sums (one collective
+        fewer), else on its own before it."""
         t0 = time.perf_counter()
         if self.feedback is not None and memory:
             ex = self.feedback.exchange(keys, tensors, self.world)
@@ -243,7 +289,7 @@ class AllReduceTransport(Transport):
                 pending = False
                 if proceed is not None and not proceed(ride):
                     ex.abandon()
-                    return None, ride, stats
+                    return None
             if msg is None:
                 break
             if reduced is None:
@@ -257,7 +303,7 @@ class AllReduceTransport(Transport):
         else:
             means = [s.div_(self.world).to(t.dtype) for s, t in zip(ex.result(), tensors)]
         stats.decompress_s += time.perf_counter() - t0
-        return means, ride, stats
+        return means
 
     def _reduce_packed(
         self, tensors: Sequence[Tensor], op: ReduceOp, stats: TransportStats
@@ -280,10 +326,16 @@ class AllGatherTransport(Transport):
 
     name = "allgather"
 
-    def run(
-        self, keys: Sequence[str], tensors: Sequence[Tensor], memory: bool = True
-    ) -> tuple[list[Tensor], TransportStats]:
-        stats = TransportStats(raw_bytes=sum(t.numel() * t.element_size() for t in tensors))
+    def _run(
+        self,
+        keys: Sequence[str],
+        tensors: Sequence[Tensor],
+        memory: bool,
+        stats: TransportStats,
+        ride: Tensor | None,
+        proceed: Callable[[Tensor], bool] | None,
+        out: Sequence[Tensor] | None,
+    ) -> list[Tensor]:
         t0 = time.perf_counter()
         c = self.current
         device = tensors[0].device if tensors else torch.device("cpu")
@@ -314,12 +366,12 @@ class AllGatherTransport(Transport):
         for buf, layout in zip(gathered, layouts):
             it = iter(_from_bytes(buf, layout))
             per_rank.append([tuple(next(it) for _ in p) for p, _ in compressed])
-        out = []
+        means = []
         for i, ((_, ctx), t) in enumerate(zip(compressed, tensors)):
             total = c.aggregate([payloads[i] for payloads in per_rank], ctx)
-            out.append(total.div_(self.world).to(t.dtype))
+            means.append(total.div_(self.world).to(t.dtype))
         stats.decompress_s += time.perf_counter() - t0
-        return out, stats
+        return means
 
     def _compress(self, key: str, t: Tensor, memory: bool) -> tuple[Payload, Context]:
         if self.feedback is not None and memory:
@@ -377,12 +429,18 @@ class ReduceScatterTransport(Transport):
                 f"{caps.rounds} all-reduce rounds; use 'allreduce'"
             )
 
-    def run(
-        self, keys: Sequence[str], tensors: Sequence[Tensor], memory: bool = True
-    ) -> tuple[list[Tensor], TransportStats]:
-        stats = TransportStats(raw_bytes=sum(t.numel() * t.element_size() for t in tensors))
+    def _run(
+        self,
+        keys: Sequence[str],
+        tensors: Sequence[Tensor],
+        memory: bool,
+        stats: TransportStats,
+        ride: Tensor | None,
+        proceed: Callable[[Tensor], bool] | None,
+        out: Sequence[Tensor] | None,
+    ) -> list[Tensor]:
         if not tensors:
-            return [], stats
+            return []
         t0 = time.perf_counter()
         c, world = self.current, self.world
         ef = self.feedback if memory else None
@@ -431,7 +489,7 @@ class ReduceScatterTransport(Transport):
             full = torch.cat([server_c.decompress(pieces[j][i], ctx) for j in range(world)])
             result.append(full[: t.numel()].view(t.shape).to(t.dtype))
         stats.decompress_s += time.perf_counter() - t0
-        return result, stats
+        return result
 
     def state_dict(self) -> dict[str, Any]:
         return {"server": self.server.state_dict() if self.server is not None else None}

@@ -22,7 +22,6 @@ from commhooks.compressors.base import (
     Payload,
     ReduceOp,
     SingleRoundExchange,
-    all_finite,
     check_group,
 )
 from commhooks.kernels import backend_for, backend_for_device
@@ -211,8 +210,10 @@ class FusedCastExchange(FusedFeedbackExchange):
                 ops.cast_residual(g, e, s, h, decay, finite)
             elif finite is None:
                 residual = (g + e).sub_(h.to(e.dtype).div_(s))
-                if all_finite(residual):
-                    e.copy_(residual.mul_(decay) if decay != 1.0 else residual)
+                if decay != 1.0:
+                    residual.mul_(decay)
+                # Kept only where every element is finite, decided on the device (no read).
+                e.copy_(torch.where(torch.isfinite(residual).all(), residual, e))
 
     def _decode(self, halves: Sequence[Tensor]) -> list[Tensor]:
         out = []

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.futures import Future
 
-from commhooks.comm.transport import AllReduceTransport, TransportStats, count_allreduce
+from commhooks.comm.transport import TransportStats, count_allreduce
 from commhooks.compressors.base import all_finite
 from commhooks.engine.fallback import COMPRESSED
 from commhooks.engine.state import CompressionState
@@ -217,7 +217,7 @@ def _passes_through(state: CompressionState) -> bool:
     return (
         state.feedback is None
         and state.compressor.capabilities.passthrough
-        and type(state.transport) is AllReduceTransport
+        and state.transport.sums_in_place
     )
 
 
@@ -294,37 +294,30 @@ def _average_parts(
         step.record(traffic)
         return
     keys = [names[i] for i in sparse]
-    out: list[Tensor] | None = None
-    moved: TransportStats | None = None
     if sparse and state.checks_on_device(buffers[-1].device):
         _average_on_device(step, views, dense, sparse, keys, buffers, traffic, memory)
         return
     finite = all(all_finite(b) for b in buffers)
     flag = buffers[-1].new_full((1,), 0.0 if finite else 1.0)
     step.journal(in_place=not final)
-    if sparse and isinstance(state.transport, AllReduceTransport):
+    if sparse:
         ride = torch.cat([*(views[i].reshape(-1) for i in dense), flag])
         grads = [views[i] for i in sparse]
-        # The means go straight into the bucket (nothing left to copy below).
-        done, _, moved = state.transport.run_riding(
-            keys, grads, ride, lambda summed: bool(summed[-1] == 0), out=grads, memory=memory
-        )
-        _write_mean(state, views, dense, ride[:-1])
-        nonfinite = done is None
-    else:
-        nonfinite = bool(_dense_average(state, views, dense, traffic, extra=flag) != 0)
-        if sparse and not nonfinite:
-            out, moved = state.transport.run(keys, [views[i] for i in sparse], memory=memory)
-    if sparse and nonfinite:
-        _dense_average(state, views, sparse, traffic)
-    if nonfinite:
-        traffic.extra["nonfinite"] = True
-    if moved is not None:
+        # The means go straight into the bucket.
+        done, moved = state.transport.run(
+            keys, grads, memory, ride=ride, proceed=lambda summed: bool(summed[-1] == 0),
+            out=grads,
+        )  # fmt: skip
         moved.raw_bytes = 0  # the buckets' raw bytes are counted once, above
         traffic.add(moved)
-    if out is not None:
-        for i, o in zip(sparse, out):
-            views[i].copy_(o)
+        _write_mean(state, views, dense, ride[:-1])
+        nonfinite = done is None
+        if nonfinite:
+            _dense_average(state, views, sparse, traffic)
+    else:
+        nonfinite = bool(_dense_average(state, views, dense, traffic, extra=flag) != 0)
+    if nonfinite:
+        traffic.extra["nonfinite"] = True
     step.record(traffic)
 
 
@@ -347,7 +340,7 @@ def _average_on_device(
     step.journal(in_place=True, on_device=True)
     ride = torch.cat([*(views[i].reshape(-1) for i in dense), flag])
     grads = [views[i] for i in sparse]
-    _, _, moved = state.transport.run_riding(keys, grads, ride, None, out=grads, memory=memory)
+    _, moved = state.transport.run(keys, grads, memory, ride=ride, out=grads)
     _write_mean(state, views, dense, ride[:-1])
     bad = ride[-1:]
     # The averages are the same on every rank, so a non-finite one (an overflow in g + e, in

@@ -21,7 +21,6 @@ from commhooks.comm.collectives import Collectives, TorchCollectives
 from commhooks.comm.hierarchical import TOPOLOGIES, HierarchicalTransport, NodeGroups, node_groups
 from commhooks.comm.transport import (
     TRANSPORTS,
-    AllReduceTransport,
     Traffic,
     Transport,
     transport_class,
@@ -411,7 +410,7 @@ class CompressionState:
         mode = self.options.nonfinite_check
         if mode == "auto":
             mode = "device" if device.type == "cuda" else "host"
-        return mode == "device" and isinstance(self.transport, AllReduceTransport)
+        return mode == "device" and self.transport.device_checks
 
     # -- steps ---------------------------------------------------------------------------------
 

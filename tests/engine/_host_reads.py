@@ -33,9 +33,12 @@ class CountReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_reads(rank: int, world: int, store_path: str, out: str, specs: list[str]) -> None:
+def count_reads(
+    rank: int, world: int, store_path: str, out: str, specs: list[str], options: dict[str, Any]
+) -> None:
     """Per spec: the host reads of its third compressed step (the first two set up per-shape
-    probes, the config check and the error-feedback memory), and whether it compressed."""
+    probes, the config check and the error-feedback memory), and whether it compressed.
+    ``options``: more hook options (the topology)."""
     init(rank, world, store_path)
     try:
         params = [torch.nn.Parameter(torch.randn(256, 128)), torch.nn.Parameter(torch.randn(128)),
@@ -43,7 +46,9 @@ def count_reads(rank: int, world: int, store_path: str, out: str, specs: list[st
         named = [(f"p{i}", p) for i, p in enumerate(params)]
         result = {}
         for spec in specs:
-            state = CompressionState(spec, named_parameters=named, nonfinite_check="device")
+            state = CompressionState(
+                spec, named_parameters=named, nonfinite_check="device", **options
+            )
             gen = torch.Generator().manual_seed(rank)
             keys, shapes = [n for n, _ in named], [p.shape for p in params]
             for i in range(3):
@@ -55,7 +60,8 @@ def count_reads(rank: int, world: int, store_path: str, out: str, specs: list[st
                     average_flat(step, buf, keys, shapes)
                     step.close()
             st = state.stats()
-            result[spec] = {"reads": dict(mode.reads), "ratio": st.ratio}
+            reads = dict(mode.reads) if isinstance(mode, CountReads) else {}
+            result[spec] = {"reads": reads, "ratio": st.ratio, "layout": state.layout}
         torch.save(result, out)
         dist.barrier()
     finally:

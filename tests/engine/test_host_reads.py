@@ -14,8 +14,19 @@ ALL_REDUCIBLE = ["identity", "fp16", "bf16", "randomk", "uniform:shared_scale=tr
 
 
 def test_compressed_steps_read_nothing_back(run_ranks) -> None:
-    for rank in run_ranks(count_reads, 2, ALL_REDUCIBLE):
+    for rank in run_ranks(count_reads, 2, ALL_REDUCIBLE, {}):
         for spec in ALL_REDUCIBLE:
+            assert rank[spec]["reads"] == {}, f"{spec}: host reads {rank[spec]['reads']}"
+            if spec != "identity":
+                assert rank[spec]["ratio"] > 1.5, spec
+
+
+def test_hierarchical_steps_read_nothing_back(run_ranks) -> None:
+    # 2 nodes x 2 ranks: the overflow flag is summed inside the node, then rides across.
+    options = {"topology": "hierarchical", "ranks_per_node": 2}
+    for rank in run_ranks(count_reads, 4, ALL_REDUCIBLE, options):
+        for spec in ALL_REDUCIBLE:
+            assert rank[spec]["layout"] == "hierarchical:2x2", spec
             assert rank[spec]["reads"] == {}, f"{spec}: host reads {rank[spec]['reads']}"
             if spec != "identity":
                 assert rank[spec]["ratio"] > 1.5, spec
