@@ -21,6 +21,7 @@ step found, for a step that some rank's overflow in another tensor makes the opt
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -222,6 +223,11 @@ class ErrorFeedback:
 
         Fused kernels update it in place: clone it to keep one step's value."""
         return self._residuals.get(key)
+
+    def norm(self) -> float:
+        """The l2 norm over every residual held (one read of the memory)."""
+        total = sum(float(e.double().square().sum()) for e in self._residuals.values())
+        return math.sqrt(total)
 
     def pop(self, key: str) -> Tensor | None:
         """Remove and return ``key``'s residual (and forget its momentum): for a caller that

@@ -25,34 +25,36 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import sys
-import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from commhooks.engine.state import CommStats, CompressionState
+from commhooks.stats import CommStats, StatsCallback
 
 __all__ = [
     "StatsCallback",
+    "StatsSource",
     "TensorBoardLogger",
     "add_stats_callback",
     "ensure_handler",
     "feedback_norm",
     "log_step",
     "remove_stats_callback",
-    "step_ended",
     "tensorboard_available",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: called with the state and a copy of its stats after every step
-StatsCallback = Callable[["CompressionState", "CommStats"], None]
-
-_callbacks: weakref.WeakKeyDictionary[Any, list[StatsCallback]] = weakref.WeakKeyDictionary()
 _handler: logging.Handler | None = None
+
+
+class StatsSource(Protocol):
+    """What these helpers need of a state (:class:`commhooks.engine.CompressionState`)."""
+
+    feedback: Any
+
+    def add_stats_callback(self, fn: StatsCallback) -> None: ...
+
+    def remove_stats_callback(self, fn: StatsCallback) -> None: ...
 
 
 def ensure_handler() -> None:
@@ -88,52 +90,25 @@ def log_step(stats: CommStats, rank: int) -> None:
     )  # fmt: skip
 
 
-def add_stats_callback(state: CompressionState, fn: StatsCallback) -> None:
+def add_stats_callback(state: StatsSource, fn: StatsCallback) -> None:
     """Call ``fn(state, stats)`` after every step of ``state`` (``stats``: a copy).
 
     Args:
-        state: a :class:`commhooks.ddp.CompressionState` (held weakly: the callback goes with
-            it).
+        state: a :class:`commhooks.ddp.CompressionState` (the callback goes with it).
         fn: the callback; keep it cheap, it runs inside the step (DDP's last bucket).
     """
-    if not callable(fn):
-        raise ValueError(f"fn={fn!r}: must be callable")
-    _callbacks.setdefault(state, []).append(fn)
+    state.add_stats_callback(fn)
 
 
-def remove_stats_callback(state: CompressionState, fn: StatsCallback) -> None:
+def remove_stats_callback(state: StatsSource, fn: StatsCallback) -> None:
     """Stop calling ``fn`` for ``state`` (ValueError if it was not added)."""
-    fns = _callbacks.get(state, [])
-    if fn not in fns:
-        raise ValueError(f"fn={fn!r}: not a callback of this state")
-    fns.remove(fn)
+    state.remove_stats_callback(fn)
 
 
-def step_ended(state: CompressionState, stats: CommStats) -> None:
-    """What :meth:`commhooks.engine.Step.close` calls once a step's stats are folded in: the
-    ``log_every`` line, then the callbacks."""
-    every = state.options.log_every
-    if every and stats.steps % every == 0:
-        log_step(stats, state.rank)
-    fns = _callbacks.get(state)
-    if fns:
-        snapshot = state.stats()
-        for fn in list(fns):
-            fn(state, snapshot)
-
-
-def feedback_norm(state: CompressionState) -> float | None:
+def feedback_norm(state: StatsSource) -> float | None:
     """The l2 norm over every error-feedback residual of ``state`` (None without error
     feedback). One read of the residual memory (the size of the compressed parameters)."""
-    if state.feedback is None:
-        return None
-    total = 0.0
-    # The state names every parameter it has seen; residuals are stored under those names.
-    for key in list(state._names.values()):
-        e = state.feedback.residual(key)
-        if e is not None:
-            total += float(e.double().square().sum())
-    return math.sqrt(total)
+    return state.feedback.norm() if state.feedback is not None else None
 
 
 def tensorboard_available() -> bool:
@@ -189,12 +164,12 @@ class TensorBoardLogger:
         self.prefix = prefix
         self.feedback_norm = feedback_norm
 
-    def attach(self, state: CompressionState) -> TensorBoardLogger:
+    def attach(self, state: StatsSource) -> TensorBoardLogger:
         """Register this logger as a callback of ``state``; returns itself."""
         add_stats_callback(state, self)
         return self
 
-    def __call__(self, state: CompressionState, stats: CommStats) -> None:
+    def __call__(self, state: StatsSource, stats: CommStats) -> None:
         if stats.steps % self.every:
             return
         step, p = stats.steps, self.prefix

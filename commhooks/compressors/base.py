@@ -17,7 +17,6 @@ ones (PowerSGD, shared-scale integer quantization) implement it.
 
 from __future__ import annotations
 
-import enum
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -26,6 +25,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor
+
+from commhooks.compressors.types import Context, Kind, Message, Payload, ReduceOp
 
 if TYPE_CHECKING:
     from commhooks.kernels.codec import FusedCodec
@@ -51,24 +52,7 @@ __all__ = [
     "shared_generator",
 ]
 
-Payload = tuple[Tensor, ...]
-
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class Kind(str, enum.Enum):
-    """What family a compressor belongs to; pipelines use it to refuse nonsense compositions."""
-
-    SPARSE = "sparse"
-    QUANTIZER = "quantizer"
-    LOWRANK = "lowrank"
-    CAST = "cast"
-    PIPELINE = "pipeline"
-
-
-class ReduceOp(str, enum.Enum):
-    SUM = "sum"
-    MAX = "max"
 
 
 @dataclass(frozen=True)
@@ -98,31 +82,6 @@ class Capabilities:
     rounds: int = 1
     stateful: bool = False
     passthrough: bool = False
-
-
-@dataclass(frozen=True)
-class Context:
-    """What stays on this rank to decode a payload. Never rank-private (see module docstring)."""
-
-    shape: torch.Size
-    dtype: torch.dtype
-    device: torch.device
-    extra: Any = None
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-
-@dataclass(frozen=True)
-class Message:
-    """One round of an exchange: these tensors are reduced across ranks with ``op``."""
-
-    tensors: Payload
-    op: ReduceOp
 
 
 class Exchange(ABC):

@@ -15,13 +15,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from commhooks import native
+from commhooks import metrics, native
 from commhooks._validate import check_bool, check_choice, check_int, check_real
 from commhooks.comm.collectives import Collectives, TorchCollectives
 from commhooks.comm.hierarchical import TOPOLOGIES, HierarchicalTransport, NodeGroups, node_groups
 from commhooks.comm.transport import (
     TRANSPORTS,
-    Traffic,
     Transport,
     transport_class,
 )
@@ -32,6 +31,7 @@ from commhooks.engine.step import Step
 from commhooks.engine.worker import CommWorker
 from commhooks.feedback import ErrorFeedback, FeedbackConfig
 from commhooks.registry import compressor as build_compressor
+from commhooks.stats import CommStats, StatsCallback
 
 __all__ = ["CommStats", "CompressionState", "HookOptions"]
 
@@ -156,42 +156,6 @@ class HookOptions:
             raise ValueError(f"feedback={self.feedback!r}: must be a FeedbackConfig")
 
 
-@dataclass
-class CommStats(Traffic):
-    """Bytes and time of this rank's communication.
-
-    ``raw_bytes``: what an uncompressed all-reduce of the same buckets would have been handed.
-    ``wire_bytes``: what this rank actually handed to collectives. ``link_bytes``: estimated
-    bytes this rank puts on its link for the collective algorithms used (ring all-reduce sends
-    ``2(n-1)/n`` of its buffer, a ring all-gather ``n-1`` payloads). ``compress_s``,
-    ``comm_s``, ``decompress_s``: seconds spent. All cumulative; the ``last_*`` fields hold the
-    last completed step. ``nonfinite_steps`` counts steps on which some rank had inf/nan
-    gradients: the optimizer or GradScaler skips them, and their error-feedback and
-    compressor-state changes are rolled back.
-    :mod:`commhooks.metrics` logs these and writes them to TensorBoard.
-    """
-
-    steps: int = 0
-    last_raw_bytes: int = 0
-    last_wire_bytes: int = 0
-    last_link_bytes: float = 0.0
-    last_compress_s: float = 0.0
-    last_comm_s: float = 0.0
-    last_decompress_s: float = 0.0
-    nonfinite_steps: int = 0
-
-    @property
-    def ratio(self) -> float:
-        """Compression ratio so far: raw bytes / wire bytes (dense ``start_iter`` steps count
-        at 1x)."""
-        return self.raw_bytes / self.wire_bytes if self.wire_bytes else 1.0
-
-    @property
-    def last_ratio(self) -> float:
-        """Compression ratio of the last completed step alone."""
-        return self.last_raw_bytes / self.last_wire_bytes if self.last_wire_bytes else 1.0
-
-
 class CompressionState:
     """State of :func:`commhooks.ddp.compression_hook`: pass it to ``register_comm_hook``.
 
@@ -257,6 +221,7 @@ class CompressionState:
         self.fallback = (
             Fallback(self.options.fallback_probes) if self.options.fallback == "auto" else None
         )
+        self._callbacks: list[StatsCallback] = []
         #: the open step (see :meth:`begin`), None between steps
         self.open_step: Step | None = None
         # Steps skipped by a device-side check, counted on the device (never read in a step).
@@ -411,6 +376,31 @@ class CompressionState:
         if mode == "auto":
             mode = "device" if device.type == "cuda" else "host"
         return mode == "device" and self.transport.device_checks
+
+    # -- stats callbacks ------------------------------------------------------------------------
+
+    def add_stats_callback(self, fn: StatsCallback) -> None:
+        """Call ``fn(state, stats)`` after every step (``stats``: a copy); keep it cheap, it
+        runs inside the step (DDP's last bucket). :mod:`commhooks.metrics` uses it."""
+        if not callable(fn):
+            raise ValueError(f"fn={fn!r}: must be callable")
+        self._callbacks.append(fn)
+
+    def remove_stats_callback(self, fn: StatsCallback) -> None:
+        """Stop calling ``fn`` (ValueError if it was not added)."""
+        if fn not in self._callbacks:
+            raise ValueError(f"fn={fn!r}: not a callback of this state")
+        self._callbacks.remove(fn)
+
+    def step_closed(self) -> None:
+        """After a step's stats are folded in: the ``log_every`` line, then the callbacks."""
+        every, s = self.options.log_every, self._stats
+        if every and s.steps % every == 0:
+            metrics.log_step(s, self.rank)
+        if self._callbacks:
+            snapshot = self.stats()
+            for fn in list(self._callbacks):
+                fn(self, snapshot)
 
     # -- steps ---------------------------------------------------------------------------------
 

@@ -33,7 +33,6 @@ import torch
 from torch import Tensor
 from torch.futures import Future
 
-from commhooks import metrics
 from commhooks.comm.transport import Traffic, TransportStats
 
 if TYPE_CHECKING:
@@ -244,7 +243,7 @@ class Step:
         state.iteration += 1
         if state.feedback is not None and state.iteration > state.options.start_iter:
             state.feedback.step()
-        metrics.step_ended(state, s)  # the log_every line and stats callbacks
+        state.step_closed()  # the log_every line and stats callbacks
         fields = {f.name: getattr(st, f.name) for f in dataclasses.fields(Traffic)}
         return StepReport(**fields, nonfinite=nonfinite)
 

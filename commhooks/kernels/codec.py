@@ -12,16 +12,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from commhooks.compressors.types import Context, Payload
 from commhooks.kernels.backend import Backend
 from commhooks.kernels.dispatch import backend_for
-
-if TYPE_CHECKING:
-    from commhooks.compressors.base import Compressor, Context, Payload
 
 __all__ = ["FusedCodec"]
 
@@ -40,7 +38,7 @@ class FusedCodec(ABC):
     #: payload tensors the kernels decode
     arity: ClassVar[int] = 2
 
-    def __init__(self, owner: Compressor[Any]) -> None:
+    def __init__(self, owner: Any) -> None:
         self.owner = owner
 
     # -- what subclasses provide --------------------------------------------------------------
