@@ -10,7 +10,7 @@ WHEELS ?= /opt/wheels
 APT_PACKAGES ?= openmpi-bin libopenmpi-dev gcc
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test bench-kernels bench gpu-check lint clean
+.PHONY: setup demo test test-fast bench-kernels bench gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -42,8 +42,14 @@ bench-kernels: setup
 bench: setup
 	THP_MEM_ALLOC_ENABLE=1 $(PY) benchmarks/e2e.py --out bench-out
 
+# The whole suite; the 25 slowest tests are listed at the end.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
+
+# The edit loop: unit, contract and 2-rank tests; no frameworks, launchers, benchmarks or
+# network namespaces (tags by path in tests/conftest.py).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not launcher and not root"
 
 # On a machine with a CUDA device: the CUDA-marked tests, the kernels' speed on the device
 # (25M and 100M elements), DDP jobs over NCCL (1 process) and gloo (2 processes sharing the

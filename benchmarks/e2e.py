@@ -70,7 +70,7 @@ under ``no_sync()``: forward, backward and optimizer step, no communication, whi
 which rows are bound by the link), and for int8, 4-bit, top-k 1%, sign and PowerSGD both
 ``<spec>+flat`` (``topology="flat"``) and ``<spec>+hier`` (``topology="hierarchical"``). The
 "Nodes" table sets them side by side: step time (min / median / max), tx bytes per node and
-step measured on the interfaces, and the ratios, checked against the targets of issue 19
+step measured on the interfaces, and the ratios, checked against the hierarchical targets
 (inter-node bytes <= 0.55x flat; step time <= 0.7x flat where the flat step is link-bound,
 else <= 1.05x).
 
@@ -141,7 +141,7 @@ HIER = "+hier"
 #: the compressors the nodes runs compare, flat against hierarchical
 NODE_SPECS = (INT8, "uniform:bits=4", "topk:ratio=0.01", "sign", "powersgd")
 NODE_VARIANTS = (DENSE, COMPUTE, *(s + t for s in NODE_SPECS for t in (FLAT, HIER)))
-#: (spec, link) where issue 19 expects the flat step to be bound by the inter-node link
+#: (spec, link) where the flat step is expected to be bound by the inter-node link
 LINK_BOUND = {
     *((spec, link) for spec in (INT8, "uniform:bits=4") for link in ("100mbit", "1gbit")),
     ("topk:ratio=0.01", "100mbit"),

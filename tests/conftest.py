@@ -28,6 +28,52 @@ settings.register_profile(
 settings.load_profile("ci")
 
 
+#: Tags by path (``pytest -m``), so tests need no decorator each: ``make test-fast`` leaves out
+#: ``slow``, ``launcher`` and ``root``. ``multiproc``: real gloo ranks spawned by the test.
+TAGS: dict[str, tuple[str, ...]] = {
+    # Runs the real frameworks, benchmark scripts, convergence or demo jobs.
+    "slow": (
+        "integrations/",
+        "benchmarks/",
+        "examples/",
+        "ddp/test_convergence.py",
+        "federated/test_federated_convergence.py",
+        "test_demo.py",
+        "kernels/test_gpu_check.py",
+        "native/test_native_build.py",
+        "docker/",
+    ),
+    # Starts torchrun, horovodrun or mpirun as subprocesses.
+    "launcher": (
+        "horovod/",
+        "launch/test_cli.py",
+        "test_mpi.py",
+        "ddp/test_ddp_hierarchical.py",
+    ),
+    # Creates network namespaces (root).
+    "root": ("launch/test_netns.py", "benchmarks/test_e2e.py", "benchmarks/test_sleep_step.py"),
+    "multiproc": (
+        "comm/",
+        "ddp/",
+        "engine/",
+        "federated/",
+        "diloco/",
+        "fsdp/",
+        "test_metrics.py",
+    ),
+}
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    root = os.path.dirname(__file__)
+    for item in items:
+        rel = os.path.relpath(str(item.path), root).replace(os.sep, "/")
+        node = f"{rel}::{item.name}"
+        for tag, paths in TAGS.items():
+            if any(node.startswith(p) for p in paths):
+                item.add_marker(getattr(pytest.mark, tag))
+
+
 @pytest.fixture
 def run_ranks(tmp_path: Any) -> Callable[..., list[Any]]:
     """``run_ranks(fn, world, *args)``: see :func:`_spawn.ranks_runner`."""

@@ -20,7 +20,9 @@ __all__ = [
     "bits_for",
     "pack_bits",
     "pack_symbols",
+    "packed_size",
     "symbol_layout",
+    "symbol_packing",
     "symbols_nbytes",
     "unpack_bits",
     "unpack_symbols",
@@ -152,6 +154,19 @@ def symbol_layout(alphabet: int) -> tuple[str, int]:
     if _use_radix(alphabet):
         return "radix", _radix_per_byte(alphabet)
     return "bits", bits_for(alphabet)
+
+
+def symbol_packing(alphabet: int) -> tuple[int, int]:
+    """(bits, radix) as :func:`pack_symbols` packs this alphabet (at most 256 symbols): bits
+    per symbol (bit planes for widths other than 1, 2, 4, 8), or radix symbols per byte."""
+    kind, size = symbol_layout(alphabet)
+    return (0, size) if kind == "radix" else (size, 0)
+
+
+def packed_size(n: int, packing: tuple[int, int]) -> int:
+    """Bytes of ``n`` symbols packed as :func:`symbol_packing` says."""
+    bits, radix = packing
+    return -(-n // radix) if radix else (n * bits + 7) // 8
 
 
 def symbols_nbytes(count: int, alphabet: int) -> int:

@@ -13,12 +13,14 @@ stay static; ``smallest`` also considers delta and picks by actual size.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
-from commhooks import native
+if TYPE_CHECKING:
+    from commhooks.kernels.backend import Backend
+
 from commhooks.coding.bitpack import bits_for, pack_bits, unpack_bits
 
 __all__ = ["IndexCoding", "decode_indices", "encode_indices", "index_nbytes"]
@@ -53,9 +55,18 @@ def index_nbytes(k: int, n: int, coding: str) -> int | None:
     return 1 + _static_choice(k, n)[1]
 
 
+def _varint_kernels(t: Tensor) -> Backend | None:
+    """The kernel backend that codes varints for ``t``, or None (the torch code)."""
+    # Imported here: the kernels package imports the codecs, which import this module.
+    from commhooks.kernels.dispatch import backend_for
+
+    return backend_for(t, op="varint")
+
+
 def _delta_encode(idx: Tensor) -> Tensor:
-    if idx.dtype == torch.int64 and native.indices_ok(idx):
-        return native.varint_encode(idx)
+    ops = _varint_kernels(idx) if idx.dtype == torch.int64 else None
+    if ops is not None:
+        return ops.varint_encode(idx)
     gaps = torch.diff(idx, prepend=idx.new_full((1,), -1)) - 1
     j = torch.arange(_VARINT_BYTES, device=idx.device, dtype=torch.int64)
     nbytes = 1 + (gaps.unsqueeze(1) >= (1 << (7 * (j[1:])))).sum(1)
@@ -66,8 +77,9 @@ def _delta_encode(idx: Tensor) -> Tensor:
 
 
 def _delta_decode(body: Tensor) -> Tensor:
-    if body.dtype == torch.uint8 and native.indices_ok(body):
-        return native.varint_decode(body)
+    ops = _varint_kernels(body) if body.dtype == torch.uint8 else None
+    if ops is not None:
+        return ops.varint_decode(body)
     b = body.to(torch.int64)
     last = (b & 0x80) == 0
     if body.numel() and not bool(last[-1]):

@@ -9,7 +9,6 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
-from commhooks import native
 from commhooks.coding.indices import decode_indices, encode_indices
 from commhooks.compressors.base import (
     Compressor,
@@ -18,12 +17,15 @@ from commhooks.compressors.base import (
     Payload,
     compute_dtype,
 )
+from commhooks.kernels.backend import Backend
+from commhooks.kernels.dispatch import backend_for
 
 __all__ = [
     "Sparsifier",
     "clear_sent_",
     "keep_count",
-    "native_candidates",
+    "kernel_candidates",
+    "select_kernels",
     "sample_positions",
     "sampled_threshold",
     "sampled_threshold_of",
@@ -80,15 +82,20 @@ def sampled_threshold_of(
     return float(threshold_of(picked.abs(), fraction))
 
 
-def native_candidates(
-    g: Tensor, e: Tensor | None, threshold: float
+def select_kernels(g: Tensor, e: Tensor | None) -> Backend | None:
+    """The kernel backend that selects from ``c = g + e`` in one pass, or None (torch path)."""
+    return backend_for(*((g,) if e is None else (g, e)), op="select")
+
+
+def kernel_candidates(
+    ops: Backend, g: Tensor, e: Tensor | None, threshold: float
 ) -> tuple[Tensor, Tensor] | None:
-    """Sorted positions and values of ``c = g + e`` with ``!(|c| < threshold)``, by the native
+    """Sorted positions and values of ``c = g + e`` with ``!(|c| < threshold)``, by the
     kernel (one pass, nothing written); None where ``c`` or the threshold is not finite, for
     the torch path to send it on."""
     if not math.isfinite(threshold):
         return None
-    idx, val, finite = native.select_at_least(g, e, threshold)
+    idx, val, finite = ops.select_at_least(g, e, threshold)
     return (idx, val) if finite else None
 
 

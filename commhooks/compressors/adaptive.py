@@ -41,8 +41,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from commhooks import native
 from commhooks._validate import check_bool, check_int, check_real
+from commhooks.coding.bitpack import packed_size, symbol_packing
 from commhooks.coding.symbols import decode_symbols, encode_symbols
 from commhooks.compressors.base import (
     Capabilities,
@@ -346,12 +346,12 @@ class AdaptiveKernels(FusedCodec):
         bits = int(head[0])
         if not 1 <= bits <= 8:
             return False
-        return data.numel() == native.packed_size(n, native.symbol_packing(1 << bits))
+        return data.numel() == packed_size(n, symbol_packing(1 << bits))
 
     def decode(self, ops: Backend, payload: Payload, n: int, out: Tensor | None) -> Tensor:
         head, rng, data = payload
         bits = int(head[0])
         top = (1 << bits) - 1
         grid = torch.stack(_grid(rng, top))
-        packing = native.symbol_packing(top + 1)
+        packing = symbol_packing(top + 1)
         return ops.stochastic_decode(data, n, n, grid, top, top + 1, packing, out, kind=2)

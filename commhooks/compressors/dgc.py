@@ -7,16 +7,16 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from commhooks import native
 from commhooks._validate import check_choice, check_int, check_ratio, check_real
 from commhooks.coding.indices import INDEX_CODINGS, IndexCoding
 from commhooks.compressors._sparse import (
     Sparsifier,
     keep_count,
-    native_candidates,
+    kernel_candidates,
     sampled_threshold,
     sampled_threshold_of,
     select_at_least,
+    select_kernels,
     trim_to,
 )
 from commhooks.compressors.base import Capabilities, CompressorConfig, Kind
@@ -80,12 +80,14 @@ class DGC(Sparsifier[DGCConfig]):
 
     def _native_pick(self, g: Tensor, e: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """:meth:`_select`'s sample, threshold and trim, with one native pass for the rest."""
-        if not native.usable(*((g,) if e is None else (g, e))):
+        ops = select_kernels(g, e)
+        if ops is None:
             return None
         n = g.numel()
         k = keep_count(self.config.ratio, n)
         gen = self.generator(g.device)
-        picked = native_candidates(g, e, sampled_threshold_of(g, e, k / n, self.config.sample, gen))
+        cut = sampled_threshold_of(g, e, k / n, self.config.sample, gen)
+        picked = kernel_candidates(ops, g, e, cut)
         if picked is not None and picked[0].numel() > self.config.max_excess * k:
             return trim_to(*picked, k)
         return picked

@@ -9,9 +9,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from commhooks import native
 from commhooks._validate import check_bool, check_choice, check_int
-from commhooks.coding.bitpack import symbols_nbytes
+from commhooks.coding.bitpack import symbol_packing, symbols_nbytes
 from commhooks.coding.symbols import decode_symbols, encode_symbols
 from commhooks.compressors._quant import chunked, unchunk
 from commhooks.compressors.base import (
@@ -148,7 +147,7 @@ class QSGDKernels(FusedCodec):
             assert st.lo is not None and st.hi is not None
             norm = torch.maximum(st.lo.abs(), st.hi.abs())
         alphabet = self.owner._alphabet
-        packing = native.symbol_packing(alphabet)
+        packing = symbol_packing(alphabet)
         data = ops.stochastic_encode(
             0, g, e, cfg.chunk, norm, cfg.levels, alphabet, packing, self.seed()
         )
@@ -163,5 +162,5 @@ class QSGDKernels(FusedCodec):
         data, norm = payload
         alphabet = self.owner._alphabet
         cfg = self.owner.config
-        packing = native.symbol_packing(alphabet)
+        packing = symbol_packing(alphabet)
         return ops.stochastic_decode(data, n, cfg.chunk, norm, cfg.levels, alphabet, packing, out)

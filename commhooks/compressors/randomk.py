@@ -10,7 +10,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from commhooks import native
 from commhooks._validate import check_bool, check_int, check_ratio
 from commhooks.compressors._sparse import Sparsifier, clear_sent_, keep_count
 from commhooks.compressors.base import (
@@ -26,7 +25,7 @@ from commhooks.compressors.base import (
     poison,
     shared_generator,
 )
-from commhooks.kernels import Backend, backend_for_device
+from commhooks.kernels import Backend, backend_for, backend_for_device
 from commhooks.registry import register
 
 __all__ = ["FusedRandomKExchange", "RandomK", "RandomKConfig"]
@@ -119,15 +118,17 @@ class RandomK(Sparsifier[RandomKConfig]):
             # On a device: finiteness stays a device flag, read by the residual kernel.
             flags = [ops.finite_flag(t.reshape(-1), e.view(-1)) for t, e in zip(tensors, residuals)]
             return FusedRandomKExchange(self, tensors, residuals, keys, flags, decay, ops)
-        if not all(native.usable(t, e) for t, e in zip(tensors, residuals)):
+        kernels = [backend_for(t, e, op="stats") for t, e in zip(tensors, residuals)]
+        if any(k is None for k in kernels):
             return None
         # One statistics pass per tensor, before any index is drawn. The torch path poisons
         # the values by a fp32 sum of c; with every |c| below 1e29 that sum cannot overflow, so
         # its finiteness is c's, which the pass (summing in double) reports. Larger finite
         # values go op by op, where that sum decides.
         stats = [
-            native.chunk_stats(t.reshape(-1), e.view(-1), t.numel())
-            for t, e in zip(tensors, residuals)
+            k.chunk_stats(t.reshape(-1), e.view(-1), t.numel())
+            for k, t, e in zip(kernels, tensors, residuals)
+            if k is not None
         ]
         finite = [math.isfinite(st.total) for st in stats]
         if any(f and st.amax >= 1e29 for f, st in zip(finite, stats)):

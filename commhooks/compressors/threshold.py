@@ -8,10 +8,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from commhooks import native
 from commhooks._validate import check_choice, check_real
 from commhooks.coding.indices import INDEX_CODINGS, IndexCoding
-from commhooks.compressors._sparse import Sparsifier, native_candidates, select_at_least
+from commhooks.compressors._sparse import (
+    Sparsifier,
+    kernel_candidates,
+    select_at_least,
+    select_kernels,
+)
 from commhooks.compressors.base import Capabilities, CompressorConfig, Kind
 from commhooks.registry import register
 
@@ -55,8 +59,9 @@ class Threshold(Sparsifier[ThresholdConfig]):
         return select_at_least(flat.abs(), cut)
 
     def _native_pick(self, g: Tensor, e: Tensor | None) -> tuple[Tensor, Tensor] | None:
-        if not native.usable(*((g,) if e is None else (g, e))):
+        ops = select_kernels(g, e)
+        if ops is None:
             return None
         # The fp32 cut, as the torch path compares fp32 magnitudes with it.
         cut = float(torch.tensor(self.config.threshold, dtype=torch.float32))
-        return native_candidates(g, e, cut)
+        return kernel_candidates(ops, g, e, cut)

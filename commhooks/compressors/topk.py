@@ -7,16 +7,16 @@ from typing import ClassVar, Literal
 
 from torch import Tensor
 
-from commhooks import native
 from commhooks._validate import check_choice, check_int, check_ratio
 from commhooks.coding.indices import INDEX_CODINGS, IndexCoding
 from commhooks.compressors._sparse import (
     Sparsifier,
     keep_count,
-    native_candidates,
+    kernel_candidates,
     sampled_threshold,
     sampled_threshold_of,
     select_at_least,
+    select_kernels,
     trim_to,
 )
 from commhooks.compressors.base import Capabilities, CompressorConfig, Kind
@@ -109,14 +109,14 @@ class TopK(Sparsifier[TopKConfig]):
         top-k set whenever it finds at least k candidates (else the torch path decides)."""
         n = g.numel()
         k = keep_count(self.config.ratio, n)
-        tensors = (g,) if e is None else (g, e)
-        if self.config.mode == "exact" or k * 4 >= n or not native.usable(*tensors):
+        ops = None if self.config.mode == "exact" or k * 4 >= n else select_kernels(g, e)
+        if ops is None:
             return None
         gen = self.generator(g.device)
         fraction = min(1.0, _OVERSHOOT * k / n)
         for _ in range(2):
-            picked = native_candidates(
-                g, e, sampled_threshold_of(g, e, fraction, self.config.sample, gen)
+            picked = kernel_candidates(
+                ops, g, e, sampled_threshold_of(g, e, fraction, self.config.sample, gen)
             )
             if picked is None:
                 return None

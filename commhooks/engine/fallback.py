@@ -13,7 +13,7 @@ The dense time is taken with the all-reduce waited on (and the device synchronis
 CUDA), its full cost; settled dense buckets then run DDP's asynchronous all-reduce, which
 overlaps with the backward pass, so the choice leans towards compression where the two are
 close. The first compressed call may build the native kernels (seconds, once per machine):
-:class:`~commhooks.engine.state.CompressionState` builds them up front when fallback is on.
+:class:`~commhooks.engine.state.CompressionState` builds them up front, when it is created.
 
 A bucket settled dense sends its workers' error-feedback residuals with its first finite dense
 step. The compressed reduce-scatter transport's server-side residuals (``transport.server``)

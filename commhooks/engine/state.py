@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from commhooks import metrics, native
+from commhooks import metrics
 from commhooks._validate import check_bool, check_choice, check_int, check_real
 from commhooks.comm.collectives import Collectives, TorchCollectives
 from commhooks.comm.hierarchical import TOPOLOGIES, HierarchicalTransport, NodeGroups, node_groups
@@ -30,6 +30,7 @@ from commhooks.engine.join import Join
 from commhooks.engine.step import Step
 from commhooks.engine.worker import CommWorker
 from commhooks.feedback import ErrorFeedback, FeedbackConfig
+from commhooks.kernels import dispatch as kernels
 from commhooks.registry import compressor as build_compressor
 from commhooks.stats import CommStats, StatsCallback
 
@@ -230,7 +231,7 @@ class CompressionState:
         self.worker = CommWorker()
         if self.compressor.uses_native_kernels:
             # Built (once per machine) now, not inside the first training step or a timed probe.
-            native.prepare()
+            kernels.prepare()
 
     # -- bound to the process group on first use ------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from commhooks import native
+from commhooks.coding.bitpack import symbol_packing
 from commhooks.native import Stats
 
 __all__ = ["Backend", "Finite", "Stats", "host_finite"]
@@ -41,8 +41,25 @@ class Backend:
     #: the operations this backend implements (method names below)
     provides: ClassVar[frozenset[str]] = frozenset()
 
-    def usable(self, *tensors: Tensor, numel: int | None = None) -> bool:
-        """Whether this backend takes these tensors (device, dtype, layout, size)."""
+    def usable(self, *tensors: Tensor, numel: int | None = None, op: str = "") -> bool:
+        """Whether this backend takes these tensors (device, dtype, layout, size) for ``op``."""
+        raise NotImplementedError
+
+    # -- selection and index codes -------------------------------------------------------------
+
+    def select_at_least(
+        self, g: Tensor, e: Tensor | None, threshold: float
+    ) -> tuple[Tensor, Tensor, bool]:
+        """Positions (ascending int64) and values of ``c = g + e`` with ``!(|c| < threshold)``
+        in one pass that writes nothing; and whether every collected ``c`` is finite."""
+        raise NotImplementedError
+
+    def varint_encode(self, idx: Tensor) -> Tensor:
+        """LEB128 varints of the gaps between sorted int64 ``idx`` (the delta index code)."""
+        raise NotImplementedError
+
+    def varint_decode(self, body: Tensor) -> Tensor:
+        """Inverse of :meth:`varint_encode`; ValueError for a cut-off or overlong varint."""
         raise NotImplementedError
 
     def chunk_stats(
@@ -90,7 +107,7 @@ class Backend:
         ``[mid, half]``): :meth:`stochastic_encode` of kind 2 (see
         :func:`commhooks.native.grid_encode`)."""
         top = (1 << bits) - 1
-        packing = native.symbol_packing(top + 1)
+        packing = symbol_packing(top + 1)
         return self.stochastic_encode(2, g, e, g.numel(), grid, top, top + 1, packing, 0)
 
     def table_encode(

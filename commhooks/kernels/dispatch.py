@@ -104,7 +104,15 @@ def backend_for(*tensors: Tensor, op: str, numel: int | None = None) -> Backend 
     if not tensors:
         return None
     backend = backend_for_device(tensors[0].device, op)
-    return backend if backend is not None and backend.usable(*tensors, numel=numel) else None
+    return backend if backend is not None and backend.usable(*tensors, numel=numel, op=op) else None
+
+
+def prepare() -> bool:
+    """Build and load the CPU kernels now, not inside the first training step or a timed
+    probe (once per machine; cheap afterwards); whether they are available."""
+    from commhooks import native
+
+    return native.prepare()
 
 
 def reset() -> None:

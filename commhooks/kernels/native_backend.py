@@ -19,11 +19,25 @@ class NativeBackend(Backend):
 
     name: ClassVar[str] = "native"
     provides: ClassVar[frozenset[str]] = frozenset(
-        {"sign", "uniform", "stochastic", "table", "cast"}
+        {"sign", "uniform", "stochastic", "table", "cast", "stats", "select", "varint"}
     )
 
-    def usable(self, *tensors: Tensor, numel: int | None = None) -> bool:
+    def usable(self, *tensors: Tensor, numel: int | None = None, op: str = "") -> bool:
+        if op == "varint":
+            # No size floor: the torch index code costs more than a ctypes call at any size.
+            return native.indices_ok(*tensors)
         return native.usable(*tensors, numel=numel)
+
+    def select_at_least(
+        self, g: Tensor, e: Tensor | None, threshold: float
+    ) -> tuple[Tensor, Tensor, bool]:
+        return native.select_at_least(g, e, threshold)
+
+    def varint_encode(self, idx: Tensor) -> Tensor:
+        return native.varint_encode(idx)
+
+    def varint_decode(self, body: Tensor) -> Tensor:
+        return native.varint_decode(body)
 
     def chunk_stats(
         self, g: Tensor, e: Tensor | None, chunk: int, minmax: bool = False,

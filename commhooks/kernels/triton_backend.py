@@ -20,11 +20,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from commhooks.coding.bitpack import _pack_tail, _planes, _unpack_tail
+from commhooks.coding.bitpack import _pack_tail, _planes, _unpack_tail, packed_size
 from commhooks.kernels import _triton_codecs as tk
 from commhooks.kernels import _triton_flat as tf
 from commhooks.kernels.backend import Backend, Finite, Stats
-from commhooks.native import packed_size
 
 __all__ = ["TritonBackend"]
 
@@ -62,7 +61,7 @@ class TritonBackend(Backend):
         {"sign", "uniform", "stochastic", "cast", "sparse-feedback"}
     )
 
-    def usable(self, *tensors: Tensor, numel: int | None = None) -> bool:
+    def usable(self, *tensors: Tensor, numel: int | None = None, op: str = "") -> bool:
         if not tensors:
             return False
         device = tensors[0].device

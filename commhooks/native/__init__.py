@@ -40,6 +40,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from commhooks.coding.bitpack import packed_size, symbol_packing
+
 try:
     import fcntl
 except ImportError:  # not POSIX: builds still land atomically, but may be repeated
@@ -415,21 +417,6 @@ def table_decode(
         int(acc), threads(),
     )  # fmt: skip
     return out
-
-
-def symbol_packing(alphabet: int) -> tuple[int, int]:
-    """(bits, radix) as ``pack_symbols`` packs this alphabet (at most 256 symbols): bits per
-    symbol (bit planes for widths other than 1, 2, 4, 8), or radix symbols per byte."""
-    from commhooks.coding.bitpack import symbol_layout
-
-    kind, size = symbol_layout(alphabet)
-    return (0, size) if kind == "radix" else (size, 0)
-
-
-def packed_size(n: int, packing: tuple[int, int]) -> int:
-    """Bytes of ``n`` symbols packed as :func:`symbol_packing` says."""
-    bits, radix = packing
-    return -(-n // radix) if radix else (n * bits + 7) // 8
 
 
 def stochastic_encode(

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from commhooks import native
+from commhooks.coding.bitpack import symbol_packing
 from commhooks.kernels.backend import Backend
 from commhooks.kernels.native_backend import NativeBackend
 from commhooks.kernels.triton_backend import TritonBackend
@@ -59,7 +59,7 @@ def _codec(name: str, chunk: int, g: torch.Tensor, e: torch.Tensor) -> tuple[Enc
         )
     if kind == "qsgd":
         s = int(arg)
-        norm, packing = st.sumsq.sqrt().float(), native.symbol_packing(2 * s + 1)
+        norm, packing = st.sumsq.sqrt().float(), symbol_packing(2 * s + 1)
         return (
             lambda b, x, r: b.stochastic_encode(0, x, r, chunk, norm, s, 2 * s + 1, packing, 99),
             lambda b, d, o: b.stochastic_decode(d, n, chunk, norm, s, 2 * s + 1, packing, o),
@@ -72,7 +72,7 @@ def _codec(name: str, chunk: int, g: torch.Tensor, e: torch.Tensor) -> tuple[Enc
         )
     bits = int(arg)  # adaptive's grid
     top, grid = (1 << bits) - 1, torch.tensor([0.05, 0.5 / ((1 << bits) - 1)])
-    packing = native.symbol_packing(top + 1)
+    packing = symbol_packing(top + 1)
     return (
         lambda b, x, r: b.grid_encode(x, r, grid, bits),
         lambda b, d, o: b.stochastic_decode(d, n, n, grid, top, top + 1, packing, o, kind=2),

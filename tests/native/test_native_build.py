@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from commhooks import native
+from commhooks.coding.bitpack import symbol_packing
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,7 +70,7 @@ def _outputs(k: native.Kernels, n: int) -> list[torch.Tensor]:
             lambda r: native.uniform_encode(g, r, 4096, stats.lo, (stats.hi - stats.lo) / 15, 4),
             lambda r: native.uniform_encode(g, r, 4096, stats.lo, (stats.hi - stats.lo) / 15, 4, 7),
             lambda r: native.stochastic_encode(
-                0, g, r, 4096, torch.full((n // 4096 + 1,), 3.0), 4, 9, native.symbol_packing(9), 7
+                0, g, r, 4096, torch.full((n // 4096 + 1,), 3.0), 4, 9, symbol_packing(9), 7
             ),
         ):
             r = e.clone()
