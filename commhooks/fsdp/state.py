@@ -1,0 +1,166 @@
+"""The state :func:`commhooks.fsdp.register` returns: the engine's
+:class:`~commhooks.engine.CompressionState` over the exchange's group, one step per backward,
+stats and checkpoints.
+
+A step opens on the first exchange of a backward and closes when the last FSDP unit's
+gradients are exchanged. FSDP2 runs its own end-of-backward callback (which reduces the units
+autograd did not reach) from the autograd engine's final callbacks, queued when backward
+starts; the first exchange of a step queues another final callback, which autograd runs after
+FSDP2's, so it sees every unit's exchange. Should a backward end without it (a
+``post_backward`` called by hand), the step closes when a unit is exchanged again, as
+:meth:`CompressionState.begin_tensor` does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from commhooks.comm.transport import TransportStats
+from commhooks.engine import CommStats, CompressionState, average_buffer
+from commhooks.fsdp.mesh import Layout
+from commhooks.fsdp.units import Unit
+
+__all__ = ["FSDPCompression"]
+
+logger = logging.getLogger(__name__)
+
+
+def _submit(engine: CompressionState, buffer: Tensor, shapes: list[Tensor]) -> None:
+    """Average ``buffer`` (the concatenation of tensors shaped and keyed like ``shapes``) over
+    the engine's ranks, in place, as part of the open step."""
+    average_buffer(engine, buffer, shapes, final=False)
+
+
+class FSDPCompression:
+    """Compression of an FSDP2 model's gradient exchange; built by
+    :func:`commhooks.fsdp.register`.
+
+    Attributes:
+        engine: the :class:`~commhooks.engine.CompressionState` (over the cross-node group in
+            the hierarchical mode, over every rank in the reduce-scatter mode).
+        layout: the mode and its groups.
+        units: the FSDP units, outermost first.
+    """
+
+    def __init__(
+        self, engine: CompressionState, layout: Layout, units: list[Unit], keys: dict[str, list]
+    ) -> None:
+        self.engine = engine
+        self.layout = layout
+        self.units = units
+        # Per unit, one placeholder tensor per parameter shaped and named like what the
+        # engine averages (meta tensors: only their ids and shapes are used).
+        self._shapes = keys
+        self._seen: set[str] = set()
+        self._open = False
+
+    @property
+    def mode(self) -> str:
+        """``"hierarchical"`` or ``"reducescatter"``."""
+        return self.layout.mode
+
+    # -- called from FSDP2's hooks ------------------------------------------------------------
+
+    def exchange(self, unit: Unit, buffer: Tensor) -> None:
+        """Average ``buffer`` (a unit's gradients, laid out as :attr:`Unit.params` says) over
+        the engine's ranks in place, in this backward's step."""
+        if self._open and unit.name in self._seen:
+            self.close()  # the last step's backward ended without its callback
+        if not self._open:
+            self._open = True
+            try:
+                torch.autograd.Variable._execution_engine.queue_callback(self.close)
+            except RuntimeError:
+                logger.debug("commhooks.fsdp: exchange outside backward; step closes later")
+        self._seen.add(unit.name)
+        try:
+            _submit(self.engine, buffer, self._shapes[unit.name])
+        except Exception:
+            self._abort()
+            raise
+
+    def close(self) -> None:
+        """Close the open step: agree across every rank on whether any had non-finite
+        gradients, then commit error feedback, or roll it back and put a NaN into every
+        rank's gradients so that every rank skips the step alike."""
+        if not self._open:
+            return
+        self._open = False
+        self._seen.clear()
+        engine = self.engine
+        bad = torch.tensor([1.0 if engine.step_nonfinite else 0.0])
+        if self.layout.nodes is not None:
+            # The engine agreed across nodes; the node's other shards may have overflowed.
+            self.layout.nodes.local.all_reduce(bad)
+        if bad.item():
+            engine.record(TransportStats(extra={"nonfinite": True}))
+            self._mark_grads()
+        engine.end_step()
+
+    def _abort(self) -> None:
+        self._open = False
+        self._seen.clear()
+        self.engine.abort_step()
+
+    def _mark_grads(self) -> None:
+        with torch.no_grad():
+            for unit in self.units:
+                for fp in unit.group.fsdp_params:
+                    grad = fp.sharded_param.grad
+                    if grad is None:
+                        continue
+                    local = grad.to_local() if hasattr(grad, "to_local") else grad
+                    if local.numel():
+                        local.view(-1)[:1].fill_(float("nan"))
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def stats(self) -> CommStats:
+        """Cumulative bytes and times, as the DDP hook's: ``raw_bytes`` (what FSDP2's dense
+        exchange would have been handed), ``wire_bytes``, ``link_bytes`` (in the hierarchical
+        mode: between nodes only), per-step ``last_*`` fields, ``nonfinite_steps``."""
+        return self.engine.stats()
+
+    def feedback_bytes(self) -> int:
+        """Bytes of error-feedback memory this rank holds (residuals and momenta, every
+        memory of the engine's)."""
+        total = 0
+        for memory in self.engine.memories():
+            saved = memory.state_dict()
+            for group in ("residuals", "momenta"):
+                total += sum(t.numel() * t.element_size() for t in saved[group].values())
+        return total
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"layout": ..., "rank<r>": this rank's engine state}``: every rank's entry under
+        its own key, so that ``torch.distributed.checkpoint`` saves each rank's shard of the
+        error feedback next to the model's sharded state."""
+        return {
+            "layout": self.layout.name,
+            f"rank{torch.distributed.get_rank()}": self.engine.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` saved (through ``torch.distributed.checkpoint`` or
+        ``torch.save``).
+
+        Raises:
+            ValueError: the state was saved under another mesh or mode (names both), or holds
+                no entry for this rank.
+        """
+        saved = state.get("layout")
+        if saved != self.layout.name:
+            raise ValueError(
+                f"state: saved under {saved!r}, this job runs {self.layout.name!r}; the error "
+                "feedback is kept per shard and cannot be re-split: resume on the same mesh"
+            )
+        key = f"rank{torch.distributed.get_rank()}"
+        if key not in state:
+            raise ValueError(f"state: no entry {key!r}; load the checkpoint this mesh saved")
+        self._open = False
+        self._seen.clear()
+        self.engine.load_state_dict(state[key])
