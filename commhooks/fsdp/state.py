@@ -13,10 +13,12 @@ FSDP2's, so it sees every unit's exchange. Should a backward end without it (a
 
 from __future__ import annotations
 
+import io
 import logging
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from commhooks.comm.transport import TransportStats
@@ -136,13 +138,16 @@ class FSDPCompression:
         return total
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"layout": ..., "rank<r>": this rank's engine state}``: every rank's entry under
-        its own key, so that ``torch.distributed.checkpoint`` saves each rank's shard of the
-        error feedback next to the model's sharded state."""
-        return {
-            "layout": self.layout.name,
-            f"rank{torch.distributed.get_rank()}": self.engine.state_dict(),
-        }
+        """``{"layout": ..., "rank<r>": this rank's engine state, serialized}``.
+
+        Each rank's entry has its own key and is one opaque value, so that
+        ``torch.distributed.checkpoint`` saves every rank's shard of the error feedback next to
+        the model's sharded state and loads it back whole, whatever the fresh state's own
+        ``state_dict()`` (the template ``dcp.load`` fills) holds yet.
+        """
+        buf = io.BytesIO()
+        torch.save(self.engine.state_dict(), buf)
+        return {"layout": self.layout.name, _rank_key(): buf.getvalue()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load what :meth:`state_dict` saved (through ``torch.distributed.checkpoint`` or
@@ -158,9 +163,16 @@ class FSDPCompression:
                 f"state: saved under {saved!r}, this job runs {self.layout.name!r}; the error "
                 "feedback is kept per shard and cannot be re-split: resume on the same mesh"
             )
-        key = f"rank{torch.distributed.get_rank()}"
+        key = _rank_key()
         if key not in state:
             raise ValueError(f"state: no entry {key!r}; load the checkpoint this mesh saved")
+        mine = state[key]
+        if isinstance(mine, bytes):
+            mine = torch.load(io.BytesIO(mine), weights_only=False)
         self._open = False
         self._seen.clear()
-        self.engine.load_state_dict(state[key])
+        self.engine.load_state_dict(mine)
+
+
+def _rank_key() -> str:
+    return f"rank{dist.get_rank()}"

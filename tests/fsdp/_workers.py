@@ -4,7 +4,6 @@ seeded data; every rank saves its full parameters and gradients per step."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -12,8 +11,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from _spawn import init
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, ShardPlacementResult
+from torch.distributed.tensor import Shard
 
 import commhooks.fsdp
 
@@ -69,7 +70,7 @@ def train(
     model: nn.Module, state: Any, case: dict[str, Any], rank: int, start: int, steps: int
 ) -> dict[str, Any]:
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    out: dict[str, Any] = {"params": [], "grads": [], "stats": None, "skipped": []}
+    out: dict[str, Any] = {"params": [], "grads": [], "stats": None, "skipped": [], "ef": []}
     micro = case.get("micro", 1)
     for step in range(start, start + steps):
         for m in range(micro):
@@ -86,10 +87,20 @@ def train(
             opt.step()
         opt.zero_grad()
         out["params"].append({n: full(p) for n, p in model.named_parameters()})
+        if state is not None:
+            out["ef"].append(feedback_total(state))
     if state is not None:
         out["stats"] = state.stats()
         out["feedback_bytes"] = state.feedback_bytes()
     return out
+
+
+def feedback_total(state: Any) -> float:
+    """Sum of |residual| over every error-feedback memory of ``state`` (0 without any)."""
+    total = 0.0
+    for memory in state.engine.memories():
+        total += sum(float(t.abs().sum()) for t in memory.state_dict()["residuals"].values())
+    return total
 
 
 def resume(case: dict[str, Any], world: int, rank: int) -> dict[str, Any]:
@@ -119,19 +130,17 @@ def refused(case: dict[str, Any], world: int) -> str:
             build({**case, "mesh": "hsdp", "spec": "uniform"}, world)
         elif bad == "divide":
             model, _ = build({"mesh": "flat"}, world)
-            model.set_gradient_divide_factor(3.0)
+            model[0].set_gradient_divide_factor(3.0)
             commhooks.fsdp.register(model, "uniform")
         elif bad == "groups":
+            # Biases on a second mesh: FSDP2 makes two parameter groups of the module.
             model = model_of()
-            mesh = mesh_for("flat", world)
-            sub = commhooks.fsdp.node_mesh("cpu", ranks_per_node=world // 2) if world > 2 else None
-            placement = None
-            if sub is not None:
-                from torch.distributed.fsdp import ShardPlacementResult
-                from torch.distributed.tensor import Shard
+            mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("a",))
+            other = DeviceMesh.from_group(dist.new_group(list(range(world))), "cpu")
+            infos = {d: FSDPMeshInfo(m, shard_mesh_dim=0) for d, m in ((1, other), (2, mesh))}
 
-                def placement(p: nn.Parameter) -> Any:
-                    return ShardPlacementResult(Shard(0), sub if p.dim() == 1 else mesh)
+            def placement(p: nn.Parameter) -> ShardPlacementResult:
+                return ShardPlacementResult(Shard(0), infos[p.dim()])
 
             fully_shard(model, mesh=mesh, shard_placement_fn=placement)
             commhooks.fsdp.register(model, "uniform")
@@ -139,6 +148,18 @@ def refused(case: dict[str, Any], world: int) -> str:
             _, state = build({**case, "spec": "uniform"}, world)
             saved = case["saved"]
             state.load_state_dict({"layout": saved, f"rank{dist.get_rank()}": {}})
+        elif bad == "other_mesh":
+            # Saved through torch.distributed.checkpoint on every rank, loaded on node meshes.
+            flat = {"mesh": "flat", "spec": "uniform"}
+            model, state = build(flat, world)
+            train(model, state, flat, dist.get_rank(), 0, 1)
+            dcp.save({"comm": state.state_dict()}, checkpoint_id=case["path"])
+            _, state2 = build({"mesh": "node", "spec": "uniform"}, world)
+            sd = {"comm": state2.state_dict()}
+            dcp.load(sd, checkpoint_id=case["path"])
+            state2.load_state_dict(sd["comm"])
+        elif bad == "flat_on_node":
+            build({**case, "mesh": "node", "spec": "uniform", "opts": {"topology": "flat"}}, world)
         elif bad == "coalesce":
             build({**case, "spec": "uniform", "opts": {"coalesce": True}}, world)
         return "no error"
@@ -160,7 +181,3 @@ def run_cases(rank: int, world: int, store: str, out: str, cases: list[dict[str,
         dist.barrier()
     torch.save(results, out)
     dist.destroy_process_group()
-
-
-if __name__ == "__main__":  # a quick look: python tests/fsdp/_workers.py
-    os.environ.setdefault("COMMHOOKS_FSDP_DEBUG", "1")
