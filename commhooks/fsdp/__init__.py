@@ -18,4 +18,10 @@ from commhooks.fsdp.mesh import HIERARCHICAL, REDUCE_SCATTER, node_mesh
 from commhooks.fsdp.register import register
 from commhooks.fsdp.state import FSDPCompression
 
-__all__ = ["HIERARCHICAL", "REDUCE_SCATTER", "FSDPCompression", "node_mesh", "register"]
+__all__ = [
+    "HIERARCHICAL",
+    "REDUCE_SCATTER",
+    "FSDPCompression",
+    "node_mesh",
+    "register",
+]

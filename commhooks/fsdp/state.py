@@ -59,6 +59,7 @@ class FSDPCompression:
         self._shapes = keys
         self._seen: set[str] = set()
         self._open = False
+        self._device = torch.device("cpu")
 
     @property
     def mode(self) -> str:
@@ -79,6 +80,7 @@ class FSDPCompression:
             except RuntimeError:
                 logger.debug("commhooks.fsdp: exchange outside backward; step closes later")
         self._seen.add(unit.name)
+        self._device = buffer.device
         try:
             _submit(self.engine, buffer, self._shapes[unit.name])
         except Exception:
@@ -94,7 +96,7 @@ class FSDPCompression:
         self._open = False
         self._seen.clear()
         engine = self.engine
-        bad = torch.tensor([1.0 if engine.step_nonfinite else 0.0])
+        bad = torch.tensor([1.0 if engine.step_nonfinite else 0.0], device=self._device)
         if self.layout.nodes is not None:
             # The engine agreed across nodes; the node's other shards may have overflowed.
             self.layout.nodes.local.all_reduce(bad)

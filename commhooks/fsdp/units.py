@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 
-__all__ = ["Unit", "fsdp_units"]
+__all__ = ["Unit", "fsdp_root", "fsdp_units"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ def fsdp_units(model: nn.Module) -> list[Unit]:
         )
     names = {id(p): n for n, p in model.named_parameters()}
     units: list[Unit] = []
+    seen: set[int] = set()  # fully_shard([a, b]) gives a and b one parameter group
     for fqn, module in model.named_modules():
         if not isinstance(module, FSDPModule):
             continue
@@ -71,9 +72,10 @@ def fsdp_units(model: nn.Module) -> list[Unit]:
                 "meshes through shard_placement_fn); torch's custom reduce-scatter and "
                 "all-reduce hook take one group per module: shard it over one mesh"
             )
-        if not groups:
+        if not groups or id(groups[0]) in seen:
             continue
         group = groups[0]
+        seen.add(id(group))
         mesh = group.mesh_info.mesh
         if mesh.ndim != 1:
             raise ValueError(
@@ -101,3 +103,27 @@ def fsdp_units(model: nn.Module) -> list[Unit]:
             "register() needs every unit on the same mesh"
         )
     return units
+
+
+def fsdp_root(module: nn.Module, where: str) -> nn.Module:
+    """The outermost ``fully_shard``-ed module in ``module`` (itself, or the one submodule a
+    framework's ``configure_model`` sharded as the root).
+
+    Raises:
+        ValueError: none is, or several are side by side (register each one instead).
+    """
+    if isinstance(module, FSDPModule):
+        return module
+    roots: list[str] = []
+    found: list[nn.Module] = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, FSDPModule) and not any(name.startswith(r + ".") for r in roots):
+            roots.append(name)
+            found.append(sub)
+    if len(found) != 1:
+        what = f"several ({', '.join(roots)})" if found else "none"
+        raise ValueError(
+            f"{where}: expected one fully_shard-ed root module in {type(module).__name__}, "
+            f"found {what}; call fully_shard on the root of the model you train last"
+        )
+    return found[0]
