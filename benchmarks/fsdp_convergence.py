@@ -152,8 +152,9 @@ def table(rows: list[Row]) -> str:
     dense_link = statistics.median(r.link_bytes for r in ident) if ident else None
     lines = [
         "| run | val loss min / median / max | vs dense (median) | s per run (median) "
-        "| wire bytes | link bytes | link vs dense | EF bytes per rank | vs model / L |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| raw / wire | wire bytes | link bytes | link vs dense | EF bytes per rank "
+        "| vs model / L |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, rs in by.items():
         losses = sorted(r.val_loss for r in rs)
@@ -164,9 +165,11 @@ def table(rows: list[Row]) -> str:
         versus = f"1/{dense_link / link:.2f}" if dense_link and link else "n/a"
         ef = statistics.median(r.feedback_bytes for r in rs)
         share = ef / (rs[0].model_bytes / rs[0].ranks_per_node)
+        raw = statistics.median(r.raw_bytes for r in rs)
+        ratio = f"{raw / wire:.2f}" if wire else "n/a"
         lines.append(
             f"| {label} | {losses[0]:.4f} / {med:.4f} / {losses[-1]:.4f} | {gap} "
-            f"| {statistics.median(r.seconds for r in rs):.0f} | {wire:.0f} | {link:.0f} "
+            f"| {statistics.median(r.seconds for r in rs):.0f} | {ratio} | {wire:.0f} | {link:.0f} "
             f"| {versus} | {ef:.0f} | {share:.3f} |"
         )
     return "\n".join(lines)
