@@ -28,7 +28,12 @@ def all_reduce_hook(owner: FSDPCompression, unit: Unit) -> Callable[[Tensor], No
                 f"commhooks.fsdp: unit {unit.name!r} handed {reduce_output.numel()} gradient "
                 f"elements, expected {unit.shard_numel}"
             )
-        owner.exchange(unit, reduce_output)
+        views = [
+            piece.view(shape)
+            for piece, (_, shape) in zip(reduce_output.split(unit.numels), unit.params)
+        ]
+        for view, mean in zip(views, owner.exchange(unit, views)):
+            view.copy_(mean)
 
     return hook
 
@@ -38,10 +43,11 @@ class CompressedReduceScatter(ReduceScatter):
     whole (padded) gradient through the engine (compressed, with error feedback of the
     unsharded gradient where the codec needs it) and keeps this rank's chunk.
 
-    The engine's transport decides what crosses the wire: ``"reducescatter"`` (each
-    destination's chunk compressed and sent in one all-to-all, decoded and summed in fp32,
-    re-compressed for the all-gather the engine's whole-tensor average needs), ``"allreduce"``
-    for summable codecs (casts, random-k, PowerSGD) or ``"allgather"``.
+    The engine's transport decides what crosses the wire (see :func:`commhooks.fsdp.register`
+    for ``"auto"``): ``"allreduce"`` for summable codecs (casts, random-k, PowerSGD),
+    ``"allgather"``, or ``"reducescatter"`` (each destination's chunk compressed and sent in
+    one all-to-all, decoded and summed in fp32, then re-compressed for the all-gather the
+    engine's whole-tensor average needs).
     """
 
     def __init__(self, owner: FSDPCompression, unit: Unit) -> None:
@@ -69,13 +75,14 @@ class CompressedReduceScatter(ReduceScatter):
                 f"elements, expected {world * sum(numels)}"
             )
         rows = input_tensor.view(world, -1)
-        # Row j holds chunk j of every parameter; gather each parameter's chunks together.
-        whole = torch.cat([cols.reshape(-1) for cols in rows.split(numels, dim=1)])
-        self.owner.exchange(self.unit, whole)
-        mine = [
-            w.view(world, n)[rank] for w, n in zip(whole.split([world * n for n in numels]), numels)
+        # Row j holds chunk j of every parameter: each parameter's gradient is its column
+        # block, chunks stacked (dim 0 padded to a multiple of the world, as FSDP2 pads).
+        whole = [
+            cols.reshape(world * shape[0], *shape[1:]) if len(shape) else cols.reshape(-1)
+            for cols, (_, shape) in zip(rows.split(numels, dim=1), self.unit.params)
         ]
-        torch.cat(mine, out=output_tensor)
+        means = self.owner.exchange(self.unit, whole)
+        torch.cat([m.reshape(world, -1)[rank] for m in means], out=output_tensor)
         if op == dist.ReduceOp.SUM:
             # FSDP2 divides after a sum (fp16 reduce dtype, force_sum_reduction_for_comms).
             output_tensor.mul_(world)

@@ -38,9 +38,9 @@ def register(
             the model is sharded over one node's ranks (:func:`commhooks.fsdp.node_mesh`),
             ``"flat"`` (the reduce-scatter mode) where it is sharded over every rank.
             ``transport``: between nodes in the hierarchical mode; in the reduce-scatter mode
-            ``"auto"`` takes the compressed reduce-scatter for static-size codecs that do not
-            sum, all-reduce for those that do. ``coalesce`` and ``fallback`` (DDP buckets) do
-            not apply.
+            ``"auto"`` takes all-reduce for codecs that sum, the compressed reduce-scatter for
+            other static-size codecs on more than 2 ranks, else all-gather. ``coalesce`` and
+            ``fallback`` (DDP buckets) do not apply.
 
     Tuning: the hierarchical mode is the one to use across nodes: error feedback costs 1/L of
     the model per rank and only the inter-node link carries compressed bytes. The
@@ -64,25 +64,18 @@ def register(
     layout = resolve(units[0].mesh, opts.topology, opts.ranks_per_node)
     transport = opts.transport
     if layout.mode != HIERARCHICAL and transport == "auto":
-        transport = _scatter_transport(codec)
+        transport = _scatter_transport(codec, layout.world)
     engine_opts = dataclasses.replace(opts, topology="flat", ranks_per_node=0, transport=transport)
-    shapes = {u.name: _placeholders(u, layout) for u in units}
+    keys = {u.name: _keys(u, layout) for u in units}
     if layout.nodes is not None:
         cross = layout.nodes.cross
         assert isinstance(cross, TorchCollectives)
         group = cross.group
     else:
         group = units[0].mesh.get_group()
-    engine = CompressionState(
-        codec,
-        options=engine_opts,
-        process_group=group,
-        named_parameters=[(n, t) for ts in shapes.values() for n, t in ts],
-    )
+    engine = CompressionState(codec, options=engine_opts, process_group=group)
     engine.bind()
-    state = FSDPCompression(
-        engine, layout, units, {k: [t for _, t in v] for k, v in shapes.items()}
-    )
+    state = FSDPCompression(engine, layout, units, keys)
     for unit in units:
         # Unused parameters then send zeros, so every unit's layout is the same each step.
         unit.module.set_reduce_scatter_unused_params(True, recurse=False)
@@ -93,11 +86,16 @@ def register(
     return state
 
 
-def _scatter_transport(codec: Compressor[Any]) -> str:
-    """The reduce-scatter mode's ``transport="auto"``: all-reduce for summable payloads, the
-    compressed reduce-scatter for other static-size single-round codecs, else all-gather."""
+def _scatter_transport(codec: Compressor[Any], world: int) -> str:
+    """The reduce-scatter mode's ``transport="auto"``: all-reduce for summable payloads; for
+    the others, the compressed reduce-scatter where it sends fewer bytes than an all-gather
+    (more than 2 ranks: ``2(n-1)/n`` payloads per rank against ``n-1``) and the codec allows
+    it (static size, one round), else all-gather, which compresses once where the
+    reduce-scatter compresses the averaged chunks a second time."""
     if codec.capabilities.summable:
         return "allreduce"
+    if world <= 2:
+        return "allgather"
     try:
         ReduceScatterTransport.check(codec)
     except ValueError:
@@ -105,16 +103,10 @@ def _scatter_transport(codec: Compressor[Any]) -> str:
     return "reducescatter"
 
 
-def _placeholders(unit: Unit, layout: Layout) -> list[tuple[str, torch.Tensor]]:
-    """Per parameter of ``unit``, the engine's key and a meta tensor shaped like what it
-    averages: this rank's shard (hierarchical, keyed ``name/shard``) or the whole padded
-    gradient (reduce-scatter, keyed by the parameter's name)."""
-    out = []
-    for name, shape in unit.params:
-        if layout.mode == HIERARCHICAL:
-            rank = unit.mesh.get_local_rank()
-            out.append((f"{name}/{rank}", torch.empty(shape, device="meta")))
-        else:
-            whole = (layout.shards * shape[0], *shape[1:]) if len(shape) else (layout.shards,)
-            out.append((name, torch.empty(whole, device="meta")))
-    return out
+def _keys(unit: Unit, layout: Layout) -> list[str]:
+    """Per parameter of ``unit``, the engine's key: ``"<name>/<shard>"`` for this rank's
+    shard (hierarchical), the parameter's name for its whole gradient (reduce-scatter)."""
+    if layout.mode == HIERARCHICAL:
+        shard = unit.mesh.get_local_rank()
+        return [f"{name}/{shard}" for name, _ in unit.params]
+    return [name for name, _ in unit.params]

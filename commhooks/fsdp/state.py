@@ -21,20 +21,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from commhooks.comm.transport import TransportStats
-from commhooks.engine import CommStats, CompressionState, average_buffer
+from commhooks.engine import CommStats, CompressionState, Step
 from commhooks.fsdp.mesh import Layout
 from commhooks.fsdp.units import Unit
 
 __all__ = ["FSDPCompression"]
 
 logger = logging.getLogger(__name__)
-
-
-def _submit(engine: CompressionState, buffer: Tensor, shapes: list[Tensor]) -> None:
-    """Average ``buffer`` (the concatenation of tensors shaped and keyed like ``shapes``) over
-    the engine's ranks, in place, as part of the open step."""
-    average_buffer(engine, buffer, shapes, final=False)
 
 
 class FSDPCompression:
@@ -49,16 +42,19 @@ class FSDPCompression:
     """
 
     def __init__(
-        self, engine: CompressionState, layout: Layout, units: list[Unit], keys: dict[str, list]
+        self,
+        engine: CompressionState,
+        layout: Layout,
+        units: list[Unit],
+        keys: dict[str, list[str]],
     ) -> None:
         self.engine = engine
         self.layout = layout
         self.units = units
-        # Per unit, one placeholder tensor per parameter shaped and named like what the
-        # engine averages (meta tensors: only their ids and shapes are used).
-        self._shapes = keys
+        #: per unit, the engine's keys of its parameters (one error-feedback memory each)
+        self.keys = keys
+        self._step: Step | None = None
         self._seen: set[str] = set()
-        self._open = False
         self._device = torch.device("cpu")
 
     @property
@@ -68,47 +64,43 @@ class FSDPCompression:
 
     # -- called from FSDP2's hooks ------------------------------------------------------------
 
-    def exchange(self, unit: Unit, buffer: Tensor) -> None:
-        """Average ``buffer`` (a unit's gradients, laid out as :attr:`Unit.params` says) over
-        the engine's ranks in place, in this backward's step."""
-        if self._open and unit.name in self._seen:
+    def exchange(self, unit: Unit, tensors: list[Tensor]) -> list[Tensor]:
+        """The means over the engine's ranks of ``tensors`` (a unit's gradients, one per
+        parameter), exchanged in this backward's step."""
+        if self._step is not None and unit.name in self._seen:
             self.close()  # the last step's backward ended without its callback
-        if not self._open:
-            self._open = True
+        if self._step is None:
+            self._step = self.engine.begin()
             try:
                 torch.autograd.Variable._execution_engine.queue_callback(self.close)
             except RuntimeError:
                 logger.debug("commhooks.fsdp: exchange outside backward; step closes later")
         self._seen.add(unit.name)
-        self._device = buffer.device
+        self._device = tensors[0].device
+        step = self._step
         try:
-            _submit(self.engine, buffer, self._shapes[unit.name])
+            return step.average(self.keys[unit.name], tensors)
         except Exception:
-            self._abort()
+            self._step = None
+            self._seen.clear()
             raise
 
     def close(self) -> None:
         """Close the open step: agree across every rank on whether any had non-finite
         gradients, then commit error feedback, or roll it back and put a NaN into every
         rank's gradients so that every rank skips the step alike."""
-        if not self._open:
-            return
-        self._open = False
+        step, self._step = self._step, None
         self._seen.clear()
-        engine = self.engine
-        bad = torch.tensor([1.0 if engine.step_nonfinite else 0.0], device=self._device)
+        if step is None or step.closed:
+            return
+        bad = torch.tensor([1.0 if step.nonfinite else 0.0], device=self._device)
         if self.layout.nodes is not None:
             # The engine agreed across nodes; the node's other shards may have overflowed.
             self.layout.nodes.local.all_reduce(bad)
         if bad.item():
-            engine.record(TransportStats(extra={"nonfinite": True}))
+            step.mark_nonfinite()
             self._mark_grads()
-        engine.end_step()
-
-    def _abort(self) -> None:
-        self._open = False
-        self._seen.clear()
-        self.engine.abort_step()
+        step.close()
 
     def _mark_grads(self) -> None:
         with torch.no_grad():
@@ -171,7 +163,7 @@ class FSDPCompression:
         mine = state[key]
         if isinstance(mine, bytes):
             mine = torch.load(io.BytesIO(mine), weights_only=False)
-        self._open = False
+        self._step = None
         self._seen.clear()
         self.engine.load_state_dict(mine)
 
