@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter  # torch's only home
 
 from commhooks.fsdp.state import FSDPCompression
 from commhooks.fsdp.units import Unit
