@@ -1,4 +1,5 @@
-"""accelerate: register the commhooks hook on the model ``accelerator.prepare()`` wrapped in DDP.
+"""accelerate: register the commhooks hook on the model ``accelerator.prepare()`` wrapped in DDP,
+or :func:`commhooks.fsdp.register` on the one its FSDP2 plugin sharded.
 
 ``state = register_accelerate(accelerator, model, "topk:ratio=0.01")`` after ``prepare()``.
 
@@ -12,8 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
+import commhooks.fsdp
 from commhooks.ddp import CompressionState
+from commhooks.fsdp.units import fsdp_root
 from commhooks.integrations._ddp import Spec, check_hook, find_ddp, register_on
 
 __all__ = ["register_accelerate"]
@@ -26,13 +30,16 @@ def register_accelerate(
     *,
     wrapper: str | None = None,
     **options: Any,
-) -> CompressionState:
+) -> CompressionState | commhooks.fsdp.FSDPCompression:
     """Register the compression hook on ``model`` as ``accelerator.prepare()`` returned it.
 
     Args:
         accelerator: the ``accelerate.Accelerator`` that prepared ``model`` (named in errors).
         model: the model ``accelerator.prepare()`` returned: a DistributedDataParallel module
-            (possibly inside torch.compile) when the script runs on several processes.
+            (possibly inside torch.compile) when the script runs on several processes, or a
+            model sharded with ``fully_shard`` (accelerate's FSDP2 plugin,
+            ``FullyShardedDataParallelPlugin(fsdp_version=2)``), which goes to
+            :func:`commhooks.fsdp.register`.
         compressor: a spec string (``"topk:ratio=0.01"``, ``"powersgd:rank=4"``), config or
             compressor.
         wrapper: ``"fp16"`` or ``"bf16"`` to cast each bucket first; None sends fp32.
@@ -44,7 +51,8 @@ def register_accelerate(
     bought.
 
     Returns:
-        The hook's :class:`~commhooks.ddp.CompressionState`.
+        The hook's :class:`~commhooks.ddp.CompressionState`, or under FSDP2 the
+        :class:`~commhooks.fsdp.FSDPCompression`.
 
     Raises:
         ValueError: a bad compressor spec, wrapper or hook option.
@@ -53,6 +61,13 @@ def register_accelerate(
             starts one; add ``--multi_gpu``), or it uses DeepSpeed, FSDP or XLA.
     """
     check_hook(compressor, wrapper, options)
+    if _sharded(model):
+        if wrapper is not None:
+            raise ValueError(
+                f"wrapper={wrapper!r}: casts DDP buckets; under FSDP2 use "
+                "MixedPrecisionPolicy(reduce_dtype=...) or the 'bf16' compressor"
+            )
+        return commhooks.fsdp.register(fsdp_root(model, "model"), compressor, **options)
     kind = getattr(accelerator, "distributed_type", "?")
     procs = getattr(accelerator, "num_processes", "?")
     ddp = find_ddp(
@@ -63,3 +78,8 @@ def register_accelerate(
         "or torchrun) and pass the model accelerator.prepare() returned.",
     )
     return register_on(ddp, compressor, wrapper, options)
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether ``model`` (or a module in it) was sharded with ``fully_shard``."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())

@@ -1,6 +1,10 @@
-"""Lightning: a ``DDPStrategy`` that registers the commhooks hook on CPU and CUDA alike.
+"""Lightning: a ``DDPStrategy`` that registers the commhooks hook on CPU and CUDA alike, and a
+``ModelParallelStrategy`` (FSDP2) that registers :func:`commhooks.fsdp.register`.
 
-``Trainer(strategy=CompressedDDPStrategy("topk:ratio=0.01"), accelerator="cpu", devices=2)``
+``Trainer(strategy=CompressedDDPStrategy("topk:ratio=0.01"), accelerator="cpu", devices=2)``;
+``Trainer(strategy=CompressedModelParallelStrategy("uniform:bits=8", data_parallel_size=2,
+tensor_parallel_size=1), ...)`` with a LightningModule whose ``configure_model`` calls
+``fully_shard``.
 
 Lightning's own ``DDPStrategy(ddp_comm_hook=...)`` registers comm hooks only when the root
 device is CUDA; this strategy registers right after Lightning wraps the module in DDP, whatever
@@ -13,16 +17,18 @@ from __future__ import annotations
 from typing import Any
 
 try:
-    from lightning.pytorch.strategies import DDPStrategy
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         "commhooks.integrations.lightning needs Lightning: pip install lightning"
     ) from e
 
+import commhooks.fsdp
 from commhooks.ddp import CompressionState
+from commhooks.fsdp.units import fsdp_root
 from commhooks.integrations._ddp import HOOK_OPTIONS, Spec, check_hook, find_ddp, register_on
 
-__all__ = ["CompressedDDPStrategy"]
+__all__ = ["CompressedDDPStrategy", "CompressedModelParallelStrategy"]
 
 _LIGHTNING_HOOK_ARGS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper")
 
@@ -92,3 +98,49 @@ class CompressedDDPStrategy(DDPStrategy):
         self._compression_state = register_on(
             ddp, self._compressor, self._wrapper, self._hook_options
         )
+
+
+class CompressedModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's FSDP2 strategy with :func:`commhooks.fsdp.register` on the module that
+    ``configure_model`` ``fully_shard``-ed.
+
+    Args:
+        compressor: a spec string (``"uniform:bits=8"``, ``"bf16"``), config or compressor.
+        **kwargs: fields of :class:`commhooks.ddp.HookOptions` go to
+            :func:`commhooks.fsdp.register`; everything else to ``ModelParallelStrategy``
+            (``data_parallel_size``, ``tensor_parallel_size``, ``process_group_backend``, ...).
+
+    Tuning: see docs/fsdp.md: shard over ``device_mesh["data_parallel"]`` for the
+    reduce-scatter mode, over :func:`commhooks.fsdp.node_mesh` for the hierarchical one.
+
+    Raises:
+        ValueError: an unknown hook option, a bad value or compressor spec; at ``fit()``, a
+            module that is not ``fully_shard``-ed as :func:`commhooks.fsdp.register` needs.
+    """
+
+    def __init__(self, compressor: Spec = "uniform:bits=8", **kwargs: Any) -> None:
+        self._hook_options = {k: v for k, v in kwargs.items() if k in HOOK_OPTIONS}
+        check_hook(compressor, None, self._hook_options)
+        super().__init__(**{k: v for k, v in kwargs.items() if k not in HOOK_OPTIONS})
+        self._compressor = compressor
+        self._compression: commhooks.fsdp.FSDPCompression | None = None
+
+    @property
+    def compression_state(self) -> commhooks.fsdp.FSDPCompression:
+        """The compression state (``.stats()``, ``.state_dict()``) on this rank.
+
+        Raises:
+            RuntimeError: before ``trainer.fit()`` has set the model up.
+        """
+        if self._compression is None:
+            raise RuntimeError(
+                "compression_state: registered when trainer.fit() sets the sharded model up; "
+                "read it during or after fit()"
+            )
+        return self._compression
+
+    def setup(self, trainer: Any) -> None:
+        """Set the sharded model up as Lightning does, then register compression on it."""
+        super().setup(trainer)
+        root = fsdp_root(self.lightning_module, "CompressedModelParallelStrategy.model")
+        self._compression = commhooks.fsdp.register(root, self._compressor, **self._hook_options)

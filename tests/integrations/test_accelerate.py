@@ -20,6 +20,11 @@ def test_compresses_on_cpu_under_torchrun() -> None:
     assert {steps for steps, _, _ in stats.values()} == {5}
 
 
+def test_fsdp2_model_compresses_on_cpu_under_torchrun() -> None:
+    stats = assert_compressed(run([*TORCHRUN, str(HERE / "_accelerate_fsdp_worker.py")]))
+    assert {steps for steps, _, _ in stats.values()} == {5}
+
+
 def test_refuses_a_model_accelerate_did_not_wrap_in_ddp() -> None:
     # One process, no process group: prepare() hands the module back unwrapped.
     accelerator = Accelerator(cpu=True)

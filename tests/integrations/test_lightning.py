@@ -7,7 +7,7 @@ import pathlib
 import pytest
 from _frameworks import TORCHRUN, assert_compressed, run
 
-from commhooks.integrations.lightning import CompressedDDPStrategy
+from commhooks.integrations.lightning import CompressedDDPStrategy, CompressedModelParallelStrategy
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -36,3 +36,15 @@ def test_refuses_a_bad_hook_option_or_spec_before_training() -> None:
 def test_state_before_fit_is_refused() -> None:
     with pytest.raises(RuntimeError, match=r"compression_state: .*fit\(\)"):
         _ = CompressedDDPStrategy("sign").compression_state
+
+
+def test_fsdp2_strategy_compresses_on_cpu_under_torchrun() -> None:
+    stats = assert_compressed(run([*TORCHRUN, str(HERE / "_lightning_fsdp_worker.py")]))
+    assert {steps for steps, _, _ in stats.values()} == {6}
+
+
+def test_fsdp2_strategy_refuses_a_bad_option_before_training() -> None:
+    with pytest.raises(ValueError, match="start_iter"):
+        CompressedModelParallelStrategy("uniform", start_iter=-1)
+    with pytest.raises(RuntimeError, match=r"compression_state: .*fit\(\)"):
+        _ = CompressedModelParallelStrategy("uniform").compression_state

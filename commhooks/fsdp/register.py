@@ -1,0 +1,112 @@
+"""``commhooks.fsdp.register``: compression on a ``fully_shard``-ed model in one line."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from commhooks.comm.collectives import TorchCollectives
+from commhooks.comm.transport import ReduceScatterTransport, transport_class
+from commhooks.compressors.base import Compressor, CompressorConfig
+from commhooks.engine import CompressionState, HookOptions
+from commhooks.fsdp.hooks import CompressedReduceScatter, all_reduce_hook
+from commhooks.fsdp.mesh import HIERARCHICAL, Layout, resolve
+from commhooks.fsdp.state import FSDPCompression
+from commhooks.fsdp.units import Unit, fsdp_units
+from commhooks.registry import compressor as build_compressor
+
+__all__ = ["register"]
+
+
+def register(
+    model: torch.nn.Module,
+    compressor: str | CompressorConfig | Compressor[Any],
+    **options: Any,
+) -> FSDPCompression:
+    """Compress the gradient exchange of ``model`` (the root module, after ``fully_shard`` on
+    it and its blocks) and return the state (stats, checkpoints).
+
+    Every rank must call it at the same point: it creates process groups.
+
+    Args:
+        model: the root FSDP module.
+        compressor: a spec string (``"uniform:bits=8"``), config or compressor.
+        **options: fields of :class:`~commhooks.engine.HookOptions`. ``topology``:
+            ``"auto"`` (the default) picks the mode from the mesh: ``"hierarchical"`` where
+            the model is sharded over one node's ranks (:func:`commhooks.fsdp.node_mesh`),
+            ``"flat"`` (the reduce-scatter mode) where it is sharded over every rank.
+            ``transport``: between nodes in the hierarchical mode; in the reduce-scatter mode
+            ``"auto"`` takes all-reduce for codecs that sum, the compressed reduce-scatter for
+            other static-size codecs on more than 2 ranks, else all-gather. ``coalesce`` and
+            ``fallback`` (DDP buckets) do not apply.
+
+    Tuning: the hierarchical mode is the one to use across nodes: error feedback costs 1/L of
+    the model per rank and only the inter-node link carries compressed bytes. The
+    reduce-scatter mode suits one node over a slow fabric; with error-feedback codecs it keeps
+    a residual of the whole gradient per rank (see docs/fsdp.md), so prefer casts or unbiased
+    codecs there.
+
+    Raises:
+        ValueError: the model is not ``fully_shard``-ed, has several parameter groups per
+            module, a 2-D mesh, a custom gradient divide factor, a mesh that does not fit
+            ``topology``; or an option is invalid or does not apply.
+    """
+    opts = HookOptions(**options)
+    if opts.coalesce:
+        raise ValueError("coalesce=True: holds DDP buckets; FSDP2 exchanges one unit at a time")
+    if opts.fallback != "off":
+        raise ValueError(f"fallback={opts.fallback!r}: times DDP buckets; not under FSDP2")
+    units = fsdp_units(model)
+    codec = build_compressor(compressor)
+    transport_class(codec, opts.transport)  # a pairing that cannot work raises now
+    layout = resolve(units[0].mesh, opts.topology, opts.ranks_per_node)
+    transport = opts.transport
+    if layout.mode != HIERARCHICAL and transport == "auto":
+        transport = _scatter_transport(codec, layout.world)
+    engine_opts = dataclasses.replace(opts, topology="flat", ranks_per_node=0, transport=transport)
+    keys = {u.name: _keys(u, layout) for u in units}
+    if layout.nodes is not None:
+        cross = layout.nodes.cross
+        assert isinstance(cross, TorchCollectives)
+        group = cross.group
+    else:
+        group = units[0].mesh.get_group()
+    engine = CompressionState(codec, options=engine_opts, process_group=group)
+    engine.bind()
+    state = FSDPCompression(engine, layout, units, keys)
+    for unit in units:
+        # Unused parameters then send zeros, so every unit's layout is the same each step.
+        unit.module.set_reduce_scatter_unused_params(True, recurse=False)
+        if layout.mode == HIERARCHICAL:
+            unit.module.set_all_reduce_hook(all_reduce_hook(state, unit))
+        else:
+            unit.module.set_custom_reduce_scatter(CompressedReduceScatter(state, unit))
+    return state
+
+
+def _scatter_transport(codec: Compressor[Any], world: int) -> str:
+    """The reduce-scatter mode's ``transport="auto"``: all-reduce for summable payloads; for
+    the others, the compressed reduce-scatter where it sends fewer bytes than an all-gather
+    (more than 2 ranks: ``2(n-1)/n`` payloads per rank against ``n-1``) and the codec allows
+    it (static size, one round), else all-gather, which compresses once where the
+    reduce-scatter compresses the averaged chunks a second time."""
+    if codec.capabilities.summable:
+        return "allreduce"
+    if world <= 2:
+        return "allgather"
+    try:
+        ReduceScatterTransport.check(codec)
+    except ValueError:
+        return "allgather"
+    return "reducescatter"
+
+
+def _keys(unit: Unit, layout: Layout) -> list[str]:
+    """Per parameter of ``unit``, the engine's key: ``"<name>/<shard>"`` for this rank's
+    shard (hierarchical), the parameter's name for its whole gradient (reduce-scatter)."""
+    if layout.mode == HIERARCHICAL:
+        shard = unit.mesh.get_local_rank()
+        return [f"{name}/{shard}" for name, _ in unit.params]
+    return [name for name, _ in unit.params]
