@@ -151,56 +151,50 @@ def federated(model: nn.Module, case: dict, rank: int) -> torch.Tensor:
     return flat(model)
 
 
-RUNNERS = {
-    "diloco": lambda m, c, r, w: diloco_run(m, c, r),
-    "reference": reference_diloco,
-    "averaging": parameter_averaging,
-    "federated": lambda m, c, r, w: federated(m, c, r),
-}
-
-
-def cases(rank: int, world: int, store: str, out: str, todo: list[dict]) -> None:
-    """Run each case (``kind`` picks the runner) on a fresh copy of the model."""
-    init(rank, world, store)
-    results = [RUNNERS[c.get("kind", "diloco")](make_model(), c, rank, world) for c in todo]
-    torch.save(results, out)
-    _finish()
-
-
-def layout_2x2(rank: int, world: int, store: str, out: str, spec: str | None) -> None:
+def layout_2x2(rank: int, world: int, store: str, out: str, specs: list[str | None]) -> None:
     """2 replicas x 2 DDP ranks: DDP inside a replica ({0, 1}, {2, 3}), DiLoCo across
-    ({0, 2}, {1, 3}). Then, on ranks 0 and 2, a reference: one rank per replica training on
-    both of the replica's DDP batches, DiLoCo over {0, 2}."""
+    ({0, 2}, {1, 3}), once per compressor. With the first, also a reference on ranks 0 and 2:
+    one rank per replica training on both of the replica's DDP batches, DiLoCo over {0, 2}."""
     init(rank, world, store)
     replicas = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     across = [dist.new_group([0, 2]), dist.new_group([1, 3])]
     replica, part = divmod(rank, 2)
+    results = []
+    for spec in specs:
+        model = make_model()
+        ddp = nn.parallel.DistributedDataParallel(model, process_group=replicas[replica])
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        kw = {"sync_every": 3, "compressor": spec, "outer_optimizer": outer(NESTEROV),
+              "min_numel": 0}  # fmt: skip
+        dl = DiLoCo(ddp, opt, process_group=across[part], **kw)
+        for step in range(STEPS_2X2):
+            x, y = batch(replica, step, part)
+            opt.zero_grad()
+            nn.functional.mse_loss(ddp(x), y).backward()
+            opt.step()
+            dl.step()
+        res: dict[str, Any] = {"params": flat(model), "stats": dl.stats()}
+        if part == 0 and spec is specs[0]:
+            res["reference"] = _one_rank_replicas(across[0], replica, kw)
+        results.append(res)
+    torch.save(results, out)
+    _finish()
+
+
+STEPS_2X2 = 6
+
+
+def _one_rank_replicas(group: dist.ProcessGroup, replica: int, kw: dict) -> torch.Tensor:
     model = make_model()
-    ddp = nn.parallel.DistributedDataParallel(model, process_group=replicas[replica])
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
-    kw = {"sync_every": 3, "compressor": spec, "outer_optimizer": outer(NESTEROV), "min_numel": 0}
-    dl = DiLoCo(ddp, opt, process_group=across[part], **kw)
-    steps = 7
-    for step in range(steps):
-        x, y = batch(replica, step, part)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    dl = DiLoCo(model, opt, process_group=group, **kw)
+    for step in range(STEPS_2X2):
+        xs, ys = zip(*(batch(replica, step, p) for p in range(2)))
         opt.zero_grad()
-        nn.functional.mse_loss(ddp(x), y).backward()
+        nn.functional.mse_loss(model(torch.cat(xs)), torch.cat(ys)).backward()
         opt.step()
         dl.step()
-    res: dict[str, Any] = {"params": flat(model), "stats": dl.stats()}
-    if part == 0:
-        ref = make_model()
-        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
-        ref_dl = DiLoCo(ref, ref_opt, process_group=across[0], **kw)
-        for step in range(steps):
-            xs, ys = zip(*(batch(replica, step, p) for p in range(2)))
-            ref_opt.zero_grad()
-            nn.functional.mse_loss(ref(torch.cat(xs)), torch.cat(ys)).backward()
-            ref_opt.step()
-            ref_dl.step()
-        res["reference"] = flat(ref)
-    torch.save(res, out)
-    _finish()
+    return flat(model)
 
 
 BAD = {
@@ -212,10 +206,10 @@ BAD = {
 }
 
 
-def faults(rank: int, world: int, store: str, out: str, disagree: dict) -> None:
+def faults(case: dict, rank: int) -> dict[str, Any]:
     """Bad values; ranks that disagree on an option; ranks at different rounds (rank 1
     resumes from an older checkpoint than rank 0). Records each error message."""
-    init(rank, world, store)
+    disagree = case["disagree"]
     res: dict[str, Any] = {}
     for name, kwargs in BAD.items():
         model = make_model()
@@ -252,5 +246,21 @@ def faults(rank: int, world: int, store: str, out: str, disagree: dict) -> None:
         res["rounds"] = None
     except RuntimeError as e:
         res["rounds"] = str(e)
-    torch.save(res, out)
+    return res
+
+
+RUNNERS = {
+    "diloco": lambda m, c, r, w: diloco_run(m, c, r),
+    "reference": reference_diloco,
+    "averaging": parameter_averaging,
+    "federated": lambda m, c, r, w: federated(m, c, r),
+    "faults": lambda m, c, r, w: faults(c, r),
+}
+
+
+def cases(rank: int, world: int, store: str, out: str, todo: list[dict]) -> None:
+    """Run each case (``kind`` picks the runner) on a fresh copy of the model."""
+    init(rank, world, store)
+    results = [RUNNERS[c.get("kind", "diloco")](make_model(), c, rank, world) for c in todo]
+    torch.save(results, out)
     _finish()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from _diloco_workers import BAD, NESTEROV, cases, faults, layout_2x2
+from _diloco_workers import BAD, NESTEROV, cases, layout_2x2
 from _spawn import ranks_runner
 
 from commhooks.diloco import DiLoCoConfig, split_fragments
@@ -39,6 +39,9 @@ def runs(tmp_path_factory: Any) -> dict[str, Any]:
         "whole": {**RESUMED, "save_at": SAVE_AT, "save": ckpt},
         "nan": {"diloco": {"sync_every": 2, **COMPRESSED}, "outer": SGD1, "steps": 6,
                 "nan_step": 3},
+        # rank 0 applies a fragment at step 1, rank 1 not before step 2
+        "faults": {"kind": "faults", "disagree": {
+            "common": {"sync_every": 2}, "ranks": [{"fragments": 2}, {"fragments": 1}]}},
     }  # fmt: skip
     first = run(cases, 2, list(todo.values()))
     resumed = run(cases, 2, [{**RESUMED, "first": SAVE_AT, "load": ckpt}])
@@ -114,22 +117,22 @@ def test_a_non_finite_pseudo_gradient_skips_the_sync_on_every_replica(runs) -> N
 
 
 def test_two_replicas_of_two_ddp_ranks(tmp_path: Any) -> None:
-    run = ranks_runner(tmp_path)
-    dense = run(layout_2x2, 4, None)
+    """DDP inside each replica, DiLoCo across: equal to one rank per replica that trains on
+    both DDP ranks' batches, and every rank ends with the same weights."""
+    per_rank = ranks_runner(tmp_path)(layout_2x2, 4, [None, "uniform:bits=4"])
     for rank in (0, 2):
-        torch.testing.assert_close(dense[rank]["params"], dense[rank]["reference"])
-    for res in (dense, run(layout_2x2, 4, "uniform:bits=4")):
-        assert all(torch.equal(res[0]["params"], r["params"]) for r in res[1:])
+        torch.testing.assert_close(per_rank[rank][0]["params"], per_rank[rank][0]["reference"])
+    for case in range(2):
+        res = [r[case] for r in per_rank]
+        assert all(torch.equal(res[0]["params"], r["params"]) for r in res[1:]), case
         assert res[0]["stats"].syncs == 2
-    s = res[0]["stats"]
+    s = per_rank[0][1]["stats"]
     assert 0 < 3 * s.wire_bytes < s.raw_bytes
 
 
 @pytest.fixture(scope="module")
-def fault_runs(tmp_path_factory: Any) -> list[dict[str, Any]]:
-    run = ranks_runner(tmp_path_factory.mktemp("faults"))
-    disagree = {"common": {"sync_every": 2}, "ranks": [{"fragments": 2}, {"fragments": 1}]}
-    return run(faults, 2, disagree)
+def fault_runs(runs) -> list[dict[str, Any]]:
+    return runs["faults"]
 
 
 @pytest.mark.parametrize("case", list(BAD))
