@@ -49,13 +49,12 @@ from commhooks.diloco import OUTER_LR, OUTER_MOMENTUM, DiLoCo
 
 #: the rounds and their baselines
 LABELS = [
-    "ddp",
+    "ddp", "ddp:uniform:bits=4", "ddp:topk:ratio=0.01@updates=True",
     "dense@H=10", "dense@H=30", "dense@H=100",
     "uniform:bits=8@H=30", "uniform:bits=4@H=30", "uniform:bits=4@H=100",
-    "topk:ratio=0.02|uniform:bits=2@H=30",
+    "topk:ratio=0.02|uniform:bits=2@H=30", "topk:ratio=0.02|uniform:bits=2@H=100",
     "dense@H=30,F=4,tau=0", "dense@H=30,F=4,tau=2",
     "dense@H=30,lr=0.7,momentum=0.9", "dense@H=30,lr=1.0,momentum=0.0",
-    "ddp:uniform:bits=4",
 ]  # fmt: skip
 
 SMOKE_LABELS = ["ddp", "uniform:bits=4@H=5", "dense@H=8,F=4,tau=1"]

@@ -246,6 +246,11 @@ def faults(case: dict, rank: int) -> dict[str, Any]:
         res["rounds"] = None
     except RuntimeError as e:
         res["rounds"] = str(e)
+    try:
+        DiLoCo(model, opt, sync_every=3).load_state_dict(saved[0])
+        res["other options"] = None
+    except ValueError as e:
+        res["other options"] = str(e)
     return res
 
 

@@ -153,6 +153,11 @@ def test_ranks_at_different_rounds_raise_on_every_rank_naming_them(fault_runs) -
         assert "rank 0 at round 2, rank 1 at round 1" in res["rounds"], res["rounds"]
 
 
+def test_a_checkpoint_of_other_options_is_refused(fault_runs) -> None:
+    for res in fault_runs:
+        assert res["other options"].startswith("state: saved by a DiLoCo with"), res
+
+
 def test_fragments_stride_over_alike_layers_and_balance_bytes() -> None:
     assert split_fragments([10, 1, 10, 1, 10, 1, 10, 1], 2) == [[0, 3, 4, 7], [1, 2, 5, 6]]
     assert split_fragments([5] * 6, 3) == [[0, 3], [1, 4], [2, 5]]
