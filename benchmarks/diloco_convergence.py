@@ -124,8 +124,9 @@ def table(results: list[Result], params: int) -> str:
         fewer = sum(r.raw_bytes for r in rows) / max(1, sum(r.wire_bytes for r in rows))
         peak = max(r.probes.get("peak_sync_bytes", 4.0 * params) for r in rows)
         secs = statistics.median(r.seconds for r in rows)
+        cell = label.replace("|", "\\|")  # a pipeline's "|" would end the cell
         lines.append(
-            f"| {label} | {losses[0]:.4f} / {med:.4f} / {losses[-1]:.4f} | {vs} | "
+            f"| {cell} | {losses[0]:.4f} / {med:.4f} / {losses[-1]:.4f} | {vs} | "
             f"{fewer:,.0f}x | {peak / 1e3:,.1f} kB ({peak / (4 * params):.2f}x) | {secs:.0f} |"
         )
     return "\n".join(lines)
