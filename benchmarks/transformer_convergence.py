@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -246,7 +247,13 @@ def train_one(
 
 
 def worker(
-    rank: int, world: int, tmp: str, cfg: Config, labels: list[str], seeds: list[int]
+    rank: int,
+    world: int,
+    tmp: str,
+    cfg: Config,
+    labels: list[str],
+    seeds: list[int],
+    train: Callable[..., Result] = train_one,
 ) -> None:
     torch.set_num_threads(1)
     store = dist.FileStore(os.path.join(tmp, "store"), world)
@@ -260,7 +267,7 @@ def worker(
         results = []
         for label in labels:
             for seed in seeds:
-                results.append(train_one(rank, world, text, label, seed, cfg))
+                results.append(train(rank, world, text, label, seed, cfg))
                 if rank == 0:
                     r = results[-1]
                     print(
@@ -277,10 +284,17 @@ def worker(
         dist.destroy_process_group()
 
 
-def run(labels: list[str], seeds: list[int], cfg: Config, world: int = 2) -> list[Result]:
-    """Spawn ``world`` gloo ranks, train every label for every seed, return rank 0's results."""
+def run(
+    labels: list[str],
+    seeds: list[int],
+    cfg: Config,
+    world: int = 2,
+    train: Callable[..., Result] = train_one,
+) -> list[Result]:
+    """Spawn ``world`` gloo ranks, train every label for every seed with ``train`` (a
+    module-level function with :func:`train_one`'s arguments), return rank 0's results."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(world, tmp, cfg, labels, seeds), nprocs=world, join=True)
+        mp.spawn(worker, args=(world, tmp, cfg, labels, seeds, train), nprocs=world, join=True)
         with open(os.path.join(tmp, "results.json")) as f:
             return [Result(**r) for r in json.load(f)]
 

@@ -15,11 +15,16 @@ error-feedback memory waits for their next round.
                 fed.correct_gradients()       # FedProx / SCAFFOLD terms, if enabled
                 opt.step()
         fed.end_round()                       # every rank calls it: it is collective
+
+Each exchange first checks that every rank is at the same round with the same options, and
+raises on every rank otherwise. The aggregated delta is applied by an outer optimizer (FedAvg's
+plain step, FedAvgM's server momentum, or any torch optimizer, such as DiLoCo's Nesterov SGD).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -30,11 +35,13 @@ from torch import Tensor, nn
 
 from commhooks._validate import check_bool, check_int, check_real
 from commhooks.comm.transport import Traffic
-from commhooks.compressors.base import Compressor, CompressorConfig, all_finite
+from commhooks.compressors.base import Compressor, CompressorConfig
 from commhooks.engine.state import CommStats, CompressionState
-from commhooks.engine.step import Step
+from commhooks.rounds import OuterSpec, OuterStep, agree_round, average_round, outer_description
 
 __all__ = ["FedConfig", "FedStats", "FederatedAverager"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,10 @@ class FedConfig:
         participation: fraction of clients sampled per round, in (0, 1]; at least one. The
             sample comes from ``(seed, round)``, so every rank draws the same.
         server_lr: scales the aggregated delta (1.0: FedAvg).
-        server_momentum: FedAvgM's server momentum on the aggregated delta (0: none).
+        server_momentum: FedAvgM's server momentum on the aggregated delta (0: none). These
+            two build the default outer optimizer, ``torch.optim.SGD(lr=server_lr,
+            momentum=server_momentum)``; give :class:`FederatedAverager` an
+            ``outer_optimizer`` for any other.
 
     Drift control:
         prox_mu: FedProx: :meth:`FederatedAverager.correct_gradients` adds
@@ -115,6 +125,12 @@ class FederatedAverager:
         config: a :class:`FedConfig`; or give its fields as keyword arguments.
         num_samples: this client's sample count, for ``weighted``.
         process_group: the group (None: the default group).
+        outer_optimizer: what applies the aggregated delta to the round's starting weights,
+            as the gradient of one step: None (SGD with ``server_lr`` and
+            ``server_momentum``), a torch optimizer built over ``model.parameters()`` (it is
+            pointed at fp32 copies, the global weights), or a factory called with the list of
+            global weights, e.g. ``functools.partial(torch.optim.SGD, lr=1.0, momentum=0.5,
+            nesterov=True)`` (DiLoCo's outer step).
     """
 
     def __init__(
@@ -125,12 +141,23 @@ class FederatedAverager:
         *,
         num_samples: int | None = None,
         process_group: dist.ProcessGroup | None = None,
+        outer_optimizer: OuterSpec = None,
         **kwargs: Any,
     ) -> None:
         if config is not None and kwargs:
             raise ValueError("config: pass a FedConfig or keyword options, not both")
         self.config = cfg = config if config is not None else FedConfig(**kwargs)
+        if outer_optimizer is not None and (cfg.server_lr != 1.0 or cfg.server_momentum):
+            raise ValueError(
+                "outer_optimizer: give it, or server_lr / server_momentum (which build the "
+                "default SGD outer step), not both"
+            )
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.outer = OuterStep(
+            [p for _, p in self.params], outer_optimizer,
+            lambda ws: torch.optim.SGD(ws, lr=cfg.server_lr, momentum=cfg.server_momentum),
+            self.params[0][1].device if self.params else torch.device("cpu"),
+        )  # fmt: skip
         options = {
             "error_feedback": cfg.error_feedback, "transport": cfg.transport,
             "min_numel": cfg.min_numel, "min_ratio": cfg.min_ratio, "seed": cfg.seed,
@@ -168,8 +195,6 @@ class FederatedAverager:
         self.round = 0
         self._start: list[Tensor] | None = None
         self._participating = False
-        self._cstep: Step | None = None  # SCAFFOLD's variates' step, closed with the round's
-        self._momentum = [torch.zeros_like(p, dtype=torch.float32) for _, p in self.params]
         self._c = [torch.zeros_like(p, dtype=torch.float32) for _, p in self.params]
         self._ci = [torch.zeros_like(p, dtype=torch.float32) for _, p in self.params]
         self._stats = FedStats()
@@ -184,6 +209,16 @@ class FederatedAverager:
 
     def begin_round(self) -> bool:
         """Remember the round's starting point; return whether this client trains this round."""
+        if self._start is not None:
+            # The last round was begun and never ended here, but ended on the other ranks:
+            # count it, so that this rank's next exchange names the rounds on every rank
+            # instead of pairing with the wrong round.
+            logger.warning(
+                "commhooks: round %d was begun but not ended on this rank; the next "
+                "end_round() will find the ranks at different rounds",
+                self.round,
+            )
+            self.round += 1
         self._start = [p.detach().clone() for _, p in self.params]
         self._participating = self.rank in self.participants()
         return self._participating
@@ -210,30 +245,29 @@ class FederatedAverager:
         who = self.participants()
         weight = self._weights[who].sum()
         mine = float(self._weights[self.rank] / weight * self.world) if self._participating else 0.0
+        agree_round(self.state, self.round, "FederatedAverager", self._agreement, start[0].device)
+        everything = range(len(self.params))
         with torch.no_grad():
             # The pseudo-gradient w_start - w, scaled so the transport's mean is the weighted
             # mean over the participants.
             deltas = [(s - p.detach()).float() * mine for (_, p), s in zip(self.params, start)]
-            step = self.state.begin()
-            update = self._exchange(step, deltas)
+            update, moved = self._exchange(self.state, deltas)
             # The average is the same on every rank, so every rank skips a non-finite round
-            # alike: parameters back to the round's start, server momentum and control
-            # variates untouched, the error-feedback memory rolled back when the state closes.
-            if all(all_finite(u) for u in update):
-                for i, (_, p) in enumerate(self.params):
-                    m = self._momentum[i].mul_(cfg.server_momentum).add_(update[i])
-                    p.copy_((start[i].float() - cfg.server_lr * m).to(p.dtype))
+            # alike: parameters back to the round's start, the outer optimizer's state and the
+            # control variates untouched, the error-feedback memory rolled back.
+            if update is not None:
+                self.outer.set_weights(everything, start)
+                self.outer.step(everything, update)
+                for (_, p), w in zip(self.params, self.outer.weights):
+                    p.copy_(w.to(p.device, p.dtype))
                 if cfg.scaffold:
-                    self._scaffold(deltas, mine, len(who))
+                    moved.add(self._scaffold(deltas, mine, len(who)))
             else:
                 for (_, p), s in zip(self.params, start):
                     p.copy_(s.to(p.dtype))
-                step.mark_nonfinite()
-            moved = self._fold(step)
-            if self.cstate is not None:
-                # Closed every round, exchanged or not, so its step count follows the rounds.
-                cstep, self._cstep = self._cstep or self.cstate.begin(), None
-                moved.add(self._fold(cstep))
+                if self.cstate is not None:
+                    # Closed every round, exchanged or not, so its step count follows the rounds.
+                    self.cstate.begin().close()
         s = self._stats
         s.add(moved)
         s.last_raw_bytes, s.last_wire_bytes = moved.raw_bytes, moved.wire_bytes
@@ -248,7 +282,7 @@ class FederatedAverager:
         self._start = None
         return self.stats()
 
-    def _scaffold(self, deltas: list[Tensor], mine: float, sampled: int) -> None:
+    def _scaffold(self, deltas: list[Tensor], mine: float, sampled: int) -> Traffic:
         """Option II: c_i+ = c_i - c + delta_i / (H lr); c += (1/N) sum over sampled of the
         change in c_i, exchanged compressed like the deltas."""
         lr, h = self.config.local_lr, self.config.local_steps
@@ -262,24 +296,28 @@ class FederatedAverager:
                 self._ci[i] = new
             else:
                 changes.append(torch.zeros_like(d))
-        self._cstep = self.cstate.begin()
-        mean = self._exchange(self._cstep, changes)
-        for i in range(len(self._c)):
-            self._c[i].add_(mean[i])
+        mean, moved = self._exchange(self.cstate, changes)
+        if mean is not None:
+            for i in range(len(self._c)):
+                self._c[i].add_(mean[i])
+        return moved
 
-    def _exchange(self, step: Step, tensors: list[Tensor]) -> list[Tensor]:
-        """The mean over ranks of ``tensors`` (one per parameter), compressed."""
+    def _exchange(
+        self, state: CompressionState, tensors: list[Tensor]
+    ) -> tuple[list[Tensor] | None, Traffic]:
+        """The mean over ranks of ``tensors`` (one per parameter), compressed, or None where
+        some rank's was not finite; and the bytes moved (its non-finite step counted)."""
         # An absent client joins with a zero delta and leaves its error-feedback memory alone:
         # its residual waits for its next round.
         keys = [n for n, _ in self.params]
-        return step.average(keys, tensors, last=True, memory=self._participating)
-
-    def _fold(self, step: Step) -> Traffic:
-        """Close ``step``; return the bytes and times it moved this round (and count it in
-        this client's stats if it was skipped)."""
-        report = step.close()
+        mean, report = average_round(state, keys, tensors, memory=self._participating)
         self._stats.nonfinite_steps += int(report.nonfinite)
-        return report
+        return mean, report
+
+    @property
+    def _agreement(self) -> str:
+        """What must agree across ranks besides the compressor and hook options."""
+        return f"{self.config!r}|{outer_description(self.outer.optimizer)}"
 
     # -- public state ---------------------------------------------------------------------------
 
@@ -288,13 +326,14 @@ class FederatedAverager:
         return dataclasses.replace(self._stats)
 
     def state_dict(self) -> dict[str, Any]:
-        """Per-client error feedback (deltas and variates), control variates, server momentum,
-        the round counter (which drives the sampling) and stats. Save at a round boundary."""
+        """Per-client error feedback (deltas and variates), control variates, the outer
+        optimizer's state, the round counter (which drives the sampling) and stats. Save at a
+        round boundary."""
         return {
             "round": self.round,
             "state": self.state.state_dict(),
             "cstate": self.cstate.state_dict() if self.cstate is not None else None,
-            "momentum": [t.clone() for t in self._momentum],
+            "outer": self.outer.state_dict(),
             "c": [t.clone() for t in self._c],
             "ci": [t.clone() for t in self._ci],
             "stats": dataclasses.asdict(self._stats),
@@ -308,9 +347,8 @@ class FederatedAverager:
         self.state.load_state_dict(state["state"])
         if self.cstate is not None:
             self.cstate.load_state_dict(state["cstate"])
-        for mine, saved in (
-            (self._momentum, state["momentum"]), (self._c, state["c"]), (self._ci, state["ci"])
-        ):  # fmt: skip
+        self.outer.load_state_dict(state["outer"])
+        for mine, saved in ((self._c, state["c"]), (self._ci, state["ci"])):
             for t, s in zip(mine, saved):
                 t.copy_(s)
         self._stats = FedStats(**state["stats"])

@@ -118,3 +118,24 @@ def bad_samples(rank: int, world: int, store: str, out: str, samples: list) -> N
     finally:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def skipped_end_round(rank: int, world: int, store: str, out: str) -> None:
+    """Rank 1 begins round 1 but never ends it (it caught its own error, say); record what
+    each rank's next exchange raises."""
+    init(rank, world, store)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    fed = FederatedAverager(model, "topk:ratio=0.1", local_steps=1)
+    message = ""
+    try:
+        for r in range(3):
+            fed.begin_round()
+            local_training(fed, model, opt, rank, r)
+            if not (rank == 1 and r == 1):
+                fed.end_round()
+    except RuntimeError as e:
+        message = str(e)
+    torch.save(message, out)
+    dist.barrier()
+    dist.destroy_process_group()

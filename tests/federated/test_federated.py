@@ -7,9 +7,9 @@ import pathlib
 
 import pytest
 import torch
-from _fed_workers import bad_samples, dense_sgd, rounds
+from _fed_workers import bad_samples, dense_sgd, rounds, skipped_end_round
 
-from commhooks.federated import FedConfig
+from commhooks.federated import FedConfig, FederatedAverager
 
 WORLD = 4
 
@@ -156,3 +156,22 @@ def test_a_non_finite_round_is_skipped_on_every_rank(run_ranks, spec: str) -> No
         assert not torch.equal(rank["params"][3], rank["params"][1])  # training went on
         assert rank["stats"].nonfinite_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(res[0]["params"], res[1]["params"]))
+
+
+def test_a_client_a_round_behind_raises_on_every_rank_naming_the_rounds(run_ranks) -> None:
+    for message in run_ranks(skipped_end_round, 2):
+        assert "ranks are at different rounds (rank 0 at round 1, rank 1 at round 2)" in message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"outer_optimizer": "sgd"}, "outer_optimizer=str: must be a torch optimizer"),
+        ({"outer_optimizer": lambda ws: 0}, "outer_optimizer: the factory returned a int"),
+        ({"outer_optimizer": torch.optim.SGD, "server_momentum": 0.5}, "outer_optimizer: give"),
+    ],
+)
+def test_a_bad_outer_optimizer_names_the_field(kwargs: dict, match: str) -> None:
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match=match):
+        FederatedAverager(model, "identity", **kwargs)

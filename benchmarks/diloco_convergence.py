@@ -1,0 +1,164 @@
+"""Validation loss and bytes of DiLoCo rounds against DDP with dense AdamW, at equal tokens.
+
+Usage: ``python benchmarks/diloco_convergence.py [--seeds 0,1,2] [--steps 300] [--world 2]
+[--only 'ddp;dense@H=30'] [--out F.json] [--markdown F.md] [--smoke]``.
+
+The model, data, AdamW schedule and evaluation are those of
+``benchmarks/transformer_convergence.py`` (a byte-level 2-layer transformer on Python's
+standard library source, imported from there). Every rank is a replica that sees
+``batch`` sequences a step, the same as a DDP rank, so every run trains on the same tokens.
+
+Labels: ``ddp`` is DDP with dense AdamW; ``ddp:<spec>`` registers the per-step DDP hook
+(``ddp:<spec>@updates=True`` compresses AdamW's updates instead, as in
+transformer_convergence.py). ``<spec>@H=30,F=4,tau=2,lr=1.0,momentum=0.5`` trains with
+:class:`commhooks.diloco.DiLoCo`: ``<spec>`` is the pseudo-gradients' compressor (``dense``:
+none), ``H`` ``sync_every``, ``F`` ``fragments``, ``tau`` ``delay``, ``lr`` and ``momentum``
+the outer Nesterov SGD's (momentum 0: plain SGD; absent: the package's defaults).
+
+Columns: validation loss (min / median / max over seeds) and its median against DDP's, the
+bytes each rank handed to collectives against DDP's (4 bytes per parameter per step), and
+the most bytes one sync handed over (DDP: one step's gradient).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+from _report import by_label, parse_variant, write
+from torch import Tensor
+from transformer_convergence import (
+    Config,
+    Result,
+    TinyLM,
+    batch_of,
+    evaluate,
+    lm_loss,
+    lr_at,
+    run,
+    train_one,
+)
+
+from commhooks.diloco import OUTER_LR, OUTER_MOMENTUM, DiLoCo
+
+#: the rounds and their baselines
+LABELS = [
+    "ddp", "ddp:uniform:bits=4", "ddp:topk:ratio=0.01@updates=True",
+    "dense@H=10", "dense@H=30", "dense@H=100",
+    "uniform:bits=8@H=30", "uniform:bits=4@H=30", "uniform:bits=4@H=100",
+    "topk:ratio=0.02|uniform:bits=2@H=30", "topk:ratio=0.02|uniform:bits=2@H=100",
+    "dense@H=30,F=4,tau=0", "dense@H=30,F=4,tau=2",
+    "dense@H=30,lr=0.7,momentum=0.9", "dense@H=30,lr=1.0,momentum=0.0",
+]  # fmt: skip
+
+SMOKE_LABELS = ["ddp", "uniform:bits=4@H=5", "dense@H=8,F=4,tau=1"]
+
+
+def train_rounds(
+    rank: int, world: int, text: tuple[Tensor, Tensor], label: str, seed: int, cfg: Config
+) -> Result:
+    """One run of ``label`` on this rank: DDP through transformer_convergence's trainer, or
+    DiLoCo over AdamW."""
+    if label == "ddp" or label.startswith("ddp:"):
+        spec = label[4:] or "dense"
+        return replace(train_one(rank, world, text, spec, seed, cfg), label=label)
+    train, val = text
+    spec, opts = parse_variant(label)
+    torch.manual_seed(seed)
+    model = TinyLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    outer = None
+    if "lr" in opts or "momentum" in opts:
+        momentum = float(opts.get("momentum", OUTER_MOMENTUM))  # type: ignore[arg-type]
+        outer = functools.partial(
+            torch.optim.SGD, lr=float(opts.get("lr", OUTER_LR)),  # type: ignore[arg-type]
+            momentum=momentum, nesterov=momentum > 0,
+        )  # fmt: skip
+    diloco = DiLoCo(
+        model, opt, sync_every=int(opts["H"]),  # type: ignore[call-overload]
+        compressor=None if spec == "dense" else spec, outer_optimizer=outer,
+        fragments=int(opts.get("F", 1)), delay=int(opts.get("tau", 0)),  # type: ignore[call-overload]
+        seed=seed,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    curve = []
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        starts = torch.randint(len(train) - cfg.context - 1, (cfg.batch,), generator=g)
+        opt.zero_grad()
+        lm_loss(model, *batch_of(train, starts, cfg.context)).backward()
+        opt.step()
+        diloco.step()
+        if rank == 0 and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            curve.append((step + 1, evaluate(model, val, cfg)))
+    seconds = time.perf_counter() - t0
+    stats = diloco.stats()
+    ddp_bytes = 4 * sum(p.numel() for p in model.parameters()) * cfg.steps
+    val_loss = curve[-1][1] if curve else float("nan")
+    extra = {"peak_sync_bytes": float(stats.peak_wire_bytes), "syncs": float(stats.syncs)}
+    return Result(label, seed, val_loss, curve, ddp_bytes, stats.wire_bytes, seconds, extra)
+
+
+def table(results: list[Result], params: int) -> str:
+    """Markdown: loss over seeds, the median against DDP's, bytes and peak bytes per sync
+    against DDP's."""
+    by = by_label(results)
+    ddp = statistics.median(r.val_loss for r in by["ddp"]) if "ddp" in by else None
+    lines = [
+        "| run | val loss min / median / max | vs DDP (median) | bytes fewer than DDP "
+        "| peak bytes per sync (vs DDP) | s per run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, rows in by.items():
+        losses = sorted(r.val_loss for r in rows)
+        med = statistics.median(losses)
+        vs = f"{med / ddp:.3f}x" if ddp else "n/a"
+        fewer = sum(r.raw_bytes for r in rows) / max(1, sum(r.wire_bytes for r in rows))
+        peak = max(r.probes.get("peak_sync_bytes", 4.0 * params) for r in rows)
+        secs = statistics.median(r.seconds for r in rows)
+        cell = label.replace("|", "\\|")  # a pipeline's "|" would end the cell
+        lines.append(
+            f"| {cell} | {losses[0]:.4f} / {med:.4f} / {losses[-1]:.4f} | {vs} | "
+            f"{fewer:,.0f}x | {peak / 1e3:,.1f} kB ({peak / (4 * params):.2f}x) | {secs:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=Config.steps)
+    ap.add_argument("--world", type=int, default=2, help="replicas (= DDP ranks)")
+    ap.add_argument("--only", default="", help="labels to run, separated by ';'")
+    ap.add_argument("--out", default="", help="also write the results as JSON here")
+    ap.add_argument("--markdown", default="", help="also write the table here")
+    ap.add_argument("--smoke", action="store_true", help="a tiny run (tests)")
+    args = ap.parse_args(argv)
+    labels = args.only.split(";") if args.only else (SMOKE_LABELS if args.smoke else LABELS)
+    seeds = [int(s) for s in args.seeds.split(",")] if not args.smoke else [0]
+    cfg = Config(steps=args.steps)
+    if args.smoke:
+        cfg = Config(steps=16, warmup=4, eval_every=8, eval_batches=2, text_bytes=200_000)
+    t0 = time.perf_counter()
+    results = run(labels, seeds, cfg, world=args.world, train=train_rounds)
+    params = sum(p.numel() for p in TinyLM(cfg).parameters())
+    md = table(results, params) + (
+        f"\n\n{args.world} replicas, {cfg.steps} AdamW steps each, seeds {seeds}; "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
+    data: dict[str, Any] = {"config": asdict(cfg), "world": args.world, "params": params}
+    data["results"] = [asdict(r) for r in results]
+    write(md, data, markdown_path=args.markdown, json_path=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
