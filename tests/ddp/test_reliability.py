@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _reliability_workers import large_gradients
 from _workers import (
     make_model,
     one_rank_hooked,
@@ -171,3 +172,73 @@ def test_another_world_size_is_refused_or_warned(world_of_one: None) -> None:
     messages = " | ".join(str(w.message) for w in seen)
     assert "saved by a 3-rank job loaded into 1 ranks" in messages
     assert "rank 0 loads the error-feedback memory rank 2 saved" in messages
+
+
+# -- bounds and error paths --------------------------------------------------------------------
+
+
+def test_power_iterations_are_bounded_with_a_reason() -> None:
+    commhooks.compressor("powersgd:iterations=10")
+    with pytest.raises(ValueError, match=r"iterations=100000: must be <= 10; each adds two"):
+        commhooks.compressor("powersgd:iterations=100000")
+
+
+def test_long_values_are_cut_in_messages() -> None:
+    """A 100,000-character spec, field or value: the message names it, cut, with its length."""
+    for spec in ("x" * 100_000, "topk:" + "ratio=0.1," * 10_000, "topk:ratio=" + "x" * 100_000,
+                 "topk:ratio=0.1,k" + "x" * 100_000 + "=1"):  # fmt: skip
+        with pytest.raises(ValueError) as err:
+            commhooks.compressor(spec)
+        assert len(str(err.value)) < 500, str(err.value)[:600]
+        assert "characters)" in str(err.value), str(err.value)[:600]
+    with pytest.raises(ValueError, match="ratio=inf: must be finite"):
+        commhooks.compressor("topk:ratio=" + "9" * 100_000)
+
+
+def test_a_bad_kernel_choice_is_refused_at_registration(
+    world_of_one: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COMMHOOKS_KERNELS", "cuda")
+    ddp = nn.parallel.DistributedDataParallel(make_model())
+    with pytest.raises(
+        ValueError, match="COMMHOOKS_KERNELS='cuda': expected auto, torch or triton"
+    ):
+        commhooks.ddp.register(ddp, "sign", min_numel=0)
+
+
+def test_an_error_inside_the_hook_reaches_backward_as_itself(
+    world_of_one: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job that fails on the communication worker (here the kernel switch, changed after
+    registration) raises its own exception type and message from backward, not DDP's
+    "Unable to cast ... to Tensor"; so does a failure in a bucket before the last."""
+    ddp = nn.parallel.DistributedDataParallel(make_model(), bucket_cap_mb=0.01)
+    commhooks.ddp.register(ddp, "sign", min_numel=0)
+    train_alone(ddp, 1)
+    monkeypatch.setenv("COMMHOOKS_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="COMMHOOKS_KERNELS='cuda'") as err:
+        train_alone(ddp, 1, first=1)
+    assert "Unable to cast" not in str(err.value)
+
+
+# -- PowerSGD in fp16 --------------------------------------------------------------------------
+
+
+def test_fp16_powersgd_keeps_large_finite_gradients_finite(run_ranks) -> None:
+    """The loss times 1e7 (gradients up to about 1e6): P and Q pass fp16's 65504, and the
+    averages are still finite on every rank, equal to full precision's up to fp16 rounding,
+    with the widened rounds counted and no step skipped; bf16 needs no widening."""
+    specs = ["powersgd:rank=2", "powersgd:rank=2,precision=fp16", "powersgd:rank=2,precision=bf16"]
+    res = run_ranks(large_gradients, 2, specs, 1e7)
+    for rank in res:
+        full, half, bf16 = (rank[s] for s in specs)
+        assert max(g.abs().max() for g in full["grads"][0]) > 5e5
+        for step_full, step_half in zip(full["grads"], half["grads"]):
+            for f, h in zip(step_full, step_half):
+                assert torch.isfinite(h).all()
+                assert float((h - f).norm()) <= 2e-2 * float(f.norm()) + 1e-3
+        assert half["widened"] > 0 and half["stats"].nonfinite_steps == 0
+        assert bf16["widened"] == 0 and all(torch.isfinite(g).all() for g in bf16["grads"][-1])
+        assert half["stats"].wire_bytes < half["stats"].raw_bytes
+    for a, b in zip(res[0][specs[1]]["grads"][-1], res[1][specs[1]]["grads"][-1]):
+        assert torch.equal(a, b)
