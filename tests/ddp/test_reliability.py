@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _reliability_workers import large_gradients
+from _reliability_workers import large_gradients, updates_holes
 from _workers import (
     make_model,
     one_rank_hooked,
@@ -242,3 +242,23 @@ def test_fp16_powersgd_keeps_large_finite_gradients_finite(run_ranks) -> None:
         assert half["stats"].wire_bytes < half["stats"].raw_bytes
     for a, b in zip(res[0][specs[1]]["grads"][-1], res[1][specs[1]]["grads"][-1]):
         assert torch.equal(a, b)
+
+
+# -- compress_updates: what it cannot average by itself ----------------------------------------
+
+
+def test_compress_updates_refuses_a_partial_optimizer_joins_added_groups_and_agrees_on_skips(
+    run_ranks,
+) -> None:
+    """An optimizer missing the last layer is refused, naming it, on every rank; a layer
+    unfrozen and added with add_param_group has its updates averaged (replicas identical);
+    a GradScaler that overflows on rank 1 only skips that step on every rank (no gloo abort),
+    and training goes on with identical replicas."""
+    res = run_ranks(updates_holes, 2, deadline=240)
+    for rank in res:
+        assert "does not own the model's trainable parameters 4.weight, 4.bias" in rank["partial"]
+        assert rank["added_moved"] and rank["added_equal"], rank
+        assert rank["scaler_skipped"] and rank["scaler_moved"], rank
+        assert rank["scaler_finite"] and rank["scaler_equal"], rank
+        assert rank["steps"] == 4, rank
+    assert res[1]["scales"][2] == res[1]["scales"][1] / 2  # rank 1's scaler backed off
