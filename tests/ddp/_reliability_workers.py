@@ -13,6 +13,7 @@ from _workers import batch, make_model
 from torch import nn
 
 import commhooks.ddp
+from commhooks.comm.hierarchical import LAUNCHER_ENV
 
 
 def _finish(out: str, result: Any) -> None:
@@ -114,6 +115,39 @@ def updates_holes(rank: int, world: int, store_path: str, out: str) -> None:
         result["scaler_equal"] = _gathered_equal(list(ddp.parameters()))
         result["scales"] = scales
         result["steps"] = opt.stats().steps
+        _finish(out, result)
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+_LAUNCHER_VARS = [v for pair in LAUNCHER_ENV for v in pair]
+
+
+def topology_cases(rank: int, world: int, store_path: str, out: str, cases: list) -> None:
+    """Each case: per rank, (hook options, launcher variables); two steps under the hook.
+    Records each case's error message, or the layout the hook ran under."""
+    import os
+
+    init(rank, world, store_path)
+    try:
+        result = []
+        for case in cases:
+            options, env = case[rank]
+            for var in _LAUNCHER_VARS:
+                os.environ.pop(var, None)
+            os.environ.update(env)
+            ddp = nn.parallel.DistributedDataParallel(make_model())
+            state = commhooks.ddp.register(ddp, "topk:ratio=0.1", min_numel=0, **options)
+            try:
+                for step in range(2):
+                    x, y = batch(rank, step)
+                    nn.functional.cross_entropy(ddp(x), y).backward()
+                result.append({"layout": state.layout, "ratio": state.stats().ratio})
+            except Exception as e:
+                result.append({"error": f"{type(e).__name__}: {e}"})
+            del ddp, state
+            gc.collect()
         _finish(out, result)
     finally:
         gc.collect()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _reliability_workers import large_gradients, updates_holes
+from _reliability_workers import large_gradients, topology_cases, updates_holes
 from _workers import (
     make_model,
     one_rank_hooked,
@@ -262,3 +262,39 @@ def test_compress_updates_refuses_a_partial_optimizer_joins_added_groups_and_agr
         assert rank["scaler_finite"] and rank["scaler_equal"], rank
         assert rank["steps"] == 4, rank
     assert res[1]["scales"][2] == res[1]["scales"][1] / 2  # rank 1's scaler backed off
+
+
+# -- topology agreement ------------------------------------------------------------------------
+
+
+def test_ranks_that_disagree_on_topology_raise_the_same_message_on_every_rank(run_ranks) -> None:
+    """One rank hierarchical and one flat; one auto (under a launcher) and one flat; the
+    launcher's ranks per node set on one node only: every rank raises the same "ranks
+    disagree on topology" message, naming each rank's settings, before any topology
+    collective (not a placement error made of another rank's data, nor a gloo error). Ranks
+    that agree still train, hierarchically where asked."""
+
+    def env(size: int, local: int) -> dict[str, str]:
+        return {"LOCAL_WORLD_SIZE": str(size), "LOCAL_RANK": str(local)}
+
+    hier, flat, auto = ({"topology": t} for t in ("hierarchical", "flat", "auto"))
+    cases = [
+        [(hier, env(2, 0)), (flat, env(2, 1))],
+        [(auto, env(2, 0)), (flat, env(2, 1))],
+        [(auto, env(1, 0)), (auto, {})],
+        [(hier, env(2, 0)), (hier, env(2, 1))],
+    ]
+    res = run_ranks(topology_cases, 2, cases, deadline=240)
+    wanted = [
+        "rank(s) [0]: topology='hierarchical', LOCAL_WORLD_SIZE=2; rank(s) [1]: topology='flat'",
+        "rank(s) [0]: topology='auto', LOCAL_WORLD_SIZE=2; rank(s) [1]: topology='flat'",
+        "rank(s) [0]: topology='auto', LOCAL_WORLD_SIZE=1; rank(s) [1]: topology='auto', no "
+        "launcher ranks per node",
+    ]
+    for i, text in enumerate(wanted):
+        errors = [r[i].get("error", "") for r in res]
+        assert errors[0] == errors[1], errors
+        assert f"RuntimeError: commhooks: ranks disagree on topology ({text})" in errors[0]
+    assert [r[3] for r in res] == [{"layout": "hierarchical:1x2", "ratio": r[3]["ratio"]}
+                                   for r in res]  # fmt: skip
+    assert all(r[3]["ratio"] > 1 for r in res)
