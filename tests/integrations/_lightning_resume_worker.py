@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from _lightning_worker import Regressor
+from _resume_record import resume_record
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -36,13 +37,7 @@ def fit(out: str, steps: int, ckpt: str | None = None, every: int = 0) -> dict:
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         trainer.fit(model, DataLoader(data, batch_size=8), ckpt_path=ckpt)
-    state = strategy.compression_state
-    return {
-        "params": [p.detach().clone() for p in model.parameters()],
-        "iteration": state.iteration,
-        "stats": state.stats(),
-        "warnings": [str(w.message) for w in seen if "commhooks" in str(w.message)],
-    }
+    return resume_record(model, strategy.compression_state, seen)
 
 
 if __name__ == "__main__":
