@@ -15,6 +15,15 @@ The cases, with where each is tested:
    warned about (here).
 7. Federated: a zero sample count and a non-finite round (tests/federated/test_federated.py).
 8. A spec that repeats a field (tests/test_registry.py).
+9. Bounds and error paths: PowerSGD's ``iterations`` cap, a 100,000-character spec, a bad
+   ``COMMHOOKS_KERNELS`` at registration, an exception inside the hook raised as itself (here);
+   ``uniform:bits=1``'s documented error (tests/compressors/test_uniform.py).
+10. PowerSGD in fp16 with gradients near 1e6: finite, widened rounds counted (here; the
+    all-gather form in tests/compressors/test_powersgd.py).
+11. compress_updates: an optimizer over part of the model, a group added later, a GradScaler
+    that overflows on one rank only (here).
+12. Ranks that disagree on the topology, or on the launcher's ranks per node (here).
+13. Framework resumes keep the hook state bit for bit, or warn (tests/integrations/).
 """
 
 from __future__ import annotations
