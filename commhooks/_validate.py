@@ -5,19 +5,35 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_bool", "check_choice", "check_int", "check_ratio", "check_real"]
+__all__ = ["check_bool", "check_choice", "check_int", "check_ratio", "check_real", "cut", "shown"]
+
+#: characters of a value an error message echoes before cutting it
+SHOWN_CHARS = 80
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)``, cut to ``limit`` characters with its full length noted, so an error
+    about a 100 KB string does not echo it whole."""
+    return cut(repr(value), limit)
+
+
+def cut(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, with its full length noted."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 def check_bool(field: str, value: Any) -> None:
     """Require a real bool; 0/1 or "yes" from a config file are caller bugs, not switches."""
     if not isinstance(value, bool):
-        raise ValueError(f"{field}={value!r}: must be true or false")
+        raise ValueError(f"{field}={shown(value)}: must be true or false")
 
 
 def check_int(field: str, value: Any, lo: int | None = None, hi: int | None = None) -> None:
     """Require an int (not a bool) within ``[lo, hi]``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{field}={value!r}: must be an integer")
+        raise ValueError(f"{field}={shown(value)}: must be an integer")
     if lo is not None and value < lo:
         raise ValueError(f"{field}={value}: must be >= {lo}")
     if hi is not None and value > hi:
@@ -35,7 +51,7 @@ def check_real(
 ) -> None:
     """Require a finite real number within the given (optionally open) bounds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{field}={value!r}: must be a number")
+        raise ValueError(f"{field}={shown(value)}: must be a number")
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{field}={value}: must be finite")
     if lo is not None and (value <= lo if lo_open else value < lo):
@@ -52,4 +68,4 @@ def check_ratio(field: str, value: Any) -> None:
 def check_choice(field: str, value: Any, choices: Iterable[str]) -> None:
     options = tuple(choices)
     if value not in options:
-        raise ValueError(f"{field}={value!r}: must be one of {', '.join(map(repr, options))}")
+        raise ValueError(f"{field}={shown(value)}: must be one of {', '.join(map(repr, options))}")

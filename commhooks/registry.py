@@ -13,6 +13,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal, Protocol, TypeVar, Union, get_args, get_origin
 
+from commhooks._validate import SHOWN_CHARS, cut, shown
 from commhooks.compressors.base import Compressor, CompressorConfig
 
 __all__ = [
@@ -89,12 +90,14 @@ def compressor(spec: str | CompressorConfig | Compressor[Any]) -> Compressor[Any
 def parse_spec(spec: str) -> CompressorConfig:
     """Turn a spec string into a validated config (a pipeline config for ``a|b`` specs)."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"spec={spec!r}: must be a non-empty string such as 'topk:ratio=0.01'")
+        raise ValueError(
+            f"spec={shown(spec)}: must be a non-empty string such as 'topk:ratio=0.01'"
+        )
     stages = [s.strip() for s in spec.split("|")]
     if len(stages) > 1:
         if not _PIPELINE:
             raise ValueError(
-                f"spec={spec!r}: no pipeline is registered; import commhooks.compressors"
+                f"spec={shown(spec)}: no pipeline is registered; import commhooks.compressors"
             )
         return _PIPELINE[0](stages=tuple(_parse_one(s) for s in stages))
     return _parse_one(stages[0])
@@ -105,7 +108,9 @@ def _parse_one(spec: str) -> CompressorConfig:
     name = name.strip()
     cc = _BY_NAME.get(name)
     if cc is None:
-        raise ValueError(f"compressor name {name!r}: unknown; available: {', '.join(available())}")
+        raise ValueError(
+            f"compressor name {shown(name)}: unknown; available: {', '.join(available())}"
+        )
     hints = typing.get_type_hints(cc)
     known = {f.name for f in dataclasses.fields(cc)}
     kwargs: dict[str, Any] = {}
@@ -113,13 +118,13 @@ def _parse_one(spec: str) -> CompressorConfig:
         field, eq, raw = item.partition("=")
         field = field.strip()
         if not eq:
-            raise ValueError(f"{name}: argument {item!r} must look like field=value")
+            raise ValueError(f"{name}: argument {shown(item)} must look like field=value")
         if field not in known:
             raise ValueError(
-                f"{name}: unknown field {field!r}; fields are {', '.join(sorted(known))}"
+                f"{name}: unknown field {shown(field)}; fields are {', '.join(sorted(known))}"
             )
         if field in kwargs:
-            raise ValueError(f"{name}: field {field!r} is given twice in {spec!r}")
+            raise ValueError(f"{name}: field {field!r} is given twice in {shown(spec)}")
         kwargs[field] = _convert(name, field, raw.strip(), hints[field])
     return cc(**kwargs)
 
@@ -153,5 +158,5 @@ def _convert(name: str, field: str, raw: str, typ: Any) -> Any:
         if typ is str:
             return raw
     except ValueError as e:
-        raise ValueError(f"{name}: {field}={raw!r}: {e}") from None
+        raise ValueError(f"{name}: {field}={shown(raw)}: {cut(str(e), 2 * SHOWN_CHARS)}") from None
     raise ValueError(f"{name}: field {field!r} cannot be set from a spec string")

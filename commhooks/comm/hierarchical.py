@@ -101,6 +101,7 @@ def node_groups(
     comm: Collectives,
     ranks_per_node: int = 0,
     groups: tuple[Any, Any] | None = None,
+    placement: Sequence[tuple[int, int]] | None = None,
 ) -> NodeGroups | None:
     """The node groups for ``topology`` over ``comm``, or None for a flat exchange.
 
@@ -113,6 +114,9 @@ def node_groups(
         ranks_per_node: ranks per node (ranks ``r`` with the same ``r // ranks_per_node``
             share a node); 0 takes it from the launcher (:func:`local_from_env`).
         groups: explicit ``(local, cross)`` collectives or process groups instead.
+        placement: every rank's ``(local rank, ranks per node)`` from the launcher, already
+            gathered (:func:`commhooks.comm.placement.agree_topology`); then no all-gather
+            checks where the ranks are.
     """
     if topology not in TOPOLOGIES:
         raise ValueError(f"topology={topology!r}: must be one of {', '.join(TOPOLOGIES)}")
@@ -130,7 +134,7 @@ def node_groups(
     found = local_from_env() if not ranks_per_node else None
     if found is not None:
         size, _, source = found
-        if not placed(comm, size, found[1], topology, source):
+        if not placed(comm, size, found[1], topology, source, placement):
             return None
     if not size:
         if topology == "auto":
@@ -160,7 +164,14 @@ def _pick(topology: str, nodes: NodeGroups) -> NodeGroups | None:
     return nodes
 
 
-def placed(comm: Collectives, size: int, local_rank: int, topology: str, source: str) -> bool:
+def placed(
+    comm: Collectives,
+    size: int,
+    local_rank: int,
+    topology: str,
+    source: str,
+    everyone: Sequence[tuple[int, int]] | None = None,
+) -> bool:
     """Whether the ranks sit node by node (see :func:`misplaced`), decided alike on every rank:
     False where they do not and ``topology`` is ``"auto"`` (stay flat).
 
@@ -168,7 +179,7 @@ def placed(comm: Collectives, size: int, local_rank: int, topology: str, source:
         RuntimeError: they do not and ``topology`` is ``"hierarchical"``; names the first
             misplaced rank and ``source`` (where the ranks per node came from).
     """
-    wrong = misplaced(comm, size, local_rank)
+    wrong = misplaced(comm, size, local_rank, everyone)
     if wrong and topology != "auto":
         raise RuntimeError(
             f"topology={topology!r}: {wrong} ({source}), but the hierarchical transport "
@@ -179,12 +190,18 @@ def placed(comm: Collectives, size: int, local_rank: int, topology: str, source:
     return not wrong
 
 
-def misplaced(comm: Collectives, size: int, local_rank: int) -> str:
+def misplaced(
+    comm: Collectives,
+    size: int,
+    local_rank: int,
+    everyone: Sequence[tuple[int, int]] | None = None,
+) -> str:
     """What is wrong with the ranks' placement, the same on every rank (one all-gather of each
-    rank's local rank and size), or ``""`` where every rank ``r`` has local rank ``r % size``
-    of ``size`` and ``size`` divides the world."""
-    mine = torch.tensor([local_rank, size], dtype=torch.int64)
-    everyone = comm.all_gather(mine).view(-1, 2).tolist()
+    rank's local rank and size, unless ``everyone`` holds them already), or ``""`` where every
+    rank ``r`` has local rank ``r % size`` of ``size`` and ``size`` divides the world."""
+    if everyone is None:
+        mine = torch.tensor([local_rank, size], dtype=torch.int64)
+        everyone = comm.all_gather(mine).view(-1, 2).tolist()
     if comm.world % size:
         return f"the world size {comm.world} is not a multiple of the ranks per node {size}"
     for r, (lr, s) in enumerate(everyone):

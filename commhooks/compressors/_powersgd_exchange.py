@@ -102,6 +102,7 @@ class PowerSGDExchange(Exchange):
 
         self._round = 0
         self._iteration = 0  # power iterations whose Q round is done
+        self._widened: set[int] = set()  # rounds resent in the compute dtype (overflow)
         # Per round: the compute dtypes of its buffers, and the buffers.
         self._wires: list[list[torch.dtype]] = []
         self._messages: list[tuple[Tensor, ...]] = []
@@ -166,9 +167,6 @@ class PowerSGDExchange(Exchange):
             b.p = orthogonalize(piece.view(-1, b.n, rank), self._c.config.orthogonalization)
             assert b.mats is not None
             b.q_local = mtp(b.mats, b.p)
-            if self._c.wire_dtype is not None:
-                # What this rank sends is rounded: local() and error feedback see it so.
-                b.q_local = b.q_local.to(self._c.wire_dtype).to(b.dtype)
             if last:
                 b.mats = None
         for i, piece in zip(dense, pieces[len(batches) :]):
@@ -181,7 +179,12 @@ class PowerSGDExchange(Exchange):
         rank = self._c.config.rank
         pieces = self._unpack(buf, [b.sizes[1] for b in batches])
         more = self._iteration < self._c.config.iterations - 1
+        rounded = self._c.wire_dtype is not None and self._round not in self._widened
         for b, piece in zip(batches, pieces):
+            if rounded:
+                # What this rank sent was rounded: local() and error feedback see it so.
+                assert b.q_local is not None
+                b.q_local = b.q_local.to(self._c.wire_dtype).to(b.dtype)
             b.q_sum = piece.view(-1, b.m, rank).clone()
             if more:
                 # Another power iteration within the step: P = M Q from the summed Q.
@@ -196,7 +199,7 @@ class PowerSGDExchange(Exchange):
         """How this round's ``dtype`` buffer of ``numel`` elements travels: pieces of
         (elements, cast to the wire dtype). P and Q are cast under ``precision``; the dense
         tensors of round 1 keep the compute dtype, so they arrive summed exactly."""
-        if self._c.wire_dtype is None:
+        if self._c.wire_dtype is None or self._round in self._widened:
             return [(numel, False)]
         if self._round > 0:
             return [(numel, True)]
@@ -226,6 +229,11 @@ class PowerSGDExchange(Exchange):
         sent = sum(len(plan) for plan in plans)
         if len(reduced) != sent:
             raise ValueError(f"reduced: got {len(reduced)} tensors, sent {sent}")
+        if self._overflowed(plans, reduced):
+            # Every rank reads the same sums, so every rank resends this round alike.
+            self._widened.add(self._round)
+            self._c.widened_rounds += 1
+            return
         for dtype, plan in zip(wire, plans):
             pieces, reduced = reduced[: len(plan)], reduced[len(plan) :]
             # Back from the wire dtype (precision="bf16", "fp16") to the compute dtype.
@@ -248,6 +256,17 @@ class PowerSGDExchange(Exchange):
             self._wires.append(wire2)
             pack = self._pack_round2 if self._round % 2 == 1 else self._pack_p
             self._messages.append(tuple(pack(d) for d in wire2))
+
+    def _overflowed(self, plans: list[list[tuple[int, bool]]], reduced: list[Tensor]) -> bool:
+        """Whether a round sent in fp16 came back with a non-finite sum: a rank's P or Q
+        passed 65504 on the cast, or the sum did. The round is then resent in the compute
+        dtype (one flag read on the host per fp16 round). A sum that stays non-finite there
+        came from non-finite inputs, which the engine's own checks handle. bf16 has fp32's
+        range and is not checked."""
+        if self._c.wire_dtype is not torch.float16 or self._round in self._widened:
+            return False
+        cast = [t for t, (_, c) in zip(reduced, (p for plan in plans for p in plan)) if c]
+        return bool(cast) and not all(bool(torch.isfinite(t).all()) for t in cast)
 
     def _require_done(self) -> None:
         if self._round < len(self._messages):

@@ -57,6 +57,8 @@ Precision = Literal["full", "bf16", "fp16"]
 PRECISIONS: dict[str, torch.dtype | None] = {
     "full": None, "bf16": torch.bfloat16, "fp16": torch.float16,
 }  # fmt: skip
+#: the most power iterations per step (``PowerSGDConfig.iterations``)
+MAX_ITERATIONS = 10
 
 
 @dataclass(frozen=True)
@@ -77,13 +79,17 @@ class PowerSGDConfig(CompressorConfig):
             * (n + m) * rank`` (>= 1); smaller ones, and every 1-D tensor, travel dense.
         seed: seed of the shared generator that draws the initial Q. Every rank must use the
             same seed; the draw depends only on (seed, key), not on call order.
-        iterations: power iterations per step (>= 1): each is one P round and one Q round, so
+        iterations: power iterations per step (1 to 10): each is one P round and one Q round, so
             ``2 * iterations`` all-reduces. More than one refines the rank-r subspace within
             the step (warm start already continues it across steps).
         precision: the dtype P and Q travel in: ``"full"`` (the compute dtype: fp32, fp64 for
             fp64 gradients), ``"bf16"`` or ``"fp16"``, half the bytes. Each rank rounds its
             own Q before sending it, and error feedback keeps what the rounding lost; every
             rank orthonormalizes and decodes the same summed values in the compute dtype.
+            An fp16 round whose sum comes back non-finite (a P or Q beyond 65504, as large
+            gradients give) is sent again in the compute dtype, on every rank alike, and
+            counted in the compressor's ``widened_rounds``; this costs one flag read on the
+            host per fp16 round.
 
     Tuning: start at rank 1-2 and raise it if accuracy lags; Vogels et al. (2019) match SGD
     with error feedback at rank 2 on ResNet-18/CIFAR-10 and rank 4 on an LSTM language
@@ -114,6 +120,13 @@ class PowerSGDConfig(CompressorConfig):
         check_int("rank", self.rank, lo=1)
         check_choice("precision", self.precision, tuple(PRECISIONS))
         check_int("iterations", self.iterations, lo=1)
+        if self.iterations > MAX_ITERATIONS:
+            raise ValueError(
+                f"iterations={self.iterations}: must be <= {MAX_ITERATIONS}; each adds two "
+                "all-reduce rounds and two matrix products per step, and warm start already "
+                "continues the power iteration across steps, so a few refine the subspace as "
+                "much as it can be refined; raise rank instead"
+            )
         check_bool("warm_start", self.warm_start)
         check_choice("orthogonalization", self.orthogonalization, ORTHOGONALIZATIONS)
         check_real("min_compression_rate", self.min_compression_rate, 1.0)
@@ -135,6 +148,9 @@ class PowerSGD(Compressor[PowerSGDConfig]):
         super().__init__(config)
         # Per-key warm-start Q, (m, r) with unit columns, fp32 (fp64 for fp64 gradients).
         self._q: dict[str, Tensor] = {}
+        #: ``precision="fp16"`` rounds resent in the compute dtype because a P or Q (or its
+        #: sum over ranks) passed fp16's largest value, 65504
+        self.widened_rounds = 0
 
     @property
     def capabilities(self) -> Capabilities:
@@ -213,6 +229,13 @@ class PowerSGD(Compressor[PowerSGDConfig]):
             p = orthogonalize(torch.bmm(mat, start), self.config.orthogonalization)
             q = mtp(mat, p)
         wire = self.wire_dtype
+        if wire is torch.float16:
+            # Q = M^T P carries the gradient's scale and can pass fp16's 65504, while P is
+            # orthonormal (|P| <= 1): a power of two moved from Q to P keeps P Q^T as it was
+            # and both in range, for |Q| up to 2**30 (no host read: the shift is a tensor).
+            shift = torch.log2(q.abs().amax() / 2**15).ceil().nan_to_num(0.0).clamp(0, 15)
+            scale = torch.exp2(shift)
+            p, q = p * scale, q / scale
         if wire is not None:
             p, q = p.to(wire), q.to(wire)
         self._remember([key], q.to(cd), q_used)

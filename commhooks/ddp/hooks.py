@@ -5,6 +5,7 @@ No ``from __future__ import annotations`` here: torch checks at registration tha
 ``bucket`` parameter is annotated with the real ``dist.GradBucket`` class, not a string.
 """
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch.futures import Future
 from commhooks.compressors.base import Compressor, CompressorConfig
 from commhooks.engine.average import average_bucket, average_flat
 from commhooks.engine.state import CompressionState
+from commhooks.kernels import dispatch
 
 __all__ = [
     "WRAPPERS",
@@ -29,6 +31,13 @@ __all__ = [
 
 Hook = Callable[[Any, dist.GradBucket], "Future[Tensor]"]
 
+# Per state, the futures of the current step's buckets: the last bucket waits for them, so
+# that a job that failed on the worker raises its own exception from backward. (DDP's reducer
+# reads a failed Python future as a value and reports "Unable to cast ... to Tensor".)
+_PENDING: "weakref.WeakKeyDictionary[CompressionState, list[Future[Tensor]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
 
 def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future[Tensor]:
     """Queue a bucket for averaging over ranks and return a future of its average.
@@ -36,7 +45,9 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
     Use as ``model.register_comm_hook(state, compression_hook)`` (or through :func:`register`).
     The bucket goes to the state's communication worker, which exchanges buckets one at a time
     in the order DDP hands them over (the same on every rank), while backward goes on; DDP
-    waits for the futures when backward has handed over every bucket. Before
+    waits for the futures when backward has handed over every bucket; the last bucket's call
+    waits for them itself, so that a failed exchange raises its own exception from backward
+    (DDP would report it as "Unable to cast ... to Tensor"). Before
     ``state.options.start_iter`` steps a bucket is a plain dense all-reduce; afterwards its
     small and 1-D tensors go in one dense all-reduce and the rest through the state's
     transport, with error feedback per parameter (see :mod:`commhooks.engine.average`). With
@@ -67,11 +78,22 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
     first, last = bucket.index() == 0, bucket.is_last()
     state.bind(buffer)
     fut = state.worker.future(buffer.device)
-    return state.worker.submit(
+    state.worker.submit(
         lambda: average_bucket(state, buffer, params, fut, first=first, last=last),
         buffer.device,
         future=fut,
     )
+    pending = _PENDING.setdefault(state, [])
+    if first:
+        pending.clear()
+    pending.append(fut)
+    if last:
+        # DDP waits for every bucket right after the last one anyway; waiting here instead
+        # raises the first failed job's own exception (type and message) on this thread.
+        _PENDING[state] = []
+        for f in pending:
+            f.wait()
+    return fut
 
 
 def _cast_wrapper(hook: Hook, dtype: torch.dtype) -> Hook:
@@ -132,7 +154,9 @@ def _check_gradients(model: nn.Module) -> None:
 
 def check_model(model: nn.Module) -> None:
     """Refuse a model that is not a ``DistributedDataParallel`` module, or whose gradients the
-    compressors cannot carry (a ValueError naming the parameter)."""
+    compressors cannot carry (a ValueError naming the parameter), and a ``COMMHOOKS_KERNELS``
+    that names no kernel choice, before the first backward reads it."""
+    dispatch.mode()
     if not isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError(
             f"model: expected a DistributedDataParallel module, got {type(model).__name__}"

@@ -17,7 +17,7 @@ from commhooks.compressors.base import Compressor, CompressorConfig
 from commhooks.ddp.hooks import check_model
 from commhooks.engine.average import goes_dense, param_views
 from commhooks.engine.state import CompressionState
-from commhooks.updates import compress_updates_of, update_options
+from commhooks.updates import check_owned, compress_updates_of, update_options
 
 __all__ = ["compress_updates", "local_hook", "small_dense_hook"]
 
@@ -89,10 +89,16 @@ def compress_updates(
     as longer, gentler ones for fewer bytes. Pass ``feedback=commhooks.FeedbackConfig()``
     for none, or your own ``warmup_steps`` and ``warmup_ratio``. Checkpoint with
     ``optimizer.state_dict()``: it holds this rank's moments, error feedback and place in
-    the warm-up, so each rank saves its own. A GradScaler that skips a step on one rank only
-    would desynchronise the parameters: use bf16 or fp32.
+    the warm-up, so each rank saves its own. Under a GradScaler, a step on which any rank
+    overflowed is skipped on every rank (the ranks agree on it in one small all-reduce).
+    Groups added with ``optimizer.add_param_group`` have their updates averaged too.
+
+    Raises:
+        ValueError: ``model`` is not DDP, or ``optimizer`` misses some of its trainable
+            parameters (named): DDP's hook no longer averages their gradients.
     """
     check_model(model)
+    check_owned(optimizer, model.module)  # before the hook is registered
     group = process_group if process_group is not None else model.process_group
     built, options = update_options(compressor, options)
     state = CompressionState(built, model=model, process_group=group, **options)
@@ -100,4 +106,6 @@ def compress_updates(
         model.register_comm_hook(state, small_dense_hook)
     else:
         model.register_comm_hook(None, local_hook)
-    return compress_updates_of(optimizer, state, small_averaged=small_on_gradients)
+    return compress_updates_of(
+        optimizer, state, small_averaged=small_on_gradients, module=model.module
+    )

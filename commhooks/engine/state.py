@@ -19,6 +19,7 @@ from commhooks import metrics
 from commhooks._validate import check_bool, check_choice, check_int, check_real
 from commhooks.comm.collectives import Collectives, TorchCollectives
 from commhooks.comm.hierarchical import TOPOLOGIES, HierarchicalTransport, NodeGroups, node_groups
+from commhooks.comm.placement import agree_topology
 from commhooks.comm.transport import (
     TRANSPORTS,
     Transport,
@@ -240,15 +241,22 @@ class CompressionState:
         """The collectives: torch.distributed over a group of ``process_group``'s ranks,
         unless others were given. Every rank of the group must first call this at the same
         point (the hook does, on its first bucket)."""
+        placement = None
         if self._comm is None:
             self.announce()
             assert self._join is not None
             self._join.wait(self.options.join_timeout_s)
             self._comm = TorchCollectives(_own_group(self.process_group))
+            # Before any collective that depends on the topology, on every rank alike.
+            opts = self.options
+            placement = agree_topology(
+                self._comm, opts.topology, opts.ranks_per_node, self._node_groups is not None
+            )
         if self._nodes is False:
             self._nodes = node_groups(
-                self.options.topology, self._comm, self.options.ranks_per_node, self._node_groups
-            )
+                self.options.topology, self._comm, self.options.ranks_per_node, self._node_groups,
+                placement,
+            )  # fmt: skip
         return self._comm
 
     def announce(self) -> None:

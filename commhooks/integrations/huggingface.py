@@ -10,6 +10,8 @@ the unwrapped model, so the callback holds the trainer and registers on
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any
 
 try:
@@ -20,11 +22,16 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from torch import nn
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from commhooks.ddp import CompressionState
 from commhooks.integrations._ddp import Spec, check_hook, find_ddp, register_on
+from commhooks.integrations._resume import restore_state, save_state
 
-__all__ = ["CompressionCallback", "compress_trainer"]
+__all__ = ["SIDE_FILE", "CompressionCallback", "compress_trainer"]
+
+#: each rank's hook state, in every ``checkpoint-<step>`` folder the Trainer saves
+SIDE_FILE = "commhooks-rank{rank}.pt"
 
 
 class CompressionCallback(TrainerCallback):  # type: ignore[misc]
@@ -39,6 +46,14 @@ class CompressionCallback(TrainerCallback):  # type: ignore[misc]
         wrapper: ``"fp16"`` or ``"bf16"`` to cast each bucket first; None sends fp32.
         **options: fields of :class:`commhooks.ddp.HookOptions` (``start_iter``,
             ``transport``, ``min_numel``, ``log_every``, ...).
+
+    Checkpoints: every checkpoint the Trainer saves gets each rank's hook state
+    (:meth:`CompressionState.state_dict`: error feedback, PowerSGD's Q, the step counter,
+    stats) as ``commhooks-rank<r>.pt`` in its folder, and ``trainer.train(
+    resume_from_checkpoint=...)`` loads it back (:meth:`attach` wraps ``trainer.train`` to
+    learn the folder), so a resumed run continues as an uninterrupted one would, bit for bit.
+    A checkpoint without these files resumes with a warning naming what restarts from zero.
+    The files are per rank: resume with the same world size.
 
     Tuning: ``start_iter`` counts hook calls (optimizer steps times gradient-accumulation
     syncs), not Trainer steps; a few hundred dense steps help a fresh model. Read
@@ -65,12 +80,29 @@ class CompressionCallback(TrainerCallback):  # type: ignore[misc]
         self._trainer = trainer
         self._ddp: nn.Module | None = None
         self._compression_state: CompressionState | None = None
+        self._resume_from: str | None = None  # the checkpoint train() resumes from
 
     def attach(self, trainer: Trainer) -> CompressionCallback:
-        """Bind ``trainer`` and add this callback to it (if not added yet); returns self."""
+        """Bind ``trainer`` and add this callback to it (if not added yet); returns self.
+
+        Also wraps ``trainer.train`` to note the checkpoint it resumes from (callbacks are
+        not told), whose hook state :meth:`on_train_begin` then loads."""
         self._trainer = trainer
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
+        train = trainer.train
+        if getattr(train, "_commhooks_callback", None) is not self:
+
+            @functools.wraps(train)
+            def resuming_train(*args: Any, **kwargs: Any) -> Any:
+                given = args[0] if args else kwargs.get("resume_from_checkpoint")
+                if given is True:
+                    given = get_last_checkpoint(trainer.args.output_dir)
+                self._resume_from = str(given) if given else None
+                return train(*args, **kwargs)
+
+            resuming_train._commhooks_callback = self  # type: ignore[attr-defined]
+            trainer.train = resuming_train
         return self
 
     @property
@@ -107,6 +139,19 @@ class CompressionCallback(TrainerCallback):  # type: ignore[misc]
                 ddp, self._compressor, self._wrapper, self._options
             )
             self._ddp = ddp
+        resume, self._resume_from = self._resume_from, None
+        if resume is not None and self._compression_state is not None:
+            side = os.path.join(resume, SIDE_FILE.format(rank=args.process_index))
+            device = next(ddp.parameters()).device
+            restore_state(self._compression_state, side, device, resume)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Write this rank's hook state into the checkpoint folder the Trainer just saved."""
+        if self._compression_state is None:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        side = os.path.join(folder, SIDE_FILE.format(rank=args.process_index))
+        save_state(self._compression_state, side)
 
 
 def compress_trainer(

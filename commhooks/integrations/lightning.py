@@ -14,6 +14,7 @@ supported.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 try:
@@ -27,6 +28,7 @@ import commhooks.fsdp
 from commhooks.ddp import CompressionState
 from commhooks.fsdp.units import fsdp_root
 from commhooks.integrations._ddp import HOOK_OPTIONS, Spec, check_hook, find_ddp, register_on
+from commhooks.integrations._resume import restore_state, save_state
 
 __all__ = ["CompressedDDPStrategy", "CompressedModelParallelStrategy"]
 
@@ -46,6 +48,14 @@ class CompressedDDPStrategy(DDPStrategy):
             else goes to ``DDPStrategy`` (``process_group_backend``, ``timeout``,
             ``find_unused_parameters``, ...). ``ddp_comm_state``, ``ddp_comm_hook`` and
             ``ddp_comm_wrapper`` are refused: this strategy owns the hook.
+
+    Checkpoints: ``trainer.save_checkpoint(path)`` (and ``ModelCheckpoint``) also writes each
+    rank's hook state (:meth:`CompressionState.state_dict`: error feedback, PowerSGD's Q, the
+    step counter, stats) to ``<path>.commhooks-rank<r>.pt``, and ``fit(ckpt_path=path)``
+    loads it back, so a resumed run continues as an uninterrupted one would, bit for bit. A
+    checkpoint without these files resumes with a warning naming what restarts from zero.
+    Keep the side files with the checkpoint; they are per rank, so resume with the same
+    world size.
 
     Tuning: start with ``"topk:ratio=0.01"`` or ``"powersgd:rank=4"``; give ``start_iter`` a
     few hundred dense steps on a new model; ``log_every=100`` logs the stats as it trains.
@@ -72,6 +82,7 @@ class CompressedDDPStrategy(DDPStrategy):
         self._compressor = compressor
         self._wrapper = wrapper
         self._compression_state: CompressionState | None = None
+        self._resume_from: str | None = None  # a checkpoint loaded, its hook state not yet
 
     @property
     def compression_state(self) -> CompressionState:
@@ -98,6 +109,42 @@ class CompressedDDPStrategy(DDPStrategy):
         self._compression_state = register_on(
             ddp, self._compressor, self._wrapper, self._hook_options
         )
+        self._restore()
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        """Save as Lightning does (rank 0), plus this rank's hook state beside it."""
+        if self._compression_state is not None:
+            save_state(self._compression_state, _side_file(filepath, self.global_rank))
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Remove as Lightning does (rank 0), plus this rank's side file."""
+        super().remove_checkpoint(filepath)
+        side = _side_file(filepath, self.global_rank)
+        if os.path.isfile(side):
+            os.remove(side)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
+        """Load as Lightning does; the hook state follows once the hook is registered."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        self._resume_from = str(checkpoint_path)
+        if self._compression_state is not None and self.restore_checkpoint_after_setup:
+            self._restore()
+        return checkpoint
+
+    def teardown(self) -> None:
+        self._resume_from = None
+        super().teardown()
+
+    def _restore(self) -> None:
+        """Load the hook state of the checkpoint being resumed from, if any (every rank)."""
+        state, path = self._compression_state, self._resume_from
+        if state is None or path is None:
+            return
+        self._resume_from = None
+        restore_state(state, _side_file(path, self.global_rank), self.root_device, path)
 
 
 class CompressedModelParallelStrategy(ModelParallelStrategy):
@@ -144,3 +191,8 @@ class CompressedModelParallelStrategy(ModelParallelStrategy):
         super().setup(trainer)
         root = fsdp_root(self.lightning_module, "CompressedModelParallelStrategy.model")
         self._compression = commhooks.fsdp.register(root, self._compressor, **self._hook_options)
+
+
+def _side_file(checkpoint: Any, rank: int) -> str:
+    """Where rank ``rank`` keeps its hook state for ``checkpoint``."""
+    return f"{checkpoint}.commhooks-rank{rank}.pt"

@@ -29,6 +29,7 @@ import threading
 import torch
 from torch import Tensor
 
+from commhooks._validate import shown
 from commhooks.kernels.backend import Backend
 
 __all__ = ["backend_for", "backend_for_device", "backend_named", "mode", "reset"]
@@ -43,7 +44,7 @@ def mode() -> str:
     """``COMMHOOKS_KERNELS``: ``"auto"`` (default), ``"torch"`` or ``"triton"``."""
     value = os.environ.get("COMMHOOKS_KERNELS", "auto").strip().lower() or "auto"
     if value not in ("auto", "torch", "triton"):
-        raise ValueError(f"COMMHOOKS_KERNELS={value!r}: expected auto, torch or triton")
+        raise ValueError(f"COMMHOOKS_KERNELS={shown(value)}: expected auto, torch or triton")
     return value
 
 

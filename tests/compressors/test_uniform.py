@@ -412,3 +412,22 @@ def test_cuda_matches_cpu(spec: str) -> None:
         exchanges = [commhooks.compressor(spec).exchange([x.cuda()], ["w"], 2) for _ in range(2)]
         simulate_allreduce(exchanges)
         torch.testing.assert_close(exchanges[0].result()[0], 2 * y)
+
+
+@pytest.mark.parametrize(
+    ("spec", "lo", "hi"),
+    [
+        ("uniform:bits=1", 2.5, 3.0),
+        ("uniform:bits=1,stochastic=true", 3.0, 3.6),
+        ("sign", 0.5, 0.7),
+    ],
+)
+def test_one_bit_error_is_as_documented(spec: str, lo: float, hi: float) -> None:
+    """One bit keeps only the chunk's extremes: on Gaussian values its relative error is
+    worse than sending zeros (1.0), as UniformConfig's docstring says; sign is the one-bit
+    choice it points to."""
+    g = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
+    c = commhooks.compressor(spec)
+    payload, ctx = c.compress(g, key="k")
+    err = float((c.decompress(payload, ctx) - g).norm() / g.norm())
+    assert lo < err < hi, (spec, err)

@@ -326,7 +326,8 @@ def overlap_run(rank: int, world: int, store_path: str, out: str, spec: str, ste
 
             def spy(st: Any, bucket: dist.GradBucket, pending: list[bool] = pending) -> Any:
                 fut = commhooks.ddp.compression_hook(st, bucket)
-                pending.append(not fut.done())
+                if not bucket.is_last():  # the last one waits for the step's jobs
+                    pending.append(not fut.done())
                 return fut
 
             def sync(st: Any, bucket: dist.GradBucket) -> Any:

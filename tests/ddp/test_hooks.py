@@ -303,13 +303,14 @@ def test_nonfinite_gradients_reach_gradscaler_and_leave_feedback_alone(run_ranks
 def test_the_hook_returns_before_the_exchange_and_matches_the_synchronous_engine(
     run_ranks, spec: str
 ) -> None:
-    """With the worker held up, every bucket's future is still pending when the hook returns
-    (backward goes on); the averaged gradients equal those of the engine called bucket by
-    bucket on the autograd thread, bit for bit, over several steps of error feedback."""
+    """With the worker held up, every bucket's future but the last's is still pending when the
+    hook returns (backward goes on; the last waits for the step's jobs); the averaged
+    gradients equal those of the engine called bucket by bucket on the autograd thread, bit
+    for bit, over several steps of error feedback."""
     res = run_ranks(overlap_run, 2, spec, 4)
     for rank in res:
         over, sync = rank["overlap"], rank["sync"]
-        assert len(over["pending"]) > 4 and all(over["pending"])  # several buckets a step
+        assert len(over["pending"]) >= 3 and all(over["pending"])  # several buckets a step
         assert over["stats"].wire_bytes < over["stats"].raw_bytes
         for a_step, b_step in zip(over["grads"], sync["grads"]):
             for a, b in zip(a_step, b_step):

@@ -15,12 +15,22 @@ The cases, with where each is tested:
    warned about (here).
 7. Federated: a zero sample count and a non-finite round (tests/federated/test_federated.py).
 8. A spec that repeats a field (tests/test_registry.py).
+9. Bounds and error paths: PowerSGD's ``iterations`` cap, a 100,000-character spec, a bad
+   ``COMMHOOKS_KERNELS`` at registration, an exception inside the hook raised as itself (here);
+   ``uniform:bits=1``'s documented error (tests/compressors/test_uniform.py).
+10. PowerSGD in fp16 with gradients near 1e6: finite, widened rounds counted (here; the
+    all-gather form in tests/compressors/test_powersgd.py).
+11. compress_updates: an optimizer over part of the model, a group added later, a GradScaler
+    that overflows on one rank only (here).
+12. Ranks that disagree on the topology, or on the launcher's ranks per node (here).
+13. Framework resumes keep the hook state bit for bit, or warn (tests/integrations/).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from _reliability_workers import large_gradients, topology_cases, updates_holes
 from _workers import (
     make_model,
     one_rank_hooked,
@@ -171,3 +181,129 @@ def test_another_world_size_is_refused_or_warned(world_of_one: None) -> None:
     messages = " | ".join(str(w.message) for w in seen)
     assert "saved by a 3-rank job loaded into 1 ranks" in messages
     assert "rank 0 loads the error-feedback memory rank 2 saved" in messages
+
+
+# -- bounds and error paths --------------------------------------------------------------------
+
+
+def test_power_iterations_are_bounded_with_a_reason() -> None:
+    commhooks.compressor("powersgd:iterations=10")
+    with pytest.raises(ValueError, match=r"iterations=100000: must be <= 10; each adds two"):
+        commhooks.compressor("powersgd:iterations=100000")
+
+
+def test_long_values_are_cut_in_messages() -> None:
+    """A 100,000-character spec, field or value: the message names it, cut, with its length."""
+    for spec in ("x" * 100_000, "topk:" + "ratio=0.1," * 10_000, "topk:ratio=" + "x" * 100_000,
+                 "topk:ratio=0.1,k" + "x" * 100_000 + "=1"):  # fmt: skip
+        with pytest.raises(ValueError) as err:
+            commhooks.compressor(spec)
+        assert len(str(err.value)) < 500, str(err.value)[:600]
+        assert "characters)" in str(err.value), str(err.value)[:600]
+    with pytest.raises(ValueError, match="ratio=inf: must be finite"):
+        commhooks.compressor("topk:ratio=" + "9" * 100_000)
+
+
+def test_a_bad_kernel_choice_is_refused_at_registration(
+    world_of_one: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COMMHOOKS_KERNELS", "cuda")
+    ddp = nn.parallel.DistributedDataParallel(make_model())
+    with pytest.raises(
+        ValueError, match="COMMHOOKS_KERNELS='cuda': expected auto, torch or triton"
+    ):
+        commhooks.ddp.register(ddp, "sign", min_numel=0)
+
+
+def test_an_error_inside_the_hook_reaches_backward_as_itself(
+    world_of_one: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job that fails on the communication worker (here the kernel switch, changed after
+    registration) raises its own exception type and message from backward, not DDP's
+    "Unable to cast ... to Tensor"; so does a failure in a bucket before the last."""
+    ddp = nn.parallel.DistributedDataParallel(make_model(), bucket_cap_mb=0.01)
+    commhooks.ddp.register(ddp, "sign", min_numel=0)
+    train_alone(ddp, 1)
+    monkeypatch.setenv("COMMHOOKS_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="COMMHOOKS_KERNELS='cuda'") as err:
+        train_alone(ddp, 1, first=1)
+    assert "Unable to cast" not in str(err.value)
+
+
+# -- PowerSGD in fp16 --------------------------------------------------------------------------
+
+
+def test_fp16_powersgd_keeps_large_finite_gradients_finite(run_ranks) -> None:
+    """The loss times 1e7 (gradients up to about 1e6): P and Q pass fp16's 65504, and the
+    averages are still finite on every rank, equal to full precision's up to fp16 rounding,
+    with the widened rounds counted and no step skipped; bf16 needs no widening."""
+    specs = ["powersgd:rank=2", "powersgd:rank=2,precision=fp16", "powersgd:rank=2,precision=bf16"]
+    res = run_ranks(large_gradients, 2, specs, 1e7)
+    for rank in res:
+        full, half, bf16 = (rank[s] for s in specs)
+        assert max(g.abs().max() for g in full["grads"][0]) > 5e5
+        for step_full, step_half in zip(full["grads"], half["grads"]):
+            for f, h in zip(step_full, step_half):
+                assert torch.isfinite(h).all()
+                assert float((h - f).norm()) <= 2e-2 * float(f.norm()) + 1e-3
+        assert half["widened"] > 0 and half["stats"].nonfinite_steps == 0
+        assert bf16["widened"] == 0 and all(torch.isfinite(g).all() for g in bf16["grads"][-1])
+        assert half["stats"].wire_bytes < half["stats"].raw_bytes
+    for a, b in zip(res[0][specs[1]]["grads"][-1], res[1][specs[1]]["grads"][-1]):
+        assert torch.equal(a, b)
+
+
+# -- compress_updates: what it cannot average by itself ----------------------------------------
+
+
+def test_compress_updates_refuses_a_partial_optimizer_joins_added_groups_and_agrees_on_skips(
+    run_ranks,
+) -> None:
+    """An optimizer missing the last layer is refused, naming it, on every rank; a layer
+    unfrozen and added with add_param_group has its updates averaged (replicas identical);
+    a GradScaler that overflows on rank 1 only skips that step on every rank (no gloo abort),
+    and training goes on with identical replicas."""
+    res = run_ranks(updates_holes, 2, deadline=240)
+    for rank in res:
+        assert "does not own the model's trainable parameters 4.weight, 4.bias" in rank["partial"]
+        assert rank["added_moved"] and rank["added_equal"], rank
+        assert rank["scaler_skipped"] and rank["scaler_moved"], rank
+        assert rank["scaler_finite"] and rank["scaler_equal"], rank
+        assert rank["steps"] == 4, rank
+    assert res[1]["scales"][2] == res[1]["scales"][1] / 2  # rank 1's scaler backed off
+
+
+# -- topology agreement ------------------------------------------------------------------------
+
+
+def test_ranks_that_disagree_on_topology_raise_the_same_message_on_every_rank(run_ranks) -> None:
+    """One rank hierarchical and one flat; one auto (under a launcher) and one flat; the
+    launcher's ranks per node set on one node only: every rank raises the same "ranks
+    disagree on topology" message, naming each rank's settings, before any topology
+    collective (not a placement error made of another rank's data, nor a gloo error). Ranks
+    that agree still train, hierarchically where asked."""
+
+    def env(size: int, local: int) -> dict[str, str]:
+        return {"LOCAL_WORLD_SIZE": str(size), "LOCAL_RANK": str(local)}
+
+    hier, flat, auto = ({"topology": t} for t in ("hierarchical", "flat", "auto"))
+    cases = [
+        [(hier, env(2, 0)), (flat, env(2, 1))],
+        [(auto, env(2, 0)), (flat, env(2, 1))],
+        [(auto, env(1, 0)), (auto, {})],
+        [(hier, env(2, 0)), (hier, env(2, 1))],
+    ]
+    res = run_ranks(topology_cases, 2, cases, deadline=240)
+    wanted = [
+        "rank(s) [0]: topology='hierarchical', LOCAL_WORLD_SIZE=2; rank(s) [1]: topology='flat'",
+        "rank(s) [0]: topology='auto', LOCAL_WORLD_SIZE=2; rank(s) [1]: topology='flat'",
+        "rank(s) [0]: topology='auto', LOCAL_WORLD_SIZE=1; rank(s) [1]: topology='auto', no "
+        "launcher ranks per node",
+    ]
+    for i, text in enumerate(wanted):
+        errors = [r[i].get("error", "") for r in res]
+        assert errors[0] == errors[1], errors
+        assert f"RuntimeError: commhooks: ranks disagree on topology ({text})" in errors[0]
+    assert [r[3] for r in res] == [{"layout": "hierarchical:1x2", "ratio": r[3]["ratio"]}
+                                   for r in res]  # fmt: skip
+    assert all(r[3]["ratio"] > 1 for r in res)
