@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 from _spawn import ranks_runner
-from _workers import run_cases
+from _fsdp_workers import run_cases
 
 import commhooks
 
