@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import torch
-from _spawn import ranks_runner
 from _fsdp_workers import run_cases
+from _spawn import ranks_runner
 
 import commhooks
 
