@@ -127,7 +127,7 @@ NARRATION = [
     r"\bwhat changed\b",
     r"\bbefore this (session|commit|change)\b",
 ]
-HISTORY_FREE = [p for p in DOCS if p.name != "architecture.md"]
+HISTORY_FREE = DOCS
 
 
 @pytest.mark.parametrize("path", HISTORY_FREE, ids=lambda p: p.name)
