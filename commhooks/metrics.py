@@ -1,7 +1,7 @@
 """Per-step and cumulative communication stats: log lines, callbacks, TensorBoard.
 
-:meth:`commhooks.engine.Step.close` hands every closed step to
-:func:`step_ended`, which
+Every closed step (:meth:`commhooks.engine.Step.close`) reaches its state's
+``step_closed``, which
 
 - logs one line every ``HookOptions.log_every`` steps (0: never), with the rank, the last
   step's ratio and bytes (so dense warm-up steps, ``start_iter``, do not hide what compression

@@ -63,7 +63,11 @@ class UpdateCompression(torch.optim.Optimizer):
         if found is not None:
             scale = getattr(self, "grad_scale", None)
             if self._uc_any_overflowed(found):
-                self._uc.abort_step()  # what the DDP hook opened for the small gradients
+                # Counted as a skipped step, with the small gradients' traffic the DDP hook
+                # recorded in it; nothing was exchanged, so nothing is committed.
+                step = self._uc.current()
+                step.mark_nonfinite()
+                step.close()
                 return None
             self.grad_scale = self.found_inf = None  # the base step must not unscale again
             try:

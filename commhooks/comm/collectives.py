@@ -31,6 +31,11 @@ class Collectives(ABC):
     world: int
     rank: int
 
+    @property
+    def device(self) -> torch.device:
+        """Where small control tensors (checks, placement) go for these collectives."""
+        return torch.device("cpu")
+
     @abstractmethod
     def all_reduce(self, buf: Tensor, op: ReduceOp = ReduceOp.SUM) -> None:
         """Reduce ``buf`` over ranks, in place."""
@@ -59,6 +64,14 @@ class TorchCollectives(Collectives):
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+
+    @property
+    def device(self) -> torch.device:
+        """The current CUDA device where the group's backend has no CPU collectives (NCCL),
+        else the CPU."""
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def all_reduce(self, buf: Tensor, op: ReduceOp = ReduceOp.SUM) -> None:
         dist.all_reduce(buf, op=self._OPS[op], group=self.group)

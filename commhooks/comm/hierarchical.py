@@ -200,7 +200,7 @@ def misplaced(
     rank's local rank and size, unless ``everyone`` holds them already), or ``""`` where every
     rank ``r`` has local rank ``r % size`` of ``size`` and ``size`` divides the world."""
     if everyone is None:
-        mine = torch.tensor([local_rank, size], dtype=torch.int64)
+        mine = torch.tensor([local_rank, size], dtype=torch.int64, device=comm.device)
         everyone = comm.all_gather(mine).view(-1, 2).tolist()
     if comm.world % size:
         return f"the world size {comm.world} is not a multiple of the ranks per node {size}"

@@ -53,7 +53,8 @@ def agree_topology(
             size, local_rank, var = found
             names = [v for v, _ in LAUNCHER_ENV]
             mine[3:] = [names.index(var), size, local_rank]
-    everyone = comm.all_gather(torch.tensor(mine, dtype=torch.int64)).view(-1, _FIELDS).tolist()
+    own = torch.tensor(mine, dtype=torch.int64, device=comm.device)
+    everyone = comm.all_gather(own).view(-1, _FIELDS).tolist()
     settings = [_describe(row) for row in everyone]
     if len(set(settings)) > 1 or any(row[3] >= 0 and row[4] < 0 for row in everyone):
         by: dict[str, list[int]] = {}
@@ -82,6 +83,9 @@ def _describe(row: list[int]) -> str:
             text += ", no launcher ranks per node"
         elif size < 0:
             text += f", an unreadable {name}"
+        elif TOPOLOGIES[topology] == "auto":
+            # Nodes of different sizes are no disagreement: "auto" then stays flat.
+            text += f", {name} set"
         else:
             text += f", {name}={size}"
     return text

@@ -168,6 +168,9 @@ class Step:
         loaded mid-step). A no-op on a closed step."""
         if self.closed:
             return
+        if any(not f.done() for f in self._pending) and not self.state.worker.on_worker():
+            # Its jobs still change the memories in place: let them finish first.
+            self.state.worker.drain()
         self.closed = True
         stale, self.deferred = self.deferred, []
         for *_, fut in stale:

@@ -58,6 +58,11 @@ def register(
         raise ValueError("coalesce=True: holds DDP buckets; FSDP2 exchanges one unit at a time")
     if opts.fallback != "off":
         raise ValueError(f"fallback={opts.fallback!r}: times DDP buckets; not under FSDP2")
+    if opts.nonfinite_check == "device":
+        raise ValueError(
+            "nonfinite_check='device': under FSDP2 a skipped step is agreed on the host (one "
+            "flag per step), so every rank of a node skips it alike; leave it 'auto' or 'host'"
+        )
     units = fsdp_units(model)
     codec = build_compressor(compressor)
     transport_class(codec, opts.transport)  # a pairing that cannot work raises now
@@ -65,7 +70,11 @@ def register(
     transport = opts.transport
     if layout.mode != HIERARCHICAL and transport == "auto":
         transport = _scatter_transport(codec, layout.world)
-    engine_opts = dataclasses.replace(opts, topology="flat", ranks_per_node=0, transport=transport)
+    # Host checks: the step's overflow verdict must reach every rank of the node (and every
+    # chunk's owner), which a device-side count kept per rank would not.
+    engine_opts = dataclasses.replace(
+        opts, topology="flat", ranks_per_node=0, transport=transport, nonfinite_check="host"
+    )
     keys = {u.name: _keys(u, layout) for u in units}
     if layout.nodes is not None:
         cross = layout.nodes.cross

@@ -10,15 +10,15 @@ names; this registers a commhooks hook instead, on CPU (gloo) and CUDA alike. Ne
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
-import commhooks.fsdp
 from commhooks.ddp import CompressionState
-from commhooks.fsdp.units import fsdp_root
 from commhooks.integrations._ddp import Spec, check_hook, find_ddp, register_on
+
+if TYPE_CHECKING:
+    from commhooks.fsdp import FSDPCompression
 
 __all__ = ["register_accelerate"]
 
@@ -30,7 +30,7 @@ def register_accelerate(
     *,
     wrapper: str | None = None,
     **options: Any,
-) -> CompressionState | commhooks.fsdp.FSDPCompression:
+) -> CompressionState | FSDPCompression:
     """Register the compression hook on ``model`` as ``accelerator.prepare()`` returned it.
 
     Args:
@@ -67,6 +67,9 @@ def register_accelerate(
                 f"wrapper={wrapper!r}: casts DDP buckets; under FSDP2 use "
                 "MixedPrecisionPolicy(reduce_dtype=...) or the 'bf16' compressor"
             )
+        import commhooks.fsdp
+        from commhooks.fsdp.units import fsdp_root
+
         return commhooks.fsdp.register(fsdp_root(model, "model"), compressor, **options)
     kind = getattr(accelerator, "distributed_type", "?")
     procs = getattr(accelerator, "num_processes", "?")
@@ -82,4 +85,7 @@ def register_accelerate(
 
 def _sharded(model: nn.Module) -> bool:
     """Whether ``model`` (or a module in it) was sharded with ``fully_shard``."""
+    # Imported here: DDP users need no FSDP2 (a recent torch) to import this module.
+    from torch.distributed.fsdp import FSDPModule
+
     return any(isinstance(m, FSDPModule) for m in model.modules())

@@ -15,7 +15,7 @@ supported.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
@@ -24,11 +24,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "commhooks.integrations.lightning needs Lightning: pip install lightning"
     ) from e
 
-import commhooks.fsdp
 from commhooks.ddp import CompressionState
-from commhooks.fsdp.units import fsdp_root
 from commhooks.integrations._ddp import HOOK_OPTIONS, Spec, check_hook, find_ddp, register_on
 from commhooks.integrations._resume import restore_state, save_state
+
+if TYPE_CHECKING:
+    from commhooks.fsdp import FSDPCompression
 
 __all__ = ["CompressedDDPStrategy", "CompressedModelParallelStrategy"]
 
@@ -128,7 +129,9 @@ class CompressedDDPStrategy(DDPStrategy):
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
         """Load as Lightning does; the hook state follows once the hook is registered."""
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        # Lightning before 2.6 takes no weights_only.
+        extra = {} if weights_only is None else {"weights_only": weights_only}
+        checkpoint = super().load_checkpoint(checkpoint_path, **extra)
         self._resume_from = str(checkpoint_path)
         if self._compression_state is not None and self.restore_checkpoint_after_setup:
             self._restore()
@@ -170,10 +173,10 @@ class CompressedModelParallelStrategy(ModelParallelStrategy):
         check_hook(compressor, None, self._hook_options)
         super().__init__(**{k: v for k, v in kwargs.items() if k not in HOOK_OPTIONS})
         self._compressor = compressor
-        self._compression: commhooks.fsdp.FSDPCompression | None = None
+        self._compression: FSDPCompression | None = None
 
     @property
-    def compression_state(self) -> commhooks.fsdp.FSDPCompression:
+    def compression_state(self) -> FSDPCompression:
         """The compression state (``.stats()``, ``.state_dict()``) on this rank.
 
         Raises:
@@ -189,6 +192,10 @@ class CompressedModelParallelStrategy(ModelParallelStrategy):
     def setup(self, trainer: Any) -> None:
         """Set the sharded model up as Lightning does, then register compression on it."""
         super().setup(trainer)
+        # Imported here: DDP users need no FSDP2 (a recent torch) to import this module.
+        import commhooks.fsdp
+        from commhooks.fsdp.units import fsdp_root
+
         root = fsdp_root(self.lightning_module, "CompressedModelParallelStrategy.model")
         self._compression = commhooks.fsdp.register(root, self._compressor, **self._hook_options)
 

@@ -115,6 +115,7 @@ def updates_holes(rank: int, world: int, store_path: str, out: str) -> None:
         result["scaler_equal"] = _gathered_equal(list(ddp.parameters()))
         result["scales"] = scales
         result["steps"] = opt.stats().steps
+        result["skipped"] = opt.stats().nonfinite_steps
         _finish(out, result)
     finally:
         gc.collect()

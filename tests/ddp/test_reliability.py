@@ -269,7 +269,8 @@ def test_compress_updates_refuses_a_partial_optimizer_joins_added_groups_and_agr
         assert rank["added_moved"] and rank["added_equal"], rank
         assert rank["scaler_skipped"] and rank["scaler_moved"], rank
         assert rank["scaler_finite"] and rank["scaler_equal"], rank
-        assert rank["steps"] == 4, rank
+        # The skipped step counts, as the DDP hook counts a step some rank overflowed on.
+        assert rank["steps"] == 5 and rank["skipped"] == 1, rank
     assert res[1]["scales"][2] == res[1]["scales"][1] / 2  # rank 1's scaler backed off
 
 
@@ -292,12 +293,13 @@ def test_ranks_that_disagree_on_topology_raise_the_same_message_on_every_rank(ru
         [(auto, env(2, 0)), (flat, env(2, 1))],
         [(auto, env(1, 0)), (auto, {})],
         [(hier, env(2, 0)), (hier, env(2, 1))],
+        [(auto, env(2, 0)), (auto, env(1, 0))],
     ]
     res = run_ranks(topology_cases, 2, cases, deadline=240)
     wanted = [
         "rank(s) [0]: topology='hierarchical', LOCAL_WORLD_SIZE=2; rank(s) [1]: topology='flat'",
-        "rank(s) [0]: topology='auto', LOCAL_WORLD_SIZE=2; rank(s) [1]: topology='flat'",
-        "rank(s) [0]: topology='auto', LOCAL_WORLD_SIZE=1; rank(s) [1]: topology='auto', no "
+        "rank(s) [0]: topology='auto', LOCAL_WORLD_SIZE set; rank(s) [1]: topology='flat'",
+        "rank(s) [0]: topology='auto', LOCAL_WORLD_SIZE set; rank(s) [1]: topology='auto', no "
         "launcher ranks per node",
     ]
     for i, text in enumerate(wanted):
@@ -307,3 +309,5 @@ def test_ranks_that_disagree_on_topology_raise_the_same_message_on_every_rank(ru
     assert [r[3] for r in res] == [{"layout": "hierarchical:1x2", "ratio": r[3]["ratio"]}
                                    for r in res]  # fmt: skip
     assert all(r[3]["ratio"] > 1 for r in res)
+    # Nodes of different sizes under "auto": no disagreement, a flat exchange.
+    assert [r[4]["layout"] for r in res] == ["flat", "flat"]
