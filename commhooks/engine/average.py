@@ -82,7 +82,11 @@ def average_bucket(
             f"bucket: {buffer.dtype} gradients; commhooks compresses real gradients only "
             "(register() names the parameter)"
         )
-    step = state.begin() if first else state.current()
+    step = state.begin() if first else state.open_step
+    if step is None:
+        # An earlier bucket of this backward failed and rolled the step back: the rest of it
+        # must not open (and later commit) a step of its own.
+        raise RuntimeError("commhooks: an earlier bucket of this step failed; step skipped")
     state.check_agreement(buffer)
     keys = [state.key_of(p) for p in params]
     shapes = [p.shape for p in params]
