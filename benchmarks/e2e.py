@@ -1004,7 +1004,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def node_targets(rows: list[Row]) -> list[Target]:
-    """Issue 19's targets: hierarchical against flat, for the same compressor and link."""
+    """The hierarchical targets: hierarchical against flat, for the same compressor and link."""
     out = []
     for flat, hier, _ in node_pairs(rows):
         spec = flat.label[: -len(FLAT)]
