@@ -74,7 +74,7 @@ def _model(args: argparse.Namespace, label: str) -> tuple[nn.Module, Any]:
 
     torch.manual_seed(0)
     ddp = nn.parallel.DistributedDataParallel(
-        IdleMLP(args.layers, args.width, args.sleep_ms / 1000)
+        IdleMLP(args.layers, args.width, args.sleep_ms / 1000), bucket_cap_mb=args.bucket_mb
     )
     state = None
     if label == NOOP:
@@ -178,6 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--sleep-ms", type=float, default=25.0)
+    ap.add_argument("--bucket-mb", type=float, default=25.0, help="DDP's bucket_cap_mb")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--specs", default=";".join(SPECS), help="';'-separated compressor specs")
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         os.path.abspath(__file__), "--worker", "--layers", str(args.layers),
         "--width", str(args.width), "--batch", str(args.batch),
         "--sleep-ms", str(args.sleep_ms), "--steps", str(args.steps), "--reps", str(args.reps),
+        "--bucket-mb", str(args.bucket_mb),
         "--specs", ";".join(args.specs),
     ]  # fmt: skip
     report: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "tmp"}}
