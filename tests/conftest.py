@@ -31,7 +31,8 @@ settings.load_profile("ci")
 #: Tags by path (``pytest -m``), so tests need no decorator each: ``make test-fast`` leaves out
 #: ``slow``, ``launcher`` and ``root``. ``multiproc``: real gloo ranks spawned by the test.
 TAGS: dict[str, tuple[str, ...]] = {
-    # Runs the real frameworks, benchmark scripts, convergence or demo jobs.
+    # Runs the real frameworks, benchmark scripts, convergence or demo jobs, the docs'
+    # snippets, or the 4-rank stress test.
     "slow": (
         "integrations/",
         "benchmarks/",
@@ -42,6 +43,8 @@ TAGS: dict[str, tuple[str, ...]] = {
         "kernels/test_gpu_check.py",
         "native/test_native_build.py",
         "docker/",
+        "ddp/test_hooks.py::test_stress_four_ranks",
+        "test_docs.py::test_snippet_runs",
     ),
     # Starts torchrun, horovodrun or mpirun as subprocesses.
     "launcher": (
