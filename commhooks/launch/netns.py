@@ -3,11 +3,14 @@ node of several ranks (which then talk over the namespace's loopback, unshaped).
 
 Needs root (``ip netns``, ``tc``). Everything it creates carries the ``chk`` prefix, is removed
 at start if a crashed run left it behind, and is removed again on exit, on error and on
-SIGINT/SIGTERM.
+SIGINT/SIGTERM. One cluster is up at a time on a machine: a second one (another test or
+benchmark process) waits on a lock file until the first is down, since both would use the same
+names.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -25,6 +28,7 @@ logger = logging.getLogger(__name__)
 PREFIX = "chk"
 BRIDGE = f"{PREFIX}br"
 SUBNET = "10.213.0"
+LOCK_FILE = "/run/lock/commhooks-shaped-cluster.lock"
 _RATE = re.compile(r"^\d+(\.\d+)?(bit|kbit|mbit|gbit)$")
 _UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
 
@@ -88,6 +92,8 @@ class ShapedCluster:
     Args:
         n: the number of namespaces (ranks, or nodes), 2 to 64.
         link: the shaping of every interface.
+        lock_timeout_s: how long :meth:`up` waits for another process's cluster to come down
+            before raising TimeoutError.
         ranks_per_node: ranks each namespace runs: the "nodes x ranks per node" mode. Ranks of
             one namespace reach each other through its own address, which the kernel routes
             over loopback: unshaped and not in :meth:`counters`, so only the links between
@@ -95,7 +101,13 @@ class ShapedCluster:
             between nodes).
     """
 
-    def __init__(self, n: int, link: Link | None = None, ranks_per_node: int = 1) -> None:
+    def __init__(
+        self,
+        n: int,
+        link: Link | None = None,
+        ranks_per_node: int = 1,
+        lock_timeout_s: float = 3600.0,
+    ) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= 64:
             raise ValueError(f"n={n!r}: must be an int in [2, 64]")
         if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int):
@@ -105,7 +117,9 @@ class ShapedCluster:
         self.n = n
         self.ranks_per_node = ranks_per_node
         self.link = link or Link()
+        self.lock_timeout_s = lock_timeout_s
         self._up = False
+        self._lock: int | None = None
         self._old_handlers: dict[int, object] = {}
 
     @property
@@ -145,7 +159,12 @@ class ShapedCluster:
                 "the shaped cluster needs root: it creates network namespaces and tc qdiscs "
                 "(run as root, or without the shaped link)"
             )
-        stale = remove_stale()
+        self._acquire()
+        try:
+            stale = remove_stale()
+        except BaseException:
+            self._release()
+            raise
         if stale:
             logger.info("removed stale %s", " ".join(stale))
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -156,6 +175,29 @@ class ShapedCluster:
         except BaseException:
             self.down()
             raise
+
+    def _acquire(self) -> None:
+        os.makedirs(os.path.dirname(LOCK_FILE), exist_ok=True)
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        end = time.monotonic() + self.lock_timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > end:
+                    os.close(fd)
+                    raise TimeoutError(
+                        f"lock_timeout_s={self.lock_timeout_s}: another shaped cluster held "
+                        f"{LOCK_FILE} all that time"
+                    ) from None
+                time.sleep(0.5)
+        self._lock = fd
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor drops the flock
+            self._lock = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.down()
@@ -169,6 +211,7 @@ class ShapedCluster:
             signal.signal(sig, old)  # type: ignore[arg-type]
         self._old_handlers.clear()
         self._up = False
+        self._release()
 
     def _build(self) -> None:
         for i in range(self.n):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from commhooks.launch.netns import Link, ShapedCluster, remove_stale
+from commhooks.launch.netns import Link, ShapedCluster
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -125,7 +125,21 @@ def test_a_crashed_runs_namespaces_are_removed_at_start() -> None:
         with ShapedCluster(2):
             assert "chk7" not in _namespaces()
     finally:
-        remove_stale()
+        subprocess.run(["ip", "netns", "delete", "chk7"], capture_output=True)
+    assert "chk" not in _namespaces()
+
+
+@root_only
+def test_a_second_cluster_waits_for_the_first_and_says_why_it_gave_up() -> None:
+    with ShapedCluster(2):
+        second = ShapedCluster(2, lock_timeout_s=1.0)
+        t0 = time.perf_counter()
+        with pytest.raises(TimeoutError, match="lock_timeout_s=1.0: another shaped cluster"):
+            second.up()
+        assert time.perf_counter() - t0 >= 1.0
+        assert "chk0" in _namespaces()  # the first cluster is untouched
+    with ShapedCluster(2, lock_timeout_s=1.0):  # free again once the first is down
+        assert "chk1" in _namespaces()
     assert "chk" not in _namespaces()
 
 
