@@ -105,11 +105,9 @@ def test_nodes_mode_shapes_and_counts_only_the_links_between_nodes() -> None:
         assert cluster.world == 4
         assert all("--nproc_per_node=2" in c for c in shaped_commands(cluster, ["x.py"], 29500))
         before = cluster.counters()
-        # Inside a node: through the namespace's own address, so over loopback, unshaped
-        # (12.5 MB/s shaped would take over a second).
-        t0 = time.perf_counter()
+        # Inside a node: through the namespace's own address, so over loopback, unshaped and
+        # uncounted: the veths' counters stay put (a timing check would be the load's hostage).
         assert _transfer(cluster, 0, 0, 20_000_000) == 20_000_000
-        assert time.perf_counter() - t0 < 1.2
         # (The veths carry a few stray packets of their own, IPv6 neighbour discovery.)
         moved = [b - a for now, then in zip(cluster.counters(), before) for b, a in zip(now, then)]
         assert max(moved) < 10_000, moved
@@ -134,7 +132,7 @@ def test_a_second_cluster_waits_for_the_first_and_says_why_it_gave_up() -> None:
     with ShapedCluster(2):
         second = ShapedCluster(2, lock_timeout_s=1.0)
         t0 = time.perf_counter()
-        with pytest.raises(TimeoutError, match="lock_timeout_s=1.0: another shaped cluster"):
+        with pytest.raises(TimeoutError, match=r"lock_timeout_s=1\.0: another shaped cluster"):
             second.up()
         assert time.perf_counter() - t0 >= 1.0
         assert "chk0" in _namespaces()  # the first cluster is untouched
