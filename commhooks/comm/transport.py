@@ -498,17 +498,15 @@ class ReduceScatterTransport(Transport):
         """The reduce-scatter: this rank's chunk of each mean, flat, in the tensors' dtypes."""
         if not tensors:
             return []
-        return [
-            mean.to(t.dtype)
-            for mean, t in zip(self._reduce_chunks(keys, tensors, memory, stats)[0], tensors)
-        ]
+        means = self._reduce_chunks(keys, tensors, memory, stats)
+        return [mean.to(t.dtype) for mean, t in zip(means, tensors)]
 
     def _reduce_chunks(
         self, keys: Sequence[str], tensors: Sequence[Tensor], memory: bool, stats: TransportStats
-    ) -> tuple[list[Tensor], list[Context]]:
+    ) -> list[Tensor]:
         """Each rank compresses every tensor's piece for every destination (client error
         feedback of the whole tensor) and one all-to-all hands rank j everyone's codes for
-        pieces j; this rank's fp32 means of its pieces, and their decoding contexts."""
+        pieces j; this rank's means of its pieces (summed in fp32)."""
         t0 = time.perf_counter()
         c, world = self.current, self.world
         ef = self.feedback if memory else None
@@ -534,10 +532,12 @@ class ReduceScatterTransport(Transport):
 
         t0 = time.perf_counter()
         rows = [_split_payloads(_from_bytes(r, layout), client) for r in recv.view(world, -1)]
-        ctxs = [client[i][self.rank][1] for i in range(len(tensors))]
-        means = [c.aggregate([r[i] for r in rows], ctx).div_(world) for i, ctx in enumerate(ctxs)]
+        means = [
+            c.aggregate([r[i] for r in rows], codes[self.rank][1]).div_(world)
+            for i, codes in enumerate(client)
+        ]
         stats.decompress_s += time.perf_counter() - t0
-        return means, ctxs
+        return means
 
     def _run(
         self,
@@ -551,7 +551,7 @@ class ReduceScatterTransport(Transport):
     ) -> list[Tensor]:
         if not tensors:
             return []
-        chunks, _ = self._reduce_chunks(keys, tensors, memory, stats)
+        chunks = self._reduce_chunks(keys, tensors, memory, stats)
         t0 = time.perf_counter()
         server_c = self.server.compressor if self.server is not None else self.current
         mine = []
