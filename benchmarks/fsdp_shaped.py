@@ -3,7 +3,8 @@ hierarchical compressed mode of :func:`commhooks.fsdp.register`.
 
 Usage (root): ``python benchmarks/fsdp_shaped.py [--rate 100mbit] [--specs
 "uniform:bits=4;uniform:bits=8"] [--width 256] [--steps 8] [--warmup 2] [--out F.json]
-[--markdown F.md]``; ``--rate unshaped`` runs over the namespaces' unshaped link.
+[--markdown F.md] [--smoke]``; ``--rate unshaped`` runs over the namespaces' unshaped link,
+``--smoke`` a tiny model for one step there.
 
 Two network namespaces (:class:`commhooks.launch.ShapedCluster` with ``ranks_per_node=2``)
 each run one torchrun of 2 ranks; traffic between the nodes crosses one veth pair shaped to
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     ap.add_argument("--timeout-s", type=float, default=900.0)
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 1 step, unshaped")
     ap.add_argument("--out", default=None, help="JSON report")
     ap.add_argument("--markdown", default=None, help="Markdown table")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -146,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
+    if args.smoke:
+        args.rate, args.width, args.steps, args.warmup = "unshaped", 32, 1, 1
+        args.specs = args.specs[:1]
     from commhooks.launch.cli import shaped_commands
     from commhooks.launch.netns import Link, ShapedCluster
 
