@@ -55,6 +55,7 @@ class Row:
     feedback_bytes: int
     model_bytes: int
     ranks_per_node: int
+    transport: str = ""
 
 
 def shard(model: TinyLM, nodes: bool, dense: bool) -> None:
@@ -96,12 +97,16 @@ def train_one(rank: int, text: tuple, label: str, seed: int, cfg: Config, nodes:
     val_loss = evaluate(model, val, cfg)
     raw = wire = feedback = 0
     link = 0.0
+    transport = ""
     if state is not None:
         stats = state.stats()
         raw, wire, link = stats.raw_bytes, stats.wire_bytes, stats.link_bytes
         feedback = state.feedback_bytes()
+        transport = state.engine.transport.name
     per_node = 2 if nodes else dist.get_world_size()
-    return Row(label, seed, val_loss, raw, wire, link, seconds, feedback, model_bytes, per_node)
+    return Row(
+        label, seed, val_loss, raw, wire, link, seconds, feedback, model_bytes, per_node, transport
+    )
 
 
 def worker(
@@ -151,10 +156,10 @@ def table(rows: list[Row]) -> str:
     ident = by.get("identity")
     dense_link = statistics.median(r.link_bytes for r in ident) if ident else None
     lines = [
-        "| run | val loss min / median / max | vs dense (median) | s per run (median) "
-        "| raw / wire | wire bytes | link bytes | link vs dense | EF bytes per rank "
-        "| vs model / L |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | transport | val loss min / median / max | vs dense (median) "
+        "| s per run (median) | raw / wire | wire bytes | link bytes | link vs dense "
+        "| EF bytes per rank | vs model / L |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, rs in by.items():
         losses = sorted(r.val_loss for r in rs)
@@ -168,7 +173,8 @@ def table(rows: list[Row]) -> str:
         raw = statistics.median(r.raw_bytes for r in rs)
         ratio = f"{raw / wire:.2f}" if wire else "n/a"
         lines.append(
-            f"| {label} | {losses[0]:.4f} / {med:.4f} / {losses[-1]:.4f} | {gap} "
+            f"| {label} | {rs[0].transport or '-'} "
+            f"| {losses[0]:.4f} / {med:.4f} / {losses[-1]:.4f} | {gap} "
             f"| {statistics.median(r.seconds for r in rs):.0f} | {ratio} | {wire:.0f} | {link:.0f} "
             f"| {versus} | {ef:.0f} | {share:.3f} |"
         )

@@ -13,6 +13,10 @@ differently per rank and crashes gloo).
 * :class:`ReduceScatterTransport`: static-size compressors; each rank decodes and sums one
   chunk from everyone, re-compresses it with its own server-side error feedback and
   all-gathers the result (traffic per rank stays flat as the world grows).
+
+:meth:`Transport.scatter` is the reduce-scatter: each rank gets its chunk of every average
+(FSDP2's custom reduce-scatter). The reduce-scatter transport then stops after the all-to-all
+(one compression, no all-gather); the others average whole tensors and keep the chunk.
 """
 
 from __future__ import annotations
@@ -179,8 +183,7 @@ class Transport(ABC):
         """
         stats = TransportStats(raw_bytes=sum(t.numel() * t.element_size() for t in tensors))
         if ride is not None and not self.carries_ride:
-            self._all_reduce(ride, ReduceOp.SUM, stats)
-            if proceed is not None and not proceed(ride):
+            if not self._ride_alone(ride, proceed, stats):
                 return None, stats
             ride = proceed = None
         means = self._run(keys, tensors, memory, stats, ride, proceed, out)
@@ -204,6 +207,60 @@ class Transport(ABC):
     ) -> list[Tensor] | None:
         """:meth:`run`'s exchange, adding to ``stats``. ``ride`` and ``proceed`` are None
         unless :attr:`carries_ride`; ``out`` may be used to write the means in place."""
+
+    def scatter(
+        self,
+        keys: Sequence[str],
+        tensors: Sequence[Tensor],
+        memory: bool = True,
+        *,
+        ride: Tensor | None = None,
+        proceed: Callable[[Tensor], bool] | None = None,
+    ) -> tuple[list[Tensor] | None, TransportStats]:
+        """This rank's chunk of each tensor's average over ranks: the average, flattened and
+        cut into ``world`` equal rows, row ``rank`` (a reduce-scatter, e.g. FSDP2's).
+
+        Arguments as for :meth:`run`. A transport with :attr:`scatters` sends each
+        destination only its chunk (compressed once, decoded and summed in fp32 by the
+        chunk's owner); the others average whole tensors and keep the chunk, so their bytes
+        are :meth:`run`'s.
+
+        Raises:
+            ValueError: a tensor's size is not a multiple of the world size.
+        """
+        for k, t in zip(keys, tensors):
+            if t.numel() % self.world:
+                raise ValueError(
+                    f"tensors: {k!r} has {t.numel()} elements, not a multiple of the "
+                    f"{self.world} ranks its chunks go to; pad it (FSDP2 pads dim 0)"
+                )
+        stats = TransportStats(raw_bytes=sum(t.numel() * t.element_size() for t in tensors))
+        if ride is not None and not (self.carries_ride and not self.scatters):
+            if not self._ride_alone(ride, proceed, stats):
+                return None, stats
+            ride = proceed = None
+        if self.scatters:
+            return self._scatter(keys, tensors, memory, stats), stats
+        means = self._run(keys, tensors, memory, stats, ride, proceed, None)
+        if means is None:
+            return None, stats
+        return [m.reshape(self.world, -1)[self.rank] for m in means], stats
+
+    #: whether :meth:`scatter` sends each destination its chunk alone (:meth:`_scatter`)
+    scatters: bool = False
+
+    def _scatter(
+        self, keys: Sequence[str], tensors: Sequence[Tensor], memory: bool, stats: TransportStats
+    ) -> list[Tensor]:
+        """:meth:`scatter`'s exchange where :attr:`scatters`, adding to ``stats``."""
+        raise NotImplementedError(f"transport {self.name!r} does not scatter")
+
+    def _ride_alone(
+        self, ride: Tensor, proceed: Callable[[Tensor], bool] | None, stats: TransportStats
+    ) -> bool:
+        """All-reduce ``ride`` on its own; whether the exchange goes on (``proceed``)."""
+        self._all_reduce(ride, ReduceOp.SUM, stats)
+        return proceed is None or proceed(ride)
 
     # -- helpers shared by the transports ----------------------------------------------------
 
@@ -400,6 +457,10 @@ class ReduceScatterTransport(Transport):
     rank sends about ``2(n-1)/n`` payloads where an all-gather sends ``n-1``, at the price of
     compressing twice. Pieces are cut per tensor, not per bucket, so results do not depend on
     how DDP buckets the parameters (which changes after its first step and on a restart).
+
+    :meth:`scatter` is the first half alone: the all-to-all of every destination's compressed
+    piece, decoded and summed in fp32 by its owner, with client error feedback only (the
+    server's memory is not used).
     """
 
     name = "reducescatter"
@@ -429,18 +490,23 @@ class ReduceScatterTransport(Transport):
                 f"{caps.rounds} all-reduce rounds; use 'allreduce'"
             )
 
-    def _run(
-        self,
-        keys: Sequence[str],
-        tensors: Sequence[Tensor],
-        memory: bool,
-        stats: TransportStats,
-        ride: Tensor | None,
-        proceed: Callable[[Tensor], bool] | None,
-        out: Sequence[Tensor] | None,
+    scatters = True
+
+    def _scatter(
+        self, keys: Sequence[str], tensors: Sequence[Tensor], memory: bool, stats: TransportStats
     ) -> list[Tensor]:
+        """The reduce-scatter: this rank's chunk of each mean, flat, in the tensors' dtypes."""
         if not tensors:
             return []
+        means = self._reduce_chunks(keys, tensors, memory, stats)
+        return [mean.to(t.dtype) for mean, t in zip(means, tensors)]
+
+    def _reduce_chunks(
+        self, keys: Sequence[str], tensors: Sequence[Tensor], memory: bool, stats: TransportStats
+    ) -> list[Tensor]:
+        """Each rank compresses every tensor's piece for every destination (client error
+        feedback of the whole tensor) and one all-to-all hands rank j everyone's codes for
+        pieces j; this rank's means of its pieces (summed in fp32)."""
         t0 = time.perf_counter()
         c, world = self.current, self.world
         ef = self.feedback if memory else None
@@ -466,11 +532,31 @@ class ReduceScatterTransport(Transport):
 
         t0 = time.perf_counter()
         rows = [_split_payloads(_from_bytes(r, layout), client) for r in recv.view(world, -1)]
-        server_c = self.server.compressor if self.server is not None else c
+        means = [
+            c.aggregate([r[i] for r in rows], codes[self.rank][1]).div_(world)
+            for i, codes in enumerate(client)
+        ]
+        stats.decompress_s += time.perf_counter() - t0
+        return means
+
+    def _run(
+        self,
+        keys: Sequence[str],
+        tensors: Sequence[Tensor],
+        memory: bool,
+        stats: TransportStats,
+        ride: Tensor | None,
+        proceed: Callable[[Tensor], bool] | None,
+        out: Sequence[Tensor] | None,
+    ) -> list[Tensor]:
+        if not tensors:
+            return []
+        chunks = self._reduce_chunks(keys, tensors, memory, stats)
+        t0 = time.perf_counter()
+        server_c = self.server.compressor if self.server is not None else self.current
         mine = []
-        for i, (k, t) in enumerate(zip(keys, tensors)):
-            ctx = client[i][self.rank][1]
-            mean = c.aggregate([r[i] for r in rows], ctx).div_(world).to(t.dtype)
+        for k, t, chunk in zip(keys, tensors, chunks):
+            mean = chunk.to(t.dtype)
             skey = f"{k}/{self.rank}"
             if self.server is not None:
                 mine.append(self.server.compress(skey, mean))
@@ -478,7 +564,7 @@ class ReduceScatterTransport(Transport):
                 mine.append(server_c.compress(mean, skey))
         stats.compress_s += time.perf_counter() - t0
 
-        own = _bytes_of([a for p, _ in mine for a in p]).to(recv.device)
+        own = _bytes_of([a for p, _ in mine for a in p]).to(chunks[0].device)
         gathered = self._all_gather_equal(own, stats)
         t0 = time.perf_counter()
         slayout = [(a.dtype, a.shape) for p, _ in mine for a in p]
@@ -486,7 +572,7 @@ class ReduceScatterTransport(Transport):
         result = []
         for i, t in enumerate(tensors):
             ctx = mine[i][1]
-            full = torch.cat([server_c.decompress(pieces[j][i], ctx) for j in range(world)])
+            full = torch.cat([server_c.decompress(pieces[j][i], ctx) for j in range(self.world)])
             result.append(full[: t.numel()].view(t.shape).to(t.dtype))
         stats.decompress_s += time.perf_counter() - t0
         return result

@@ -117,6 +117,7 @@ def average_flat(
     *,
     final: bool = True,
     memory: bool = True,
+    scatter: bool = False,
 ) -> None:
     """Average ``buffer`` (the concatenated tensors named ``keys``, of ``shapes``) over ranks,
     in place and synchronously on the calling thread: dense before ``start_iter``,
@@ -125,14 +126,17 @@ def average_flat(
     ``final=False`` says more buffers of this step follow: the in-place error-feedback
     updates are then journaled, so that a later buffer's overflow can roll the whole step
     back. ``memory=False`` sends the buffer without this rank's error feedback, which stays
-    as it was (an absent federated client).
+    as it was (an absent federated client). ``scatter=True`` makes sure only of this rank's
+    chunk of each tensor (its flat view cut into ``world`` rows, row ``rank``): the
+    compressed ones go through :meth:`Transport.scatter`, so the rest of them is left stale.
     """
     state = step.state
     state.check_agreement(buffer)
     if state.iteration < state.options.start_iter:
         _dense_in_place(step, buffer)
     else:
-        _average_parts(step, [(buffer, keys, list(shapes))], final=final, memory=memory)
+        parts = [(buffer, keys, list(shapes))]
+        _average_parts(step, parts, final=final, memory=memory, scatter=scatter)
 
 
 def _average_deferred(
@@ -271,8 +275,10 @@ def _average_parts(
     *,
     final: bool,
     memory: bool = True,
+    scatter: bool = False,
 ) -> None:
-    """Average several buffers (DDP buckets) in place with one set of collectives."""
+    """Average several buffers (DDP buckets) in place with one set of collectives;
+    ``scatter``: only each compressed tensor's chunk of this rank (see :func:`average_flat`)."""
     state = step.state
     buffers = [b for b, _, _ in parts]
     traffic = TransportStats(raw_bytes=sum(b.numel() * b.element_size() for b in buffers))
@@ -307,11 +313,17 @@ def _average_parts(
     if sparse:
         ride = torch.cat([*(views[i].reshape(-1) for i in dense), flag])
         grads = [views[i] for i in sparse]
-        # The means go straight into the bucket.
-        done, moved = state.transport.run(
-            keys, grads, memory, ride=ride, proceed=lambda summed: bool(summed[-1] == 0),
-            out=grads,
-        )  # fmt: skip
+        agreed = lambda summed: bool(summed[-1] == 0)  # noqa: E731
+        if scatter:
+            done, moved = state.transport.scatter(keys, grads, memory, ride=ride, proceed=agreed)
+            rank, world = state.rank, state.world_size
+            for g, chunk in zip(grads, done or []):
+                g.view(world, -1)[rank].copy_(chunk)
+        else:
+            # The means go straight into the bucket.
+            done, moved = state.transport.run(
+                keys, grads, memory, ride=ride, proceed=agreed, out=grads
+            )
         moved.raw_bytes = 0  # the buckets' raw bytes are counted once, above
         traffic.add(moved)
         _write_mean(state, views, dense, ride[:-1])

@@ -78,6 +78,7 @@ class Step:
         *,
         last: bool = False,
         memory: bool = True,
+        scatter: bool = False,
     ) -> Future[list[Tensor]]:
         """Queue the mean over ranks of ``tensors`` on the communication worker.
 
@@ -91,14 +92,32 @@ class Step:
                 rolls this group back).
             memory: False sends the tensors without this rank's error feedback, which stays
                 as it was (an absent federated client).
+            scatter: a reduce-scatter: only this rank's chunk of each mean comes back (the
+                mean flattened and cut into ``world`` equal rows, row ``rank``). Over the
+                reduce-scatter transport each destination is sent only its chunk, compressed
+                once; the others average whole tensors. Every tensor's size must be a
+                multiple of the world size.
 
         Returns:
-            a future of the means, new tensors in the tensors' shapes and dtypes.
+            a future of the means, new tensors in the tensors' shapes and dtypes (with
+            ``scatter``: flat chunks of ``numel // world`` elements).
+
+        Raises:
+            ValueError: keys and tensors differ in number; with ``scatter``, a tensor's size
+                is not a multiple of the world size.
         """
         self._check_open()
         keys = list(keys)
         if len(keys) != len(tensors):
             raise ValueError(f"keys: {len(keys)} keys for {len(tensors)} tensors")
+        if scatter:
+            world = self.state.world_size
+            for k, t in zip(keys, tensors):
+                if t.numel() % world:
+                    raise ValueError(
+                        f"tensors: {k!r} has {t.numel()} elements, not a multiple of the "
+                        f"{world} ranks a scatter cuts it for"
+                    )
         shapes = [t.shape for t in tensors]
         dtypes = [t.dtype for t in tensors]
         device = tensors[0].device if tensors else torch.device("cpu")
@@ -112,8 +131,11 @@ class Step:
             from commhooks.engine.average import average_flat
 
             if tensors:
-                average_flat(self, flat, keys, shapes, final=last, memory=memory)
+                average_flat(self, flat, keys, shapes, final=last, memory=memory, scatter=scatter)
             pieces = flat.split([s.numel() for s in shapes])
+            if scatter:
+                world, rank = self.state.world_size, self.state.rank
+                return [p.view(world, -1)[rank].to(d) for p, d in zip(pieces, dtypes)]
             return [p.view(s).to(d) for p, s, d in zip(pieces, shapes, dtypes)]
 
         fut = self.state.worker.submit(job, device)
@@ -122,11 +144,12 @@ class Step:
 
     def average(
         self, keys: Sequence[str], tensors: Sequence[Tensor], *, last: bool = False,
-        memory: bool = True,
+        memory: bool = True, scatter: bool = False,
     ) -> list[Tensor]:  # fmt: skip
-        """:meth:`submit` and wait: the means over ranks of ``tensors``. If the exchange
-        fails, the step is rolled back and the exception raised."""
-        fut = self.submit(keys, tensors, last=last, memory=memory)
+        """:meth:`submit` and wait: the means over ranks of ``tensors`` (this rank's chunks
+        with ``scatter``). If the exchange fails, the step is rolled back and the exception
+        raised."""
+        fut = self.submit(keys, tensors, last=last, memory=memory, scatter=scatter)
         try:
             return fut.wait()
         except Exception:

@@ -7,9 +7,10 @@
   (:func:`node_mesh`); FSDP2 reduce-scatters densely inside the node and the all-reduce hook
   averages each rank's shard across nodes, compressed, with error feedback per shard (1/L of
   the model per rank for L ranks per node);
-* reduce-scatter: a mesh over every rank; a custom reduce-scatter averages each unit's
-  gradients compressed and keeps this rank's chunk (error feedback, where the codec needs it,
-  holds the unit's whole gradient per rank).
+* reduce-scatter: a mesh over every rank; a custom reduce-scatter compresses each
+  destination's chunk once, sends it in one all-to-all and each rank decodes and sums its own
+  chunk in fp32 (error feedback, where the codec needs it, holds the unit's whole gradient
+  per rank).
 
 See docs/fsdp.md.
 """

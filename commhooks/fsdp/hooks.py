@@ -39,15 +39,16 @@ def all_reduce_hook(owner: FSDPCompression, unit: Unit) -> Callable[[Tensor], No
 
 
 class CompressedReduceScatter(ReduceScatter):
-    """A ``ReduceScatter`` for ``set_custom_reduce_scatter`` that averages each parameter's
-    whole (padded) gradient through the engine (compressed, with error feedback of the
-    unsharded gradient where the codec needs it) and keeps this rank's chunk.
+    """A ``ReduceScatter`` for ``set_custom_reduce_scatter``: each parameter's chunks go
+    through the engine's scatter (:meth:`Step.submit` with ``scatter=True``) and this rank
+    gets its chunk of the average.
 
-    The engine's transport decides what crosses the wire (see :func:`commhooks.fsdp.register`
-    for ``"auto"``): ``"allreduce"`` for summable codecs (casts, random-k, PowerSGD),
-    ``"allgather"``, or ``"reducescatter"`` (each destination's chunk compressed and sent in
-    one all-to-all, decoded and summed in fp32, then re-compressed for the all-gather the
-    engine's whole-tensor average needs).
+    Over the ``"reducescatter"`` transport (what ``"auto"`` takes for static-size,
+    single-round codecs) every destination's chunk is compressed once, sent in one
+    all-to-all, decoded and summed in fp32 by its owner; nothing else crosses. Error feedback,
+    where the codec needs it, keeps a residual of each parameter's whole (padded) gradient on
+    every rank. Over ``"allreduce"`` (PowerSGD) or ``"allgather"`` (codecs whose size depends
+    on the data) the engine averages whole gradients and keeps the chunk.
     """
 
     def __init__(self, owner: FSDPCompression, unit: Unit) -> None:
@@ -67,7 +68,7 @@ class CompressedReduceScatter(ReduceScatter):
         op: object,
         async_op: bool = False,
     ) -> None:
-        world, rank = group.size(), group.rank()
+        world = group.size()
         numels = self.unit.numels
         if input_tensor.numel() != world * sum(numels):
             raise RuntimeError(
@@ -76,13 +77,14 @@ class CompressedReduceScatter(ReduceScatter):
             )
         rows = input_tensor.view(world, -1)
         # Row j holds chunk j of every parameter: each parameter's gradient is its column
-        # block, chunks stacked (dim 0 padded to a multiple of the world, as FSDP2 pads).
+        # block, chunks stacked (dim 0 padded to a multiple of the world, as FSDP2 pads), so
+        # chunk j of the gradient is row j of its flat view, which is what the scatter keeps.
         whole = [
             cols.reshape(world * shape[0], *shape[1:]) if len(shape) else cols.reshape(-1)
             for cols, (_, shape) in zip(rows.split(numels, dim=1), self.unit.params)
         ]
-        means = self.owner.exchange(self.unit, whole)
-        torch.cat([m.reshape(world, -1)[rank] for m in means], out=output_tensor)
+        chunks = self.owner.exchange(self.unit, whole, scatter=True)
+        torch.cat(chunks, out=output_tensor)
         if op == dist.ReduceOp.SUM:
             # FSDP2 divides after a sum (fp16 reduce dtype, force_sum_reduction_for_comms).
             output_tensor.mul_(world)

@@ -38,9 +38,10 @@ def register(
             the model is sharded over one node's ranks (:func:`commhooks.fsdp.node_mesh`),
             ``"flat"`` (the reduce-scatter mode) where it is sharded over every rank.
             ``transport``: between nodes in the hierarchical mode; in the reduce-scatter mode
-            ``"auto"`` takes all-reduce for codecs that sum, the compressed reduce-scatter for
-            other static-size codecs on more than 2 ranks, else all-gather. ``coalesce`` and
-            ``fallback`` (DDP buckets) do not apply.
+            ``"auto"`` takes the compressed reduce-scatter (each destination's chunk
+            compressed once and sent in one all-to-all) for static-size single-round codecs,
+            all-reduce for PowerSGD, all-gather for codecs whose size depends on the data.
+            ``coalesce`` and ``fallback`` (DDP buckets) do not apply.
 
     Tuning: the hierarchical mode is the one to use across nodes: error feedback costs 1/L of
     the model per rank and only the inter-node link carries compressed bytes. The
@@ -69,7 +70,7 @@ def register(
     layout = resolve(units[0].mesh, opts.topology, opts.ranks_per_node)
     transport = opts.transport
     if layout.mode != HIERARCHICAL and transport == "auto":
-        transport = _scatter_transport(codec, layout.world)
+        transport = _scatter_transport(codec)
     # Host checks: the step's overflow verdict must reach every rank of the node (and every
     # chunk's owner), which a device-side count kept per rank would not.
     engine_opts = dataclasses.replace(
@@ -95,20 +96,16 @@ def register(
     return state
 
 
-def _scatter_transport(codec: Compressor[Any], world: int) -> str:
-    """The reduce-scatter mode's ``transport="auto"``: all-reduce for summable payloads; for
-    the others, the compressed reduce-scatter where it sends fewer bytes than an all-gather
-    (more than 2 ranks: ``2(n-1)/n`` payloads per rank against ``n-1``) and the codec allows
-    it (static size, one round), else all-gather, which compresses once where the
-    reduce-scatter compresses the averaged chunks a second time."""
-    if codec.capabilities.summable:
-        return "allreduce"
-    if world <= 2:
-        return "allgather"
+def _scatter_transport(codec: Compressor[Any]) -> str:
+    """The reduce-scatter mode's ``transport="auto"``: the compressed reduce-scatter wherever
+    the codec allows it (static size, one round: each destination's chunk compressed once,
+    one all-to-all, ``(n-1)/n`` of the compressed gradient on each rank's link, no
+    all-gather); else all-reduce for summable payloads (PowerSGD) and all-gather for codecs
+    whose size depends on the data, which average whole gradients and keep the chunk."""
     try:
         ReduceScatterTransport.check(codec)
     except ValueError:
-        return "allgather"
+        return "allreduce" if codec.capabilities.summable else "allgather"
     return "reducescatter"
 
 

@@ -64,9 +64,10 @@ class FSDPCompression:
 
     # -- called from FSDP2's hooks ------------------------------------------------------------
 
-    def exchange(self, unit: Unit, tensors: list[Tensor]) -> list[Tensor]:
+    def exchange(self, unit: Unit, tensors: list[Tensor], scatter: bool = False) -> list[Tensor]:
         """The means over the engine's ranks of ``tensors`` (a unit's gradients, one per
-        parameter), exchanged in this backward's step."""
+        parameter), exchanged in this backward's step; with ``scatter``, this rank's chunk of
+        each (flat), as :meth:`Step.submit` cuts them."""
         if self._step is not None and unit.name in self._seen:
             self.close()  # the last step's backward ended without its callback
         if self._step is None:
@@ -79,7 +80,7 @@ class FSDPCompression:
         self._device = tensors[0].device
         step = self._step
         try:
-            return step.average(self.keys[unit.name], tensors)
+            return step.average(self.keys[unit.name], tensors, scatter=scatter)
         except Exception:
             self._step = None
             self._seen.clear()

@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any, Protocol
 
 import torch
 
-from commhooks.ddp import CompressionState
+from commhooks.comm.collectives import Collectives
 
-__all__ = ["RESTARTS", "restore_state", "save_state"]
+__all__ = ["RESTARTS", "HookState", "restore_state", "save_state"]
+
+
+class HookState(Protocol):
+    """What the side files hold: a DDP hook's :class:`~commhooks.ddp.CompressionState` or
+    FSDP2's :class:`~commhooks.fsdp.FSDPCompression`."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
 
 #: what a resume without the side files starts again from zero
 RESTARTS = (
@@ -24,18 +35,18 @@ RESTARTS = (
 )
 
 
-def save_state(state: CompressionState, path: str) -> None:
+def save_state(state: HookState, path: str) -> None:
     """Write this rank's ``state.state_dict()`` to ``path`` (its folder created if needed)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(state.state_dict(), path)
 
 
 def restore_state(
-    state: CompressionState, path: str, device: torch.device, checkpoint: str
+    state: HookState, path: str, device: torch.device, checkpoint: str, comm: Collectives
 ) -> bool:
     """Load this rank's side file ``path`` into ``state``, deciding alike on every rank.
 
-    Every rank says whether it found its file (one small all-gather over the state's group):
+    Every rank says whether it found its file (one small all-gather over ``comm``):
     where all did, each loads its own; where none did (a checkpoint saved without commhooks),
     each warns, naming what restarts from zero, and the state stays fresh. Returns whether
     the state was loaded.
@@ -45,6 +56,8 @@ def restore_state(
         path: this rank's side file.
         device: where the state's tensors live (the model's device).
         checkpoint: the framework's checkpoint, named in the warning and errors.
+        comm: every rank that keeps a side file (the DDP hook's group; FSDP2's whole world,
+            whose nodes' states differ).
 
     Raises:
         RuntimeError: on every rank, where only some ranks found their files (another world
@@ -52,7 +65,7 @@ def restore_state(
             ranks out of step.
     """
     mine = torch.tensor([int(os.path.isfile(path))], dtype=torch.int64, device=device)
-    found = state.comm.all_gather(mine).tolist()
+    found = comm.all_gather(mine).tolist()
     if all(found):
         state.load_state_dict(torch.load(path, map_location=device, weights_only=True))
         return True

@@ -143,7 +143,8 @@ class CompressionCallback(TrainerCallback):  # type: ignore[misc]
         if resume is not None and self._compression_state is not None:
             side = os.path.join(resume, SIDE_FILE.format(rank=args.process_index))
             device = next(ddp.parameters()).device
-            restore_state(self._compression_state, side, device, resume)
+            state = self._compression_state
+            restore_state(state, side, device, resume, state.comm)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Write this rank's hook state into the checkpoint folder the Trainer just saved."""

@@ -24,9 +24,10 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "commhooks.integrations.lightning needs Lightning: pip install lightning"
     ) from e
 
+from commhooks.comm.collectives import Collectives, TorchCollectives
 from commhooks.ddp import CompressionState
 from commhooks.integrations._ddp import HOOK_OPTIONS, Spec, check_hook, find_ddp, register_on
-from commhooks.integrations._resume import restore_state, save_state
+from commhooks.integrations._resume import HookState, restore_state, save_state
 
 if TYPE_CHECKING:
     from commhooks.fsdp import FSDPCompression
@@ -36,7 +37,69 @@ __all__ = ["CompressedDDPStrategy", "CompressedModelParallelStrategy"]
 _LIGHTNING_HOOK_ARGS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper")
 
 
-class CompressedDDPStrategy(DDPStrategy):
+class _SideFiles:
+    """Checkpoints of a Lightning strategy that also hold each rank's compression state, in
+    a side file per rank beside the checkpoint (``<path>.commhooks-rank<r>.pt``): written on
+    every save, removed with the checkpoint, loaded on resume once compression is
+    registered (see :mod:`commhooks.integrations._resume`)."""
+
+    global_rank: int
+    root_device: Any
+    restore_checkpoint_after_setup: bool
+    _resume_from: str | None
+
+    def _hook_state(self) -> HookState | None:
+        """This rank's compression state, once registered."""
+        raise NotImplementedError
+
+    def _hook_comm(self) -> Collectives:
+        """Every rank that keeps a side file."""
+        raise NotImplementedError
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        """Save as Lightning does, plus this rank's compression state beside it."""
+        state = self._hook_state()
+        if state is not None:
+            save_state(state, _side_file(filepath, self.global_rank))
+        super().save_checkpoint(  # type: ignore[misc]
+            checkpoint, filepath, storage_options=storage_options
+        )
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Remove as Lightning does, plus this rank's side file."""
+        super().remove_checkpoint(filepath)  # type: ignore[misc]
+        side = _side_file(filepath, self.global_rank)
+        if os.path.isfile(side):
+            os.remove(side)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
+        """Load as Lightning does; the compression state follows once it is registered."""
+        # Lightning before 2.6 takes no weights_only.
+        extra = {} if weights_only is None else {"weights_only": weights_only}
+        checkpoint = super().load_checkpoint(checkpoint_path, **extra)  # type: ignore[misc]
+        self._resume_from = str(checkpoint_path)
+        if self._hook_state() is not None and self.restore_checkpoint_after_setup:
+            self._restore()
+        return checkpoint
+
+    def teardown(self) -> None:
+        self._resume_from = None
+        super().teardown()  # type: ignore[misc]
+
+    def _restore(self) -> None:
+        """Load the compression state of the checkpoint being resumed from, if any (every
+        rank)."""
+        state, path = self._hook_state(), self._resume_from
+        if state is None or path is None:
+            return
+        self._resume_from = None
+        side = _side_file(path, self.global_rank)
+        restore_state(state, side, self.root_device, path, self._hook_comm())
+
+
+class CompressedDDPStrategy(_SideFiles, DDPStrategy):
     """Lightning's DDP strategy with the commhooks compression hook on every device.
 
     Args:
@@ -112,45 +175,15 @@ class CompressedDDPStrategy(DDPStrategy):
         )
         self._restore()
 
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
-    ) -> None:
-        """Save as Lightning does (rank 0), plus this rank's hook state beside it."""
-        if self._compression_state is not None:
-            save_state(self._compression_state, _side_file(filepath, self.global_rank))
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+    def _hook_state(self) -> CompressionState | None:
+        return self._compression_state
 
-    def remove_checkpoint(self, filepath: Any) -> None:
-        """Remove as Lightning does (rank 0), plus this rank's side file."""
-        super().remove_checkpoint(filepath)
-        side = _side_file(filepath, self.global_rank)
-        if os.path.isfile(side):
-            os.remove(side)
-
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
-        """Load as Lightning does; the hook state follows once the hook is registered."""
-        # Lightning before 2.6 takes no weights_only.
-        extra = {} if weights_only is None else {"weights_only": weights_only}
-        checkpoint = super().load_checkpoint(checkpoint_path, **extra)
-        self._resume_from = str(checkpoint_path)
-        if self._compression_state is not None and self.restore_checkpoint_after_setup:
-            self._restore()
-        return checkpoint
-
-    def teardown(self) -> None:
-        self._resume_from = None
-        super().teardown()
-
-    def _restore(self) -> None:
-        """Load the hook state of the checkpoint being resumed from, if any (every rank)."""
-        state, path = self._compression_state, self._resume_from
-        if state is None or path is None:
-            return
-        self._resume_from = None
-        restore_state(state, _side_file(path, self.global_rank), self.root_device, path)
+    def _hook_comm(self) -> Collectives:
+        assert self._compression_state is not None
+        return self._compression_state.comm
 
 
-class CompressedModelParallelStrategy(ModelParallelStrategy):
+class CompressedModelParallelStrategy(_SideFiles, ModelParallelStrategy):
     """Lightning's FSDP2 strategy with :func:`commhooks.fsdp.register` on the module that
     ``configure_model`` ``fully_shard``-ed.
 
@@ -159,6 +192,14 @@ class CompressedModelParallelStrategy(ModelParallelStrategy):
         **kwargs: fields of :class:`commhooks.ddp.HookOptions` go to
             :func:`commhooks.fsdp.register`; everything else to ``ModelParallelStrategy``
             (``data_parallel_size``, ``tensor_parallel_size``, ``process_group_backend``, ...).
+
+    Checkpoints: ``trainer.save_checkpoint(path)`` (and ``ModelCheckpoint``) also writes each
+    rank's compression state (:meth:`FSDPCompression.state_dict`: error feedback of its
+    shard or of its units' gradients, the compressor's state, the step counter, stats) to
+    ``<path>.commhooks-rank<r>.pt``, and ``fit(ckpt_path=path)`` loads it back once the model
+    is set up, so a resumed run continues as an uninterrupted one would, bit for bit. Resume
+    on the same mesh (another one raises a ``ValueError`` naming both); a checkpoint without
+    the files resumes with a warning naming what restarts from zero.
 
     Tuning: see docs/fsdp.md: shard over ``device_mesh["data_parallel"]`` for the
     reduce-scatter mode, over :func:`commhooks.fsdp.node_mesh` for the hierarchical one.
@@ -174,6 +215,7 @@ class CompressedModelParallelStrategy(ModelParallelStrategy):
         super().__init__(**{k: v for k, v in kwargs.items() if k not in HOOK_OPTIONS})
         self._compressor = compressor
         self._compression: FSDPCompression | None = None
+        self._resume_from: str | None = None  # a checkpoint loaded, its state not yet
 
     @property
     def compression_state(self) -> FSDPCompression:
@@ -198,6 +240,15 @@ class CompressedModelParallelStrategy(ModelParallelStrategy):
 
         root = fsdp_root(self.lightning_module, "CompressedModelParallelStrategy.model")
         self._compression = commhooks.fsdp.register(root, self._compressor, **self._hook_options)
+        self._restore()
+
+    def _hook_state(self) -> FSDPCompression | None:
+        return self._compression
+
+    def _hook_comm(self) -> Collectives:
+        # Every rank keeps a file; in the hierarchical mode the engine's group is one shard's
+        # peers across nodes, so agree over the whole world.
+        return TorchCollectives(None)
 
 
 def _side_file(checkpoint: Any, rank: int) -> str:

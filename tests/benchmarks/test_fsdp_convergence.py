@@ -27,5 +27,6 @@ def test_tiny_fsdp_run_trains_and_compresses() -> None:
     # error feedback holds the whole gradient of the compressed tensors per rank
     assert 0.9 * quant.model_bytes < quant.feedback_bytes <= quant.model_bytes
     md = table(list(rows.values()))
-    assert md.startswith("| run | val loss min / median / max |")
+    assert md.startswith("| run | transport | val loss min / median / max |")
+    assert quant.transport == "reducescatter" and rows["dense"].transport == ""
     assert all(f"| {label} |" in md for label in LABELS)

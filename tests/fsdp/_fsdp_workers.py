@@ -92,6 +92,7 @@ def train(
     if state is not None:
         out["stats"] = state.stats()
         out["feedback_bytes"] = state.feedback_bytes()
+        out["transport"] = state.engine.transport.name
     return out
 
 
@@ -158,6 +159,14 @@ def refused(case: dict[str, Any], world: int) -> str:
             sd = {"comm": state2.state_dict()}
             dcp.load(sd, checkpoint_id=case["path"])
             state2.load_state_dict(sd["comm"])
+        elif bad == "scatter_size":
+            # A scatter cuts each tensor into one chunk per rank: 3 elements do not cut in 2.
+            _, state = build({**case, "spec": "uniform"}, world)
+            step = state.engine.begin()
+            try:
+                step.submit(["odd"], [torch.zeros(3)], scatter=True)
+            finally:
+                step.abort()
         elif bad == "flat_on_node":
             build({**case, "mesh": "node", "spec": "uniform", "opts": {"topology": "flat"}}, world)
         elif bad == "coalesce":

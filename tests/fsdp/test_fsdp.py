@@ -5,11 +5,13 @@ through torch.distributed.checkpoint, refused input.
 
 One launch per world size serves every test (start-up dominates on a small machine).
 
-Tolerance: identity through the custom reduce-scatter or the all-reduce hook sums the same
-fp32 values as FSDP2's own collectives, but gloo's reduce-scatter and all-reduce may add them
-in another order; with 2 summands per collective (2 ranks, or 2 nodes after 2 ranks per node)
-fp32 addition is commutative, so the runs agree bit for bit and the tests check equality up
-to fp32 defaults of assert_close only to stay valid where the order differs.
+Tolerance: identity through the custom reduce-scatter (the engine's scatter: each
+destination's chunk sent in one all-to-all, summed in fp32 in rank order by its owner) or
+the all-reduce hook sums the same fp32 values as FSDP2's own collectives, but gloo's
+reduce-scatter and all-reduce may add them in another order; with 2 summands per collective
+(2 ranks, or 2 nodes after 2 ranks per node) fp32 addition is commutative, so the runs agree
+bit for bit and the tests check equality up to fp32 defaults of assert_close only to stay
+valid where the order differs.
 """
 
 from __future__ import annotations
@@ -30,8 +32,17 @@ SPECS = [
     "topk:ratio=0.05,index_coding=bitmap",
     "powersgd:rank=2",
 ]
-#: the transports "auto" does not pick on 2 ranks (it takes all-gather for these)
-TRANSPORTS = [("uniform", "reducescatter"), ("topk", "reducescatter"), ("sign", "allreduce")]
+#: transports forced; in the reduce-scatter mode "auto" takes "reducescatter" for these codecs
+TRANSPORTS = [
+    ("uniform", "reducescatter"),
+    ("uniform", "allgather"),
+    ("topk", "reducescatter"),
+    ("sign", "allreduce"),
+]
+#: FSDP units of the test model (its three Linear layers; the root holds no parameters)
+UNITS = 3
+#: bytes of the test model's 2-D weights in fp32 (what error feedback compresses)
+WEIGHT_BYTES = 4 * (16 * 64 + 64 * 64 + 64 * 8)
 #: compress every 2-D tensor, whatever its size, so every codec is exercised
 OPTS = {"min_numel": 0, "min_ratio": 0.0}
 STEPS = 3
@@ -65,7 +76,7 @@ def _cases(mesh: str, world: int, tmp: Any) -> dict[str, list[dict[str, Any]]]:
     if mesh == "flat":
         groups["bad"] = [
             {"bad": b} for b in ("unsharded", "divide", "groups", "coalesce", "hsdp")
-        ] + [{"bad": "mesh", "saved": "hierarchical:2x2"}]
+        ] + [{"bad": "mesh", "saved": "hierarchical:2x2"}, {"bad": "scatter_size"}]
     else:
         groups["bad"] = [{"bad": "flat_on_node"}, {"bad": "other_mesh", "path": str(tmp / "other")}]
     return groups
@@ -208,13 +219,14 @@ def test_bad_input_flat(flat: dict[str, Any]) -> None:
     messages = [ranks[0] for ranks in flat["bad"]]
     for ranks in flat["bad"]:
         assert len(set(ranks)) == 1  # every rank raised alike
-    unsharded, divide, groups, coalesce, hsdp, mesh = messages
+    unsharded, divide, groups, coalesce, hsdp, mesh, scatter_size = messages
     assert "not fully_shard-ed" in unsharded
     assert "gradient_divide_factor=3.0" in divide
     assert "2 FSDP parameter groups" in groups and "'<root>'" in groups
     assert "coalesce" in coalesce
     assert "2-D mesh" in hsdp
     assert "'hierarchical:2x2'" in mesh and "'reducescatter:2'" in mesh
+    assert "tensors: 'odd' has 3 elements" in scatter_size
 
 
 def test_bad_input_nodes(nodes: dict[str, Any]) -> None:
@@ -230,3 +242,27 @@ def test_hierarchical_feedback_is_a_shard(nodes: dict[str, Any], flat: dict[str,
     hier = nodes["specs"][i][0]["feedback_bytes"]
     whole = flat["specs"][i][0]["feedback_bytes"]
     assert hier > 0 and hier * 2 <= whole
+
+
+#: codecs the reduce-scatter mode sends through the scatter (static size, one round)
+SCATTERED = ["identity", "bf16", "uniform", "uniform:bits=4", "topk", "sign", "qsgd"]
+
+
+@pytest.mark.parametrize("spec", SCATTERED)
+def test_scatter_sends_each_chunk_once(flat: dict[str, Any], spec: str) -> None:
+    """The reduce-scatter mode's "auto": per unit and step, the overflow flag's all-reduce
+    (with the small tensors) and one all-to-all of the compressed chunks; no all-gather, no
+    second compression. Each rank's link carries half its payload on 2 ranks."""
+    ranks = flat["specs"][SPECS.index(spec)]
+    assert ranks[0]["transport"] == "reducescatter", spec
+    stats = ranks[0]["stats"]
+    assert stats.collectives == 2 * UNITS * stats.steps, (spec, stats)
+    if spec not in ("identity", "bf16"):
+        assert stats.link_bytes < stats.wire_bytes < stats.raw_bytes / 2, (spec, stats)
+
+
+def test_scatter_feedback_is_client_side(flat: dict[str, Any]) -> None:
+    """Error feedback through the scatter holds each compressed weight's whole gradient
+    (fp32) on every rank, and nothing on a server side."""
+    for spec in ("uniform", "topk", "sign"):
+        assert flat["specs"][SPECS.index(spec)][0]["feedback_bytes"] == WEIGHT_BYTES, spec

@@ -72,3 +72,28 @@ def test_a_resumed_fit_keeps_the_hook_state_bit_for_bit(tmp_path: pathlib.Path) 
         assert bare["iteration"] == 10
         assert not all(torch.equal(a, b) for a, b in zip(straight["params"], bare["params"]))
         assert any("restart from zero" in w and "step counter" in w for w in bare["warnings"])
+
+
+def test_a_resumed_fsdp2_fit_keeps_the_compression_state_bit_for_bit(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The FSDP2 strategy's distributed checkpoint at step 10 of 20 gets each rank's
+    compression state beside it (error feedback of 4-bit codes); fit(ckpt_path=...) from it
+    ends with the straight run's parameters, bit for bit, and its step counter and stats.
+    Without the side files the resume warns and lands elsewhere."""
+    run([*TORCHRUN, str(HERE / "_lightning_fsdp_resume_worker.py"), str(tmp_path)], timeout=600)
+    for rank in range(2):
+        res = torch.load(tmp_path / f"result{rank}.pt", weights_only=False)
+        straight, resumed, bare = res["straight"], res["resumed"], res["bare"]
+        assert f"epoch=0-step=10.ckpt.commhooks-rank{rank}.pt" in res["sides"]
+        assert straight["feedback_bytes"] > 0
+        for a, b in zip(straight["params"], resumed["params"]):
+            assert torch.equal(a, b)
+        assert resumed["iteration"] == straight["iteration"] == 20
+        for field in ("steps", "raw_bytes", "wire_bytes"):
+            assert getattr(resumed["stats"], field) == getattr(straight["stats"], field)
+        assert resumed["warnings"] == []
+        assert 0 < resumed["stats"].wire_bytes < resumed["stats"].raw_bytes
+        assert bare["iteration"] == 10
+        assert not all(torch.equal(a, b) for a, b in zip(straight["params"], bare["params"]))
+        assert any("restart from zero" in w for w in bare["warnings"])
