@@ -31,7 +31,18 @@ from commhooks.kernels import dispatch as kernels
 from commhooks.registry import compressor as build_compressor
 from commhooks.stats import CommStats, StatsCallback
 
-__all__ = ["CommStats", "CompressionState", "HookOptions"]
+__all__ = ["CommStats", "CompressionState", "HookOptions", "param_name"]
+
+#: The default names of parameters given without one. Checkpoints before it named Horovod's
+#: ``param.<i>``; those are renamed on load (see ``CompressionState.load_state_dict``).
+_DEFAULT_NAME = re.compile(r"param\d+")
+_OLD_DEFAULT_NAME = re.compile(r"param\.(\d+)")
+
+
+def param_name(index: int) -> str:
+    """The name of the ``index``-th parameter where none is given (``"param<index>"``): every
+    front end names unnamed parameters so. No dot, so it is never read as a module path."""
+    return f"param{index}"
 
 
 class CompressionState:
@@ -192,7 +203,7 @@ class CompressionState:
         """A stable name for ``param``."""
         name = self._names.get(id(param))
         if name is None:
-            name = f"param{len(self._names)}"
+            name = param_name(len(self._names))
             self._names[id(param)] = name
         return name
 
@@ -397,7 +408,7 @@ class CompressionState:
         mine = set(self._names.values())
         if not saved or set(saved) == mine:
             return {}
-        if not mine and all(re.fullmatch(r"param\d+", n) for n in saved):
+        if not mine and all(_DEFAULT_NAME.fullmatch(n) for n in saved):
             return {}  # both named by the order the hook meets the parameters
         if not mine:
             raise ValueError(
@@ -407,6 +418,8 @@ class CompressionState:
         for renamed in (
             {n: n.removeprefix("module.") for n in saved},
             {n: "module." + n for n in saved},
+            # Default names of the scheme before ``param_name``'s (Horovod's ``param.<i>``).
+            {n: f"param{m[1]}" if (m := _OLD_DEFAULT_NAME.fullmatch(n)) else n for n in saved},
         ):
             if set(renamed.values()) == mine:
                 return renamed

@@ -19,7 +19,7 @@ from commhooks._validate import check_choice
 from commhooks.comm.collectives import Collectives
 from commhooks.comm.hierarchical import TOPOLOGIES, NodeGroups, node_groups, node_ranks
 from commhooks.compressors.base import Compressor, CompressorConfig
-from commhooks.engine.state import CommStats, CompressionState
+from commhooks.engine.state import CommStats, CompressionState, param_name
 from commhooks.engine.step import Step
 from commhooks.horovod.collectives import HorovodCollectives, horovod
 from commhooks.horovod.compression import HorovodAdapter
@@ -200,7 +200,7 @@ def _names(
 ) -> list[tuple[str, Tensor]]:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if named_parameters is None:
-        return [(f"param.{i}", p) for i, p in enumerate(params)]
+        return [(param_name(i), p) for i, p in enumerate(params)]
     named = list(named_parameters)
     if any(not isinstance(n, str) for n, _ in named):
         raise ValueError(
