@@ -18,23 +18,19 @@ evaluates (FSDP2's forward is collective); rank 0 reports.
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
-import json
-import os
+import functools
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+import transformer_convergence
 from _report import by_label, parse_variant, write
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from transformer_convergence import Config, TinyLM, batch_of, evaluate, lm_loss, load_text, lr_at
+from transformer_convergence import Config, TinyLM, batch_of, evaluate, lm_loss, lr_at
 
 import commhooks.fsdp
 
@@ -73,7 +69,9 @@ def shard(model: TinyLM, nodes: bool, dense: bool) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def train_one(rank: int, text: tuple, label: str, seed: int, cfg: Config, nodes: bool) -> Row:
+def train_one(
+    rank: int, world: int, text: tuple, label: str, seed: int, cfg: Config, nodes: bool = False
+) -> Row:
     train, val = text
     torch.manual_seed(seed)
     model = TinyLM(cfg)
@@ -103,47 +101,19 @@ def train_one(rank: int, text: tuple, label: str, seed: int, cfg: Config, nodes:
         raw, wire, link = stats.raw_bytes, stats.wire_bytes, stats.link_bytes
         feedback = state.feedback_bytes()
         transport = state.engine.transport.name
-    per_node = 2 if nodes else dist.get_world_size()
+    per_node = 2 if nodes else world
     return Row(
         label, seed, val_loss, raw, wire, link, seconds, feedback, model_bytes, per_node, transport
     )
 
 
-def worker(
-    rank: int, world: int, tmp: str, cfg: Config, labels: list[str], seeds: list[int], nodes: bool
-) -> None:
-    torch.set_num_threads(1)
-    store = dist.FileStore(os.path.join(tmp, "store"), world)
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300)
-    )
-    try:
-        tokens = load_text(cfg.text_bytes)
-        cut = int(len(tokens) * 0.9)
-        text = (tokens[:cut], tokens[cut:])
-        rows = []
-        for label in labels:
-            for seed in seeds:
-                rows.append(train_one(rank, text, label, seed, cfg, nodes))
-                if rank == 0:
-                    r = rows[-1]
-                    print(f"{r.label} seed {r.seed}: val {r.val_loss:.4f} ({r.seconds:.0f} s)",
-                          file=sys.stderr, flush=True)  # fmt: skip
-        if rank == 0:
-            with open(os.path.join(tmp, "rows.json"), "w") as f:
-                json.dump([asdict(r) for r in rows], f)
-        dist.barrier()
-    finally:
-        gc.collect()
-        dist.destroy_process_group()
-
-
 def run(labels: list[str], seeds: list[int], cfg: Config, nodes: bool) -> list[Row]:
-    world = 4 if nodes else 2
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(world, tmp, cfg, labels, seeds, nodes), nprocs=world, join=True)
-        with open(os.path.join(tmp, "rows.json")) as f:
-            return [Row(**r) for r in json.load(f)]
+    """The transformer benchmark's ranks (2, or 4 as 2 nodes x 2) training with
+    :func:`train_one`."""
+    train = functools.partial(train_one, nodes=nodes)
+    return transformer_convergence.run(
+        labels, seeds, cfg, world=4 if nodes else 2, train=train, record=Row
+    )
 
 
 def table(rows: list[Row]) -> str:

@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -253,7 +254,7 @@ def worker(
     cfg: Config,
     labels: list[str],
     seeds: list[int],
-    train: Callable[..., Result] = train_one,
+    train: Callable[..., Any] = train_one,
 ) -> None:
     torch.set_num_threads(1)
     store = dist.FileStore(os.path.join(tmp, "store"), world)
@@ -289,14 +290,17 @@ def run(
     seeds: list[int],
     cfg: Config,
     world: int = 2,
-    train: Callable[..., Result] = train_one,
-) -> list[Result]:
+    train: Callable[..., Any] = train_one,
+    record: type[Any] = Result,
+) -> list[Any]:
     """Spawn ``world`` gloo ranks, train every label for every seed with ``train`` (a
-    module-level function with :func:`train_one`'s arguments), return rank 0's results."""
+    module-level function, or a ``functools.partial`` of one, with :func:`train_one`'s
+    arguments, returning a dataclass with ``label``, ``seed``, ``val_loss`` and ``seconds``),
+    return rank 0's results as ``record``s (``train``'s dataclass)."""
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker, args=(world, tmp, cfg, labels, seeds, train), nprocs=world, join=True)
         with open(os.path.join(tmp, "results.json")) as f:
-            return [Result(**r) for r in json.load(f)]
+            return [record(**r) for r in json.load(f)]
 
 
 def steps_to(curve: list[tuple[int, float]], target: float) -> int | None:

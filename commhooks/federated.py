@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from commhooks._validate import check_bool, check_int, check_real
 from commhooks.comm.transport import Traffic
 from commhooks.compressors.base import Compressor, CompressorConfig
+from commhooks.engine.options import HookOptions
 from commhooks.engine.state import CommStats, CompressionState
 from commhooks.rounds import OuterSpec, OuterStep, agree_round, average_round, outer_description
 
@@ -43,8 +44,11 @@ __all__ = ["FedConfig", "FedStats", "FederatedAverager"]
 
 logger = logging.getLogger(__name__)
 
+#: the :class:`HookOptions` fields, which :class:`FedConfig` also takes as keywords
+HOOK_OPTIONS = tuple(f.name for f in dataclasses.fields(HookOptions))
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, init=False)
 class FedConfig:
     """How rounds run.
 
@@ -68,10 +72,16 @@ class FedConfig:
         local_lr: the clients' learning rate, for SCAFFOLD's variate update.
 
     Tuned seldom:
-        error_feedback: ``"auto"`` (on for biased compressors), True or False; per client.
         weighted: weight each client's delta by its sample count (give ``num_samples``).
-        transport, min_numel, min_ratio: as in :class:`commhooks.ddp.HookOptions`.
-        seed: seeds the client sampling and the compressors' rank-local randomness.
+        seed: seeds the client sampling and the compressors' rank-local randomness (the
+            hook options' ``seed``).
+        hook: the engine's options for each client's exchange, a
+            :class:`commhooks.ddp.HookOptions`; or give its fields as keywords here:
+            ``error_feedback`` (``"auto"``: per-client residuals for biased compressors),
+            ``transport``, ``min_numel``, ``min_ratio``, ... Exchanges are always flat:
+            each client's delta and memory are its own, so ``topology`` is refused.
+
+    Keywords only: ``FedConfig(local_steps=10, min_numel=0)``.
     """
 
     local_steps: int = 1
@@ -81,12 +91,31 @@ class FedConfig:
     prox_mu: float = 0.0
     scaffold: bool = False
     local_lr: float | None = None
-    error_feedback: bool | str = "auto"
     weighted: bool = False
-    transport: str = "auto"
-    min_numel: int = 1024
-    min_ratio: float = 1.0
     seed: int = 0
+    hook: HookOptions = dataclasses.field(default_factory=HookOptions)
+
+    def __init__(self, *, hook: HookOptions | None = None, **options: Any) -> None:
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        own = {k: v for k, v in options.items() if k in fields}
+        rest = {k: v for k, v in options.items() if k not in fields}
+        if hook is not None and rest:
+            raise ValueError(f"hook: pass a HookOptions or its fields ({sorted(rest)}), not both")
+        if hook is not None and not isinstance(hook, HookOptions):
+            raise ValueError(f"hook={hook!r}: must be a HookOptions")
+        if "topology" in rest or (hook is not None and hook.topology != "auto"):
+            raise ValueError(
+                "topology: federated exchanges are flat (each client's delta and error-feedback "
+                "memory are its own); leave it out"
+            )
+        unknown = sorted(set(rest) - set(HOOK_OPTIONS))
+        if unknown:
+            raise TypeError(f"FedConfig: unexpected keyword arguments {unknown}")
+        for name, f in fields.items():
+            if name != "hook":
+                object.__setattr__(self, name, own.get(name, f.default))
+        object.__setattr__(self, "hook", hook if hook is not None else HookOptions(**rest))
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         check_int("local_steps", self.local_steps, lo=1)
@@ -101,6 +130,17 @@ class FedConfig:
             check_real("local_lr", self.local_lr, lo=0.0, lo_open=True)
         check_bool("weighted", self.weighted)
         check_int("seed", self.seed)
+
+    def __getattr__(self, name: str) -> Any:
+        # The hook options given as keywords read back as attributes (``cfg.min_numel``).
+        if name in HOOK_OPTIONS and name != "topology":
+            return getattr(self.hook, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def hook_options(self) -> HookOptions:
+        """The options each client's :class:`CompressionState` is built with: :attr:`hook`,
+        flat, with this config's ``seed``."""
+        return dataclasses.replace(self.hook, topology="flat", seed=self.seed)
 
 
 @dataclass
@@ -158,19 +198,17 @@ class FederatedAverager:
             lambda ws: torch.optim.SGD(ws, lr=cfg.server_lr, momentum=cfg.server_momentum),
             self.params[0][1].device if self.params else torch.device("cpu"),
         )  # fmt: skip
-        options = {
-            "error_feedback": cfg.error_feedback, "transport": cfg.transport,
-            "min_numel": cfg.min_numel, "min_ratio": cfg.min_ratio, "seed": cfg.seed,
-            # Each client's delta and memory are its own: no mixing inside a node first.
-            "topology": "flat",
-        }  # fmt: skip
+        options = cfg.hook_options()
         self.state = CompressionState(
-            compressor, named_parameters=self.params, process_group=process_group, **options
+            compressor, named_parameters=self.params, process_group=process_group, options=options
         )
         # SCAFFOLD's variates travel through their own state: their own memory, same keys.
         self.cstate = (
             CompressionState(
-                compressor, named_parameters=self.params, process_group=process_group, **options
+                compressor,
+                named_parameters=self.params,
+                process_group=process_group,
+                options=options,
             )
             if cfg.scaffold
             else None

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from commhooks._validate import check_int
 from commhooks.comm.collectives import Collectives, TorchCollectives, as_collectives
 from commhooks.comm.transport import Transport, TransportStats, count_allreduce, transport_class
 from commhooks.compressors.base import Compressor
@@ -43,11 +44,13 @@ from commhooks.feedback import ErrorFeedback
 
 __all__ = [
     "TOPOLOGIES",
+    "GroupBuilder",
     "HierarchicalTransport",
     "NodeGroups",
     "local_from_env",
     "misplaced",
     "node_groups",
+    "node_ranks",
     "placed",
 ]
 
@@ -77,6 +80,20 @@ class NodeGroups:
         return f"hierarchical:{self.cross.world}x{self.local.world}"
 
 
+#: ``build(comm, ranks_per_node)``: the two groups of this rank over a backend's own groups
+#: (:func:`node_ranks` says which), or None to stay flat
+GroupBuilder = Callable[[Collectives, int], NodeGroups | None]
+
+
+def node_ranks(world: int, size: int) -> list[list[int]]:
+    """Every node's ranks, then every cross group's: node ``n`` holds ranks ``n * size`` to
+    ``(n + 1) * size - 1``, and cross group ``j`` the ranks with local rank ``j``
+    (``j, j + size, ...``). A rank belongs to node ``rank // size`` and cross group
+    ``world // size + rank % size``."""
+    nodes = [list(range(n, n + size)) for n in range(0, world, size)]
+    return nodes + [list(range(j, world, size)) for j in range(size)]
+
+
 def local_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int, str] | None:
     """``(ranks per node, local rank, variable)`` from the launcher's environment, or None
     where no launcher set them."""
@@ -102,6 +119,9 @@ def node_groups(
     ranks_per_node: int = 0,
     groups: tuple[Any, Any] | None = None,
     placement: Sequence[tuple[int, int]] | None = None,
+    *,
+    launcher: tuple[int, int, str] | None = None,
+    build: GroupBuilder | None = None,
 ) -> NodeGroups | None:
     """The node groups for ``topology`` over ``comm``, or None for a flat exchange.
 
@@ -117,9 +137,14 @@ def node_groups(
         placement: every rank's ``(local rank, ranks per node)`` from the launcher, already
             gathered (:func:`commhooks.comm.placement.agree_topology`); then no all-gather
             checks where the ranks are.
+        launcher: ``(ranks per node, local rank, source)`` where the backend knows them
+            (Horovod's ``hvd.local_size()``), instead of :func:`local_from_env`.
+        build: makes the groups over a backend other than torch.distributed (Horovod's
+            process sets); by default ``comm`` must be a ``TorchCollectives``.
     """
     if topology not in TOPOLOGIES:
         raise ValueError(f"topology={topology!r}: must be one of {', '.join(TOPOLOGIES)}")
+    check_int("ranks_per_node", ranks_per_node, lo=0)
     if topology == "flat":
         return None
     if groups is not None:
@@ -131,7 +156,7 @@ def node_groups(
             )
         return _pick(topology, NodeGroups(local, cross))
     size, source = ranks_per_node, "ranks_per_node"
-    found = local_from_env() if not ranks_per_node else None
+    found = None if ranks_per_node else launcher if launcher is not None else local_from_env()
     if found is not None:
         size, _, source = found
         if not placed(comm, size, found[1], topology, source, placement):
@@ -150,6 +175,8 @@ def node_groups(
         )
     if topology == "auto" and not 1 < size < comm.world:
         return None
+    if build is not None:
+        return build(comm, size)
     if not isinstance(comm, TorchCollectives):
         raise ValueError(
             f"topology={topology!r}: node groups over {type(comm).__name__} must be given "
@@ -215,10 +242,9 @@ def _torch_groups(comm: TorchCollectives, size: int) -> NodeGroups:
     rank creates only the two it belongs to (local synchronization), the node groups first,
     so that no two ranks wait on each other in a cycle."""
     ranks = dist.get_process_group_ranks(comm.group if comm.group is not None else dist.group.WORLD)
-    me = comm.rank
-    node, local_rank = divmod(me, size)
-    local = ranks[node * size : (node + 1) * size]
-    cross = ranks[local_rank::size]
+    layout = node_ranks(comm.world, size)
+    local = [ranks[r] for r in layout[comm.rank // size]]
+    cross = [ranks[r] for r in layout[comm.world // size + comm.rank % size]]
     backend = dist.get_backend(comm.group)
     lg = dist.new_group(local, backend=backend, use_local_synchronization=True)
     cg = dist.new_group(cross, backend=backend, use_local_synchronization=True)

@@ -8,19 +8,46 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from commhooks.compressors._powersgd_memory import WarmStartMemory, unit_columns
 from commhooks.compressors._powersgd_ops import as_matrix, mq, mtp, orthogonalize, stack_matrices
 from commhooks.compressors.base import Exchange, Message, ReduceOp, all_finite, compute_dtype
 
-if TYPE_CHECKING:
-    # Only for annotations: the compressor module imports this one to build its exchanges.
-    from commhooks.compressors.powersgd import PowerSGD
+__all__ = ["FusedPowerSGDExchange", "LowRankCompressor", "PowerSGDExchange"]
 
-__all__ = ["FusedPowerSGDExchange", "PowerSGDExchange"]
+
+class _LowRankSettings(Protocol):
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def iterations(self) -> int: ...
+
+    @property
+    def orthogonalization(self) -> str: ...
+
+
+class LowRankCompressor(Protocol):
+    """What an exchange uses of its compressor, :class:`~.powersgd.PowerSGD`: a structural
+    type, so that this module need not import the compressor's."""
+
+    #: ``precision="fp16"`` rounds resent in the compute dtype; the exchange counts them here
+    widened_rounds: int
+
+    @property
+    def config(self) -> _LowRankSettings: ...
+
+    @property
+    def memory(self) -> WarmStartMemory: ...
+
+    @property
+    def wire_dtype(self) -> torch.dtype | None: ...
+
+    def compresses(self, n: int, m: int) -> bool: ...
 
 
 @dataclass
@@ -57,7 +84,7 @@ class PowerSGDExchange(Exchange):
     ``result()`` is ``P Q_sum^T`` (the sum over ranks of their approximations ``P Q_i^T``, as
     decompression is linear in Q) and ``local()`` is ``P Q_local^T``, this rank's own
     approximation, with P the orthonormalized sum every rank shares. After round 2 each key
-    remembers Q_sum (see :meth:`PowerSGD._remember`), identically on every rank.
+    remembers Q_sum (see :meth:`WarmStartMemory.remember`), identically on every rank.
 
     The input tensors must stay unchanged until ``result()`` and ``local()`` have been read:
     a single matrix of a shape is used in place rather than copied, and dense tensors' own
@@ -65,7 +92,7 @@ class PowerSGDExchange(Exchange):
     """
 
     def __init__(
-        self, compressor: PowerSGD, tensors: Sequence[Tensor], keys: Sequence[str | None]
+        self, compressor: LowRankCompressor, tensors: Sequence[Tensor], keys: Sequence[str | None]
     ) -> None:
         self._c = compressor
         self._tensors = list(tensors)
@@ -90,7 +117,7 @@ class PowerSGDExchange(Exchange):
         for (cd, n, m), members in groups.items():
             mats = self._sources(members, n, m, cd)
             q_used = torch.stack(
-                [compressor._start_q(keys[i], m, cd, self._device) for i in members]
+                [compressor.memory.start(keys[i], m, cd, self._device) for i in members]
             )
             self._batches[(cd, n, m)] = _Batch(
                 n, m, cd, members, [keys[i] for i in members], mats, q_used, mq(mats, q_used)
@@ -189,9 +216,9 @@ class PowerSGDExchange(Exchange):
             if more:
                 # Another power iteration within the step: P = M Q from the summed Q.
                 assert b.mats is not None
-                b.p = mq(b.mats, self._c._unit(b.q_sum, b.q_used))
+                b.p = mq(b.mats, unit_columns(b.q_sum, b.q_used))
             else:
-                self._c._remember(b.keys, b.q_sum, b.q_used)
+                self._c.memory.remember(b.keys, b.q_sum, b.q_used)
 
     # -- the protocol -----------------------------------------------------------------------------
 
@@ -358,7 +385,7 @@ class FusedPowerSGDExchange(PowerSGDExchange):
 
     def __init__(
         self,
-        compressor: PowerSGD,
+        compressor: LowRankCompressor,
         tensors: Sequence[Tensor],
         residuals: Sequence[Tensor],
         keys: Sequence[str | None],

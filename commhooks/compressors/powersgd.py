@@ -24,6 +24,7 @@ from torch import Tensor
 
 from commhooks._validate import check_bool, check_choice, check_int, check_real
 from commhooks.compressors._powersgd_exchange import FusedPowerSGDExchange, PowerSGDExchange
+from commhooks.compressors._powersgd_memory import WarmStartMemory, unit_columns
 from commhooks.compressors._powersgd_ops import (
     as_matrix,
     mq,
@@ -42,13 +43,12 @@ from commhooks.compressors.base import (
     check_group,
     check_tensor,
     compute_dtype,
-    shared_generator,
 )
 from commhooks.registry import register
 
 __all__ = [
-    "FusedPowerSGDExchange", "PowerSGD", "PowerSGDConfig", "PowerSGDExchange", "as_matrix",
-    "mq", "mtp", "orthogonalize",
+    "FusedPowerSGDExchange", "PowerSGD", "PowerSGDConfig", "PowerSGDExchange", "WarmStartMemory",
+    "as_matrix", "mq", "mtp", "orthogonalize",
 ]  # fmt: skip
 
 Orthogonalization = Literal["auto", "gram_schmidt", "qr"]
@@ -146,8 +146,10 @@ class PowerSGD(Compressor[PowerSGDConfig]):
 
     def __init__(self, config: PowerSGDConfig) -> None:
         super().__init__(config)
-        # Per-key warm-start Q, (m, r) with unit columns, fp32 (fp64 for fp64 gradients).
-        self._q: dict[str, Tensor] = {}
+        #: each key's warm-start Q (a read-only mapping), read and written by the exchanges
+        self.memory = WarmStartMemory(
+            config.rank, config.warm_start, config.seed, next_step=self.next_step
+        )
         #: ``precision="fp16"`` rounds resent in the compute dtype because a P or Q (or its
         #: sum over ranks) passed fp16's largest value, 65504
         self.widened_rounds = 0
@@ -173,47 +175,6 @@ class PowerSGD(Compressor[PowerSGDConfig]):
         cfg = self.config
         return n > 0 and m > 0 and n * m >= cfg.min_compression_rate * (n + m) * cfg.rank
 
-    # -- Q: warm start and shared initial draw -----------------------------------------------
-
-    def _start_q(self, key: str | None, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """The Q that ``key``'s next P = M Q uses: remembered, or a shared random draw."""
-        r = self.config.rank
-        step = 0
-        if key is not None and self.config.warm_start:
-            q = self._q.get(key)
-            if q is not None and q.shape == (m, r):
-                return q.to(device=device, dtype=dtype)
-        elif key is not None:
-            # Without warm start, a new subspace each step (as torch's hook draws); the per-key
-            # counter agrees across ranks because every rank compresses each key once per step.
-            step = self.next_step(key)
-        gen = shared_generator(self.config.seed, key, step, device)
-        return torch.randn((m, r), generator=gen, device=device, dtype=dtype)
-
-    def _remember(self, keys: Sequence[str | None], q: Tensor, used: Tensor) -> None:
-        """Store each key's new Q (``q[i]``, a ``(batch, m, r)`` stack) for the next step.
-
-        Columns are normalized: only Q's direction matters, because P is orthonormalized, and
-        unit columns keep P = M Q on the gradient's own scale however many ranks summed Q
-        (torch's hook keeps the raw all-reduced Q, which grows with the world size). A Q that
-        is non-finite (a NaN step, which GradScaler skips) or has a zero column (a zero
-        gradient, from which power iteration could never recover) is not stored; the key keeps
-        the Q it used. The check is a ``torch.where``, so no host sync.
-        """
-        if not self.config.warm_start or all(k is None for k in keys):
-            return
-        new = self._unit(q, used)
-        for i, k in enumerate(keys):
-            if k is not None:
-                self._q[k] = new[i]
-
-    @staticmethod
-    def _unit(q: Tensor, used: Tensor) -> Tensor:
-        """``q`` with unit columns, or ``used`` where ``q`` is non-finite or has a zero column."""
-        norm = torch.linalg.vector_norm(q, dim=-2, keepdim=True)
-        ok = (torch.isfinite(norm) & (norm > 0)).all(dim=-1, keepdim=True)
-        return torch.where(ok, q / norm.clamp_min(torch.finfo(q.dtype).tiny), used)
-
     # -- single tensor ----------------------------------------------------------------------------
 
     def _compress(self, tensor: Tensor, key: str | None) -> tuple[Payload, Any]:
@@ -222,10 +183,10 @@ class PowerSGD(Compressor[PowerSGDConfig]):
             return (tensor.reshape(-1),), None
         cd = compute_dtype(tensor.dtype)
         mat = stack_matrices([tensor.reshape(n, m)], cd)
-        q_used = self._start_q(key, m, cd, tensor.device).unsqueeze(0)
+        q_used = self.memory.start(key, m, cd, tensor.device).unsqueeze(0)
         q = q_used
         for i in range(self.config.iterations):
-            start = q_used if i == 0 else self._unit(q, q_used)
+            start = q_used if i == 0 else unit_columns(q, q_used)
             p = orthogonalize(torch.bmm(mat, start), self.config.orthogonalization)
             q = mtp(mat, p)
         wire = self.wire_dtype
@@ -238,7 +199,7 @@ class PowerSGD(Compressor[PowerSGDConfig]):
             p, q = p * scale, q / scale
         if wire is not None:
             p, q = p.to(wire), q.to(wire)
-        self._remember([key], q.to(cd), q_used)
+        self.memory.remember([key], q.to(cd), q_used)
         return (p[0], q[0]), None
 
     def subtract_sent_(self, target: Tensor, payload: Payload, ctx: Context) -> Tensor:
@@ -314,9 +275,9 @@ class PowerSGD(Compressor[PowerSGDConfig]):
     def state_dict(self) -> dict[str, Any]:
         """The base state plus ``"q"``: each key's warm-start Q."""
         state = super().state_dict()
-        state["q"] = dict(self._q)
+        state["q"] = self.memory.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self._q = dict(state.get("q", {}))
+        self.memory.load_state_dict(state.get("q", {}))

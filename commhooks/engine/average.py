@@ -31,8 +31,7 @@ from torch.futures import Future
 from commhooks.comm.transport import TransportStats, count_allreduce
 from commhooks.compressors.base import all_finite
 from commhooks.engine.fallback import COMPRESSED
-from commhooks.engine.state import CompressionState
-from commhooks.engine.step import Step
+from commhooks.engine.step import EngineState, Step
 from commhooks.engine.worker import HELD
 
 __all__ = ["average_bucket", "average_flat", "goes_dense", "param_views"]
@@ -49,7 +48,7 @@ def param_views(buffer: Tensor, params: Sequence[Tensor] | Sequence[torch.Size])
     return views
 
 
-def goes_dense(state: CompressionState, tensor: Tensor) -> bool:
+def goes_dense(state: EngineState, tensor: Tensor) -> bool:
     """Whether the engine sends ``tensor`` uncompressed, with the bucket's small ones: fewer
     than ``min_numel`` elements, 1-D (unless ``compress_1d``), or below ``min_ratio``."""
     opts = state.options
@@ -61,7 +60,7 @@ def goes_dense(state: CompressionState, tensor: Tensor) -> bool:
 
 
 def average_bucket(
-    state: CompressionState,
+    state: EngineState,
     buffer: Tensor,
     params: list[Tensor],
     future: Future[Tensor],
@@ -198,7 +197,7 @@ def _dense_in_place(step: Step, buffer: Tensor) -> None:
 
 
 def _all_reduce_in_place(
-    state: CompressionState, buffers: list[Tensor], traffic: TransportStats
+    state: EngineState, buffers: list[Tensor], traffic: TransportStats
 ) -> None:
     """Replace each buffer by its average over ranks: one all-reduce each, no copies."""
     for buffer in buffers:
@@ -218,7 +217,7 @@ def _nonfinite_on_device(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     return (~torch.isfinite(total)).to(dtype).reshape(1)
 
 
-def _passes_through(state: CompressionState) -> bool:
+def _passes_through(state: EngineState) -> bool:
     """Whether the exchange is the gradients themselves, summed (``identity`` without error
     feedback over the flat all-reduce transport): then packing the bucket's tensors into one
     buffer and copying the means back, as the transport does for a payload, only costs time."""
@@ -243,7 +242,7 @@ def _average_in_place(step: Step, buffers: list[Tensor], traffic: TransportStats
 
 
 def _dense_average(
-    state: CompressionState,
+    state: EngineState,
     views: list[Tensor],
     idx: list[int],
     traffic: TransportStats,
@@ -259,9 +258,7 @@ def _dense_average(
     return flat[-1] if extra is not None else None
 
 
-def _write_mean(
-    state: CompressionState, views: list[Tensor], idx: list[int], summed: Tensor
-) -> None:
+def _write_mean(state: EngineState, views: list[Tensor], idx: list[int], summed: Tensor) -> None:
     """Copy the sum over ranks of ``views[i]`` for ``i in idx`` (concatenated), divided by
     the world size, into them."""
     body = summed.div_(state.world_size)

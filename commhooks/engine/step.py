@@ -20,26 +20,86 @@ Front ends are framework glue around it::
 
 The DDP hook feeds buckets through :func:`commhooks.engine.average.average_bucket`, which
 opens the step on a step's first bucket and closes it on its last.
+
+This module imports neither the state nor the averaging engine: :class:`EngineState` is the
+state as a step and the engine use it (a structural type that
+:class:`~commhooks.engine.state.CompressionState` satisfies), and the state hands each step
+the averaging function (:data:`Average`) it runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from torch.futures import Future
 
-from commhooks.comm.transport import Traffic, TransportStats
+from commhooks.comm.collectives import Collectives
+from commhooks.comm.transport import Traffic, Transport, TransportStats
+from commhooks.compressors.base import Compressor
+from commhooks.engine.fallback import Fallback
+from commhooks.engine.options import HookOptions
+from commhooks.engine.worker import CommWorker
+from commhooks.feedback import ErrorFeedback
+from commhooks.stats import CommStats
 
-if TYPE_CHECKING:
-    from commhooks.compressors.base import Compressor
-    from commhooks.engine.state import CompressionState
+__all__ = ["Average", "EngineState", "Step", "StepReport"]
 
-__all__ = ["Step", "StepReport"]
+
+class EngineState(Protocol):
+    """What a step and the averaging engine use of their state
+    (:class:`~commhooks.engine.state.CompressionState`); see there for each member."""
+
+    options: HookOptions
+    iteration: int
+    compressor: Compressor[Any]
+    feedback: ErrorFeedback | None
+    fallback: Fallback | None
+    worker: CommWorker
+    open_step: Step | None
+    # The cumulative stats a closing step folds its own into.
+    _stats: CommStats
+
+    @property
+    def comm(self) -> Collectives: ...
+
+    @property
+    def transport(self) -> Transport: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def rank(self) -> int: ...
+
+    def begin(self) -> Step: ...
+
+    def key_of(self, param: Tensor) -> str: ...
+
+    def pays(self, tensor: Tensor) -> bool: ...
+
+    def check_agreement(self, bucket: Tensor) -> None: ...
+
+    def memories(self) -> list[ErrorFeedback]: ...
+
+    def checks_on_device(self, device: torch.device) -> bool: ...
+
+    def count_nonfinite_on_device(self, skipped: Tensor) -> None: ...
+
+    def step_closed(self) -> None: ...
+
+    # Called by a step as it closes or aborts.
+    def _closed(self, step: Step) -> None: ...
+
+
+#: ``average(step, buffer, keys, shapes, final=..., memory=..., scatter=...)``: averages
+#: ``buffer`` (the concatenated tensors named ``keys``) over ranks in place, within ``step``;
+#: :func:`commhooks.engine.average.average_flat`
+Average = Callable[..., None]
 
 
 @dataclass
@@ -56,10 +116,13 @@ class Step:
 
     Args:
         state: the engine state whose error feedback, compressor and stats the step changes.
+        average: what :meth:`submit` runs on the communication worker for each group
+            (:func:`commhooks.engine.average.average_flat`).
     """
 
-    def __init__(self, state: CompressionState) -> None:
+    def __init__(self, state: EngineState, average: Average) -> None:
         self.state = state
+        self._average = average
         #: the traffic of the exchanges so far (``extra["nonfinite"]`` once some rank overflowed)
         self.traffic = TransportStats()
         #: DDP buckets held for the step's last one (``coalesce``): buffer, keys, shapes, future
@@ -128,10 +191,8 @@ class Step:
         )
 
         def job() -> list[Tensor]:
-            from commhooks.engine.average import average_flat
-
             if tensors:
-                average_flat(self, flat, keys, shapes, final=last, memory=memory, scatter=scatter)
+                self._average(self, flat, keys, shapes, final=last, memory=memory, scatter=scatter)
             pieces = flat.split([s.numel() for s in shapes])
             if scatter:
                 world, rank = self.state.world_size, self.state.rank

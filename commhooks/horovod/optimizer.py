@@ -4,6 +4,7 @@ exchanges overlapped with backward."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import warnings
@@ -14,10 +15,11 @@ import torch
 from torch import Tensor
 from torch.futures import Future
 
-from commhooks._validate import check_choice, check_int
-from commhooks.comm.hierarchical import TOPOLOGIES, placed
+from commhooks._validate import check_choice
+from commhooks.comm.collectives import Collectives
+from commhooks.comm.hierarchical import TOPOLOGIES, NodeGroups, node_groups, node_ranks
 from commhooks.compressors.base import Compressor, CompressorConfig
-from commhooks.engine.state import CommStats, CompressionState
+from commhooks.engine.state import CommStats, CompressionState, param_name
 from commhooks.engine.step import Step
 from commhooks.horovod.collectives import HorovodCollectives, horovod
 from commhooks.horovod.compression import HorovodAdapter
@@ -60,7 +62,7 @@ class _Distributed(torch.optim.Optimizer):
             compressor,
             comm=comm,
             named_parameters=named_parameters,
-            node_groups=nodes,
+            node_groups=(nodes.local, nodes.cross) if nodes is not None else None,
             **options,
         )
         self._ch_params = [p for _, p in named_parameters if p.requires_grad]
@@ -198,7 +200,7 @@ def _names(
 ) -> list[tuple[str, Tensor]]:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if named_parameters is None:
-        return [(f"param.{i}", p) for i, p in enumerate(params)]
+        return [(param_name(i), p) for i, p in enumerate(params)]
     named = list(named_parameters)
     if any(not isinstance(n, str) for n, _ in named):
         raise ValueError(
@@ -227,17 +229,12 @@ _SETS: dict[tuple[int, ...], Any] = {}
 
 def _node_sets(
     comm: HorovodCollectives, process_set: Any, options: dict[str, Any]
-) -> tuple[HorovodCollectives, HorovodCollectives] | None:
-    """Horovod process sets for the hierarchical topology: this rank's node (Horovod's local
-    communicator) and its peers with the same local rank (the cross communicator), or None
-    for a flat exchange."""
+) -> NodeGroups | None:
+    """The hierarchical topology's groups (:func:`~commhooks.comm.hierarchical.node_groups`)
+    over Horovod: ranks per node from ``hvd.local_size()``, groups as process sets."""
     hvd = horovod()
     topology = options.get("topology", "auto")
     check_choice("topology", topology, TOPOLOGIES)
-    check_int("ranks_per_node", options.get("ranks_per_node", 0), lo=0)
-    per_node = options.get("ranks_per_node", 0) or hvd.local_size()
-    source = "ranks_per_node" if options.get("ranks_per_node") else "hvd.local_size()"
-    size = comm.world
     if topology == "flat":
         return None
     if process_set is not None and process_set is not hvd.global_process_set:
@@ -247,13 +244,19 @@ def _node_sets(
             f"topology={topology!r}: the hierarchical topology runs over every rank; with a "
             "process_set, use topology='flat'"
         )
-    local_rank = comm.rank % per_node if source == "ranks_per_node" else hvd.local_rank()
-    if not placed(comm, per_node, local_rank, topology, source):
-        return None
-    if topology == "auto" and not 1 < per_node < size:
-        return None
-    groups = [list(range(n, n + per_node)) for n in range(0, size, per_node)]
-    groups += [list(range(j, size, per_node)) for j in range(per_node)]
+    return node_groups(
+        topology, comm, options.get("ranks_per_node", 0),
+        launcher=(hvd.local_size(), hvd.local_rank(), "hvd.local_size()"),
+        build=functools.partial(_process_sets, topology=topology),
+    )  # fmt: skip
+
+
+def _process_sets(comm: Collectives, per_node: int, topology: str) -> NodeGroups | None:
+    """This rank's node (Horovod's local communicator) and its peers with the same local rank
+    (the cross communicator) as process sets. Every rank adds every set, in the same order,
+    as Horovod requires."""
+    hvd = horovod()
+    groups = node_ranks(comm.world, per_node)
     for ranks in groups:
         if tuple(ranks) not in _SETS:
             try:
@@ -275,10 +278,9 @@ def _node_sets(
                     f"({e}); set HOROVOD_DYNAMIC_PROCESS_SETS=1 before hvd.init(), or call "
                     "hvd.init(process_sets='dynamic')"
                 ) from e
-    node, local_rank = divmod(comm.rank, per_node)
-    local = _SETS[tuple(groups[node])]
-    cross = _SETS[tuple(groups[size // per_node + local_rank])]
-    return HorovodCollectives(local), HorovodCollectives(cross)
+    local = _SETS[tuple(groups[comm.rank // per_node])]
+    cross = _SETS[tuple(groups[comm.world // per_node + comm.rank % per_node])]
+    return NodeGroups(HorovodCollectives(local), HorovodCollectives(cross))
 
 
 def _buckets(params: list[Tensor], cap_mb: float) -> list[list[Tensor]]:

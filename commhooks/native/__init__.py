@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -47,7 +48,7 @@ try:
 except ImportError:  # not POSIX: builds still land atomically, but may be repeated
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Kernels", "build", "compiler", "enabled", "lib", "prepare", "usable"]
+__all__ = ["Kernels", "build", "compiler", "enabled", "lib", "prepare", "signatures", "usable"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,43 +74,34 @@ _tried = False
 _why: str | None = None  # why the kernels are unavailable, once tried
 _told_off = False
 
-_i64, _int, _ptr, _dbl = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_double
-_u32, _flt = ctypes.c_uint32, ctypes.c_float
-_SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
-    "ch_chunk_stats": (
-        _dbl,
-        [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _flt, _int],
-    ),
-    "ch_stats_items": (_i64, [_i64, _i64]),
-    "ch_sign_encode": (None, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _int]),
-    "ch_sign_decode": (None, [_ptr, _i64, _i64, _ptr, _ptr, _int, _int]),
-    "ch_uniform_encode": (
-        None,
-        [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _int, _ptr, _int, _u32, _u32, _int],
-    ),
-    "ch_uniform_decode": (None, [_ptr, _i64, _i64, _ptr, _ptr, _int, _ptr, _int, _int]),
-    "ch_stoch_encode": (
-        None,
-        [_int, _ptr, _ptr, _i64, _i64, _ptr, _int, _int, _int, _int, _ptr, _u32, _u32, _int],
-    ),
-    "ch_stoch_decode": (
-        None,
-        [_int, _ptr, _i64, _i64, _ptr, _int, _int, _int, _int, _ptr, _int, _int],
-    ),
-    "ch_select": (_i64, [_ptr, _ptr, _i64, ctypes.c_float, _ptr, _ptr, _int]),
-    "ch_select_take": (None, [_ptr, _ptr, _ptr]),
-    "ch_table_encode": (None, [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _int, _int, _ptr, _int]),
-    "ch_table_decode": (
-        None,
-        [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _int, _int, _ptr, _int, _int],
-    ),
-    "ch_varint_encode": (_i64, [_ptr, _i64, _ptr]),
-    "ch_varint_decode": (_i64, [_ptr, _i64, _ptr]),
-    "ch_cast_fp16": (_int, []),
-    "ch_cast_encode": (_int, [_ptr, _ptr, _i64, _flt, _int, _ptr, _int]),
-    "ch_cast_residual": (None, [_ptr, _ptr, _i64, _flt, _int, _ptr, _flt, _int]),
-    "ch_cast_decode": (None, [_ptr, _i64, _flt, _flt, _int, _ptr, _int]),
-}
+#: ctypes types of the C scalar types the kernels' signatures use; any pointer is a c_void_p
+_C_TYPES: dict[str, type | None] = {
+    "void": None, "int": ctypes.c_int, "int64_t": ctypes.c_int64, "uint32_t": ctypes.c_uint32,
+    "float": ctypes.c_float, "double": ctypes.c_double,
+}  # fmt: skip
+# An exported kernel's definition in codecs.c: ``<type> CH(ch_<name>)(<parameters>) {``.
+_EXPORTED = re.compile(r"^(\w+)\s+CH\((ch_\w+)\)\(([^)]*)\)\s*\{", re.MULTILINE)
+
+
+def _ctype(decl: str) -> type | None:
+    """The ctypes type of a C parameter or return type (``const float *g``, ``int64_t``)."""
+    if "*" in decl:
+        return ctypes.c_void_p
+    words = [w for w in decl.split() if w != "const"]
+    if not words or words[0] not in _C_TYPES:
+        raise ValueError(f"codecs.c: no ctypes type for {decl!r}; add it to _C_TYPES")
+    return _C_TYPES[words[0]]
+
+
+def signatures(source: str | None = None) -> dict[str, tuple[type | None, list[type | None]]]:
+    """``name -> (restype, argtypes)`` of every exported kernel, read from the definitions in
+    ``codecs.c`` (``source``: its text), so the C source is the one declaration of each."""
+    text = _SOURCE.read_text() if source is None else source
+    table: dict[str, tuple[type | None, list[type | None]]] = {}
+    for ret, name, params in _EXPORTED.findall(text):
+        args = [p.strip() for p in params.split(",") if p.strip() and p.strip() != "void"]
+        table[name] = (_ctype(ret), [_ctype(a) for a in args])
+    return table
 
 
 def enabled() -> bool:
@@ -138,13 +130,13 @@ class Kernels:
 
     def __init__(self, path: Path, level: str | None = None) -> None:
         handle = ctypes.CDLL(str(path))
-        handle.ch_cpu_level.restype, handle.ch_cpu_level.argtypes = _int, []
+        handle.ch_cpu_level.restype, handle.ch_cpu_level.argtypes = ctypes.c_int, []
         if level is None:
             level = _LEVEL_OF.get(int(handle.ch_cpu_level()), "v1")
             if not hasattr(handle, f"ch_sign_encode_{level}"):  # a compiler without that level
                 level = "v1"
         self.path, self.level, self._handle = path, level, handle
-        for name, (res, args) in _SIGNATURES.items():
+        for name, (res, args) in signatures().items():
             fn = getattr(handle, f"{name}_{level}")
             fn.restype, fn.argtypes = res, args
             setattr(self, name, fn)

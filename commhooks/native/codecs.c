@@ -26,7 +26,10 @@
  * CH_LEVEL naming the level, each exported ch_* function getting the suffix _<level>, and
  * linked into one library; ch_cpu_level() says which level this CPU runs, and the loader binds
  * that level's functions. Elsewhere it is compiled once, CH_LEVEL the baseline's name. The
- * levels give identical results: no flag here lets the compiler change a float operation. */
+ * levels give identical results: no flag here lets the compiler change a float operation.
+ * The loader reads each exported function's ctypes signature from its definition, written
+ * `<type> CH(ch_<name>)(<parameters>) {` at the start of a line (commhooks.native.signatures):
+ * keep exported definitions in that form, their types among those it knows. */
 #define CH_CAT2(a, b) a##_##b
 #define CH_CAT(a, b) CH_CAT2(a, b)
 #define CH(name) CH_CAT(name, CH_LEVEL)

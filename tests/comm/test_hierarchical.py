@@ -16,6 +16,7 @@ from commhooks.comm.hierarchical import (
     _scatter_layout,
     local_from_env,
     node_groups,
+    node_ranks,
 )
 from commhooks.comm.transport import AllGatherTransport, ReduceScatterTransport
 from commhooks.engine.state import HookOptions
@@ -71,6 +72,14 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     res["no launcher"] = _errors(lambda: node_groups("hierarchical", comm))
     res["not a multiple"] = _errors(lambda: node_groups("hierarchical", comm, ranks_per_node=3))
     res["bad groups"] = _errors(lambda: node_groups("auto", comm, groups=(local, None)))
+    res["negative"] = _errors(lambda: node_groups("auto", comm, ranks_per_node=-1))
+    # A backend's own launcher and group builder (as the Horovod optimizer passes them).
+    res["built"] = node_groups(
+        "auto", comm, launcher=(2, rank % 2, "hvd.local_size()"), build=lambda c, n: n
+    )
+    res["built misplaced"] = node_groups(
+        "auto", comm, launcher=(2, rank // 2, "hvd.local_size()"), build=lambda c, n: n
+    )
     # torchrun's variables, with ranks not numbered node by node: refused on every rank.
     os.environ.update(LOCAL_WORLD_SIZE="2", LOCAL_RANK=str(rank // 2))
     res["placement auto"] = node_groups("auto", comm)
@@ -128,6 +137,17 @@ def test_groups_are_resolved_or_refused(ranks: list[dict[str, Any]]) -> None:
         assert res["placement auto"] is None  # flat, as before the option existed
         assert "RuntimeError" in res["placement"] and "node by node" in res["placement"]
         assert "rank 1 has local rank 0 of 2" in res["placement"]
+        assert res["built"] == 2 and res["built misplaced"] is None
+        assert "ValueError" in res["negative"] and "ranks_per_node=-1" in res["negative"]
+
+
+def test_node_ranks_lists_nodes_then_cross_groups() -> None:
+    assert node_ranks(4, 2) == [[0, 1], [2, 3], [0, 2], [1, 3]]
+    assert node_ranks(6, 3) == [[0, 1, 2], [3, 4, 5], [0, 3], [1, 4], [2, 5]]
+    world, size = 12, 4
+    layout = node_ranks(world, size)
+    for rank in range(world):
+        assert rank in layout[rank // size] and rank in layout[world // size + rank % size]
 
 
 def test_options_name_the_bad_field() -> None:

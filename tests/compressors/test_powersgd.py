@@ -200,9 +200,9 @@ def test_half_precision_computes_in_fp32(dtype: torch.dtype) -> None:
     assert y.dtype == dtype
     expected = ref.decompress(*ref.compress(x.float(), "w")).to(dtype)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
-    assert c._q["w"].dtype == torch.float32
+    assert c.memory["w"].dtype == torch.float32
     c.compress(x.double(), "w")
-    assert c._q["w"].dtype == torch.float64
+    assert c.memory["w"].dtype == torch.float64
 
 
 def test_any_context_decodes_any_payload_and_aggregate_is_the_sum() -> None:
@@ -245,16 +245,16 @@ def test_memory_is_per_key_fp32_with_unit_columns() -> None:
     c.compress(torch.randn(40, 25, dtype=torch.float16), "w")
     c.compress(torch.randn(40, 25), None)
     c.compress(torch.randn(100), "bias")  # dense: no Q
-    assert set(c._q) == {"w"}
-    q = c._q["w"]
+    assert set(c.memory) == {"w"}
+    q = c.memory["w"]
     assert q.shape == (25, 3) and q.dtype == torch.float32
     torch.testing.assert_close(q.norm(dim=0), torch.ones(3))
     # A key whose shape changes starts over instead of failing.
     c.compress(torch.randn(40, 26), "w")
-    assert c._q["w"].shape == (26, 3)
+    assert c.memory["w"].shape == (26, 3)
     cold = build("powersgd:warm_start=false")
     cold.compress(torch.randn(40, 25), "w")
-    assert cold._q == {}
+    assert dict(cold.memory) == {}
 
 
 def test_without_warm_start_each_step_draws_a_new_q() -> None:
@@ -330,8 +330,8 @@ def test_exchange_agrees_across_ranks_and_sums_the_locals(world: int, method: st
             torch.testing.assert_close(results[0][i], summed, rtol=1e-5, atol=1e-5)
         # Every rank remembers the same Q, or the next step's P sum would mix subspaces.
         for c in ranks[1:]:
-            for k in ranks[0]._q:
-                torch.testing.assert_close(c._q[k], ranks[0]._q[k], rtol=0, atol=0)
+            for k in ranks[0].memory:
+                torch.testing.assert_close(c.memory[k], ranks[0].memory[k], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -479,11 +479,11 @@ def test_non_finite_input_shows_and_does_not_poison_the_memory(method: str, bad:
     c = build(f"powersgd:rank=2,orthogonalization={method}")
     x = torch.randn(40, 50)
     c.compress(x, "w")
-    before = c._q["w"].clone()
+    before = c.memory["w"].clone()
     poisoned = x.clone()
     poisoned[17, 3] = bad
     assert not torch.isfinite(c.decompress(*c.compress(poisoned, "w"))).all()
-    torch.testing.assert_close(c._q["w"], before, rtol=0, atol=0)  # the step is skipped
+    torch.testing.assert_close(c.memory["w"], before, rtol=0, atol=0)  # the step is skipped
     assert torch.isfinite(c.decompress(*c.compress(x, "w"))).all()
     # The same through a two-rank exchange, with the bad value on one rank only.
     ranks = fake_ranks(f"powersgd:rank=2,orthogonalization={method}", 2)
@@ -655,8 +655,8 @@ def test_fused_feedback_exchange_matches_op_by_op(world, decay, dtype, monkeypat
                 torch.testing.assert_close(locals_[r][i], want_ex[r].local()[i], **tol)
                 torch.testing.assert_close(fused[r].residual(k), plain[r].residual(k), **tol)
                 assert results[r][i].dtype == dtype and results[r][i].shape == grads[r][i].shape
-            for k, q in plain[r].compressor._q.items():
-                torch.testing.assert_close(fused[r].compressor._q[k], q, **tol)
+            for k, q in plain[r].compressor.memory.items():
+                torch.testing.assert_close(fused[r].compressor.memory[k], q, **tol)
 
 
 def test_fused_result_into_writes_the_mean_over_the_gradients() -> None:
@@ -718,7 +718,7 @@ def test_fused_abandon_keeps_residuals_and_overflow_resets_one() -> None:
     grads = _ef_grads(1, 2)[0]
     grads[4][0, 0] = 2e38
     ef.residual(k)[0, 0] = 2e38
-    q = ef.compressor._q[k]
+    q = ef.compressor.memory[k]
     q[0] = 0.0
     q /= torch.linalg.vector_norm(q, dim=0)
     exchanges, _ = _ef_step([ef], [grads])
@@ -825,8 +825,8 @@ def test_half_precision_wire_and_iterations(
     for ex in exchanges:  # local() decodes this rank's Q as sent: rounded to the wire dtype
         for b in ex._batches.values():  # type: ignore[attr-defined]
             assert torch.equal(b.q_local, b.q_local.to(wire).float())
-    for k in ranks[0]._q:
-        torch.testing.assert_close(ranks[1]._q[k], ranks[0]._q[k], rtol=0, atol=0)
+    for k in ranks[0].memory:
+        torch.testing.assert_close(ranks[1].memory[k], ranks[0].memory[k], rtol=0, atol=0)
 
 
 def test_more_iterations_fit_better_and_half_precision_costs_little() -> None:
@@ -862,7 +862,7 @@ def test_half_precision_single_tensor_payload() -> None:
     target = x.clone()
     c.subtract_sent_(target, payload, ctx)
     torch.testing.assert_close(target, x - y, rtol=1e-6, atol=1e-6)
-    assert c._q["w"].dtype == torch.float32
+    assert c.memory["w"].dtype == torch.float32
 
 
 def test_half_precision_and_iterations_state_dict_round_trip() -> None:

@@ -14,6 +14,7 @@ from torch import nn
 import commhooks.ddp
 from commhooks.comm import build_transport
 from commhooks.ddp import CompressionState, HookOptions
+from commhooks.engine.state import param_name
 
 
 @pytest.mark.parametrize(
@@ -148,3 +149,49 @@ def test_min_ratio_decides_per_shape_from_a_probe(
 def test_bad_min_ratio_names_the_field() -> None:
     with pytest.raises(ValueError, match="min_ratio"):
         CompressionState("topk", min_ratio=-1.0)
+
+
+def test_unnamed_parameters_get_one_default_name_scheme() -> None:
+    from commhooks.horovod.optimizer import _names
+
+    params = [nn.Parameter(torch.zeros(3)) for _ in range(3)]
+    hvd_names = [n for n, _ in _names(torch.optim.SGD(params, lr=0.1), None)]
+    state = CompressionState("topk")
+    hook_names = [state.key_of(p) for p in params]
+    assert (
+        hvd_names
+        == hook_names
+        == [param_name(i) for i in range(3)]
+        == ["param0", "param1", "param2"]
+    )
+
+
+def test_checkpoints_with_old_default_names_load(world_of_one: None) -> None:
+    ddp = nn.parallel.DistributedDataParallel(make_model())
+    params = list(ddp.parameters())
+    old = CompressionState(
+        "topk:ratio=0.1", named_parameters=[(f"param.{i}", p) for i, p in enumerate(params)],
+        min_numel=0,
+    )  # fmt: skip
+    ddp.register_comm_hook(old, commhooks.ddp.compression_hook)
+    train_alone(ddp, 2)
+    saved = old.state_dict()
+    residuals = saved["feedback"]["residuals"]
+    assert residuals and set(residuals) <= {f"param.{i}" for i in range(len(params))}
+
+    new = CompressionState(
+        "topk:ratio=0.1", named_parameters=[(param_name(i), p) for i, p in enumerate(params)],
+        min_numel=0,
+    )  # fmt: skip
+    new.load_state_dict(saved)
+    loaded = new.feedback.state_dict()["residuals"]
+    assert set(loaded) == {n.replace(".", "") for n in residuals}
+    for name, residual in residuals.items():
+        assert torch.equal(loaded[name.replace(".", "")], residual)
+    # Names of neither scheme are still refused.
+    other = CompressionState(
+        "topk:ratio=0.1", named_parameters=[(f"w{i}", p) for i, p in enumerate(params)],
+        min_numel=0,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="saved for other parameters"):
+        other.load_state_dict(saved)

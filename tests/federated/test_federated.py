@@ -3,12 +3,14 @@ participation, checkpoints, bad configs."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import pytest
 import torch
 from _fed_workers import bad_samples, dense_sgd, rounds, skipped_end_round
 
+from commhooks.ddp import HookOptions
 from commhooks.federated import FedConfig, FederatedAverager
 
 WORLD = 4
@@ -115,6 +117,25 @@ def test_resumed_run_equals_an_uninterrupted_one(run_ranks, tmp_path: pathlib.Pa
 def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         FedConfig(**kwargs)
+
+
+def test_config_takes_the_hook_options_as_keywords() -> None:
+    cfg = FedConfig(local_steps=3, error_feedback=False, min_numel=0, min_ratio=2.0)
+    assert cfg.hook == HookOptions(error_feedback=False, min_numel=0, min_ratio=2.0)
+    assert (cfg.error_feedback, cfg.min_numel, cfg.transport) == (False, 0, "auto")
+    assert FedConfig(hook=cfg.hook, local_steps=3) == cfg
+    assert dataclasses.replace(cfg, seed=5).hook_options() == dataclasses.replace(
+        cfg.hook, topology="flat", seed=5
+    )
+    # Validated where they are declared, naming the field.
+    with pytest.raises(ValueError, match="min_numel=-1"):
+        FedConfig(min_numel=-1)
+    with pytest.raises(ValueError, match="topology: federated exchanges are flat"):
+        FedConfig(topology="hierarchical")
+    with pytest.raises(ValueError, match="hook: pass a HookOptions or its fields"):
+        FedConfig(hook=HookOptions(), min_numel=0)
+    with pytest.raises(TypeError, match="local_step"):
+        FedConfig(local_step=2)
 
 
 def test_last_round_stats_are_the_rounds_own_bytes(run_ranks) -> None:

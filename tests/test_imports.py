@@ -1,0 +1,162 @@
+"""The package's module import graph has no cycles.
+
+Every import counts: module level, inside functions (call-time imports) and under
+``if TYPE_CHECKING:``. A cycle that only annotations or a deferred import close is still two
+modules that cannot be read, tested or moved one without the other.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = "commhooks"
+
+__all__ = ["find_cycles", "import_graph"]
+
+
+def _module_name(path: pathlib.Path, root: pathlib.Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    """The absolute module an ``from ... import`` names (relative imports resolved)."""
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")
+    # A package's own ``__init__`` is its package; a module's level-1 base is its parent.
+    drop = node.level - 1 if is_package else node.level
+    base = base[: len(base) - drop] if drop else base
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def import_graph(root: pathlib.Path = ROOT, package: str = PACKAGE) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports anywhere in its source.
+
+    ``from a.b import c`` is an edge to ``a.b.c`` when that is a module, else to ``a.b``.
+    The implicit import of a parent package (``a`` when importing ``a.b``) is not an edge:
+    every module would otherwise sit in a cycle with its package's ``__init__``.
+    """
+    files = {
+        _module_name(path, root): path
+        for path in (root / package).rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        edges: set[str] = set()
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(node, module, path.name == "__init__.py")
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base
+                    for alias in node.names
+                ]
+            else:
+                continue
+            for target in targets:
+                # ``import a.b.c`` where only ``a.b`` is ours (a name, not a module).
+                while target and target not in files:
+                    target = target.rpartition(".")[0]
+                if target and target != module:
+                    edges.add(target)
+        graph[module] = edges
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The graph's strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+    counter = 0
+
+    def visit(start: str) -> None:
+        nonlocal counter
+        # Iterative, so a deep package cannot hit the recursion limit.
+        work = [(start, iter(sorted(graph.get(start, ()))))]
+        index[start] = low[start] = counter
+        counter += 1
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            for child in children:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                    break
+                if child in on_stack:
+                    low[node] = min(low[node], index[child])
+            else:
+                work.pop()
+                if work:
+                    parent = work[-1][0]
+                    low[parent] = min(low[parent], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1:
+                        cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_package_has_no_import_cycle() -> None:
+    cycles = find_cycles(import_graph())
+    assert not cycles, "import cycles (TYPE_CHECKING and call-time imports count):\n" + "\n".join(
+        " <-> ".join(cycle) for cycle in cycles
+    )
+
+
+@pytest.mark.parametrize(
+    ("sources", "cycle"),
+    [
+        # Each kind of import the test must see, closing a two-module cycle.
+        ({"a": "from pkg import b\n", "b": "import pkg.a\n"}, ["pkg.a", "pkg.b"]),
+        (
+            {
+                "a": "import typing\nif typing.TYPE_CHECKING:\n    from pkg.b import X\n",
+                "b": "from pkg.a import Y\n",
+            },
+            ["pkg.a", "pkg.b"],
+        ),
+        ({"a": "def f():\n    from .b import X\n", "b": "from . import a\n"}, ["pkg.a", "pkg.b"]),
+        (
+            {"a": "from pkg.b import X\n", "b": "from pkg.c import Y\n", "c": "import pkg.a\n"},
+            ["pkg.a", "pkg.b", "pkg.c"],
+        ),
+        ({"a": "from pkg.b import X\n", "b": "import torch\n"}, None),
+    ],
+)
+def test_cycle_finder_sees_every_kind_of_import(
+    tmp_path: pathlib.Path, sources: dict[str, str], cycle: list[str] | None
+) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name, source in sources.items():
+        (package / f"{name}.py").write_text(source)
+    assert find_cycles(import_graph(tmp_path, "pkg")) == ([cycle] if cycle else [])
