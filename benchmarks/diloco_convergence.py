@@ -159,6 +159,7 @@ def plot(data: dict[str, Any], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     by = by_label([Result(**r) for r in data["results"]])
     ddp = statistics.median(r.val_loss for r in by["ddp"]) if "ddp" in by else None
@@ -182,10 +183,14 @@ def plot(data: dict[str, Any], path: str) -> None:
         ax.axhline(ddp, color="k", lw=0.8, ls="--", label="DDP's loss")
         ax.axhline(1.03 * ddp, color="grey", lw=0.6, ls=":", label="DDP's loss + 3%")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%gx"))  # 1x, 10x, not 10^1
     ax.set_xlabel("bytes fewer than DDP (log scale)")
     ax.set_ylabel("validation loss (median over seeds)")
     cfg = data["config"]
-    ax.set_title(f"{data['world']} ranks, {cfg['steps']} AdamW steps each, equal tokens")
+    seeds = sorted({r["seed"] for r in data["results"]})
+    ax.set_title(
+        f"{data['world']} ranks, {cfg['steps']} AdamW steps each, equal tokens; seeds {seeds}"
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -194,8 +199,9 @@ def plot(data: dict[str, Any], path: str) -> None:
 
 
 def merged(paths: list[str]) -> dict[str, Any]:
-    """The results of several ``--out`` files of one configuration, as one (a label found in
-    several files keeps the first file's runs)."""
+    """The results of several ``--out`` files of one configuration (steps, replicas) as one,
+    each label's seeds gathered over the files (a label and seed found twice keeps the first
+    file's run)."""
     data: dict[str, Any] = {}
     for path in paths:
         with open(path) as f:
@@ -204,8 +210,8 @@ def merged(paths: list[str]) -> dict[str, Any]:
             data = {**part, "results": []}
         elif (part["config"], part["world"]) != (data["config"], data["world"]):
             raise ValueError(f"from_json: {path} ran another configuration than {paths[0]}")
-        seen = {r["label"] for r in data["results"]}
-        data["results"] += [r for r in part["results"] if r["label"] not in seen]
+        seen = {(r["label"], r["seed"]) for r in data["results"]}
+        data["results"] += [r for r in part["results"] if (r["label"], r["seed"]) not in seen]
     return data
 
 
@@ -219,12 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", default="", help="also write the table here")
     ap.add_argument("--plot", default="", help="also plot loss against bytes here (PNG)")
     ap.add_argument(
-        "--from-json", nargs="+", default=[], help="tabulate and plot these --out files; no run"
+        "--from-json",
+        nargs="+",
+        default=[],
+        help="tabulate and plot these --out files (their runs of --seeds); no run",
     )
     ap.add_argument("--smoke", action="store_true", help="a tiny run (tests)")
     args = ap.parse_args(argv)
     if args.from_json:
         data = merged(args.from_json)
+        keep = {int(s) for s in args.seeds.split(",")}
+        data["results"] = [r for r in data["results"] if r["seed"] in keep]
         write(table([Result(**r) for r in data["results"]], data["params"]), None, args.markdown)
         if args.plot:
             plot(data, args.plot)

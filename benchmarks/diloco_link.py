@@ -11,7 +11,8 @@ unshaped`` runs them over the namespaces' unshaped veth pair. Each rep trains ev
 turn (seed 0), so the machine's noise spreads over the rows alike:
 
 - ``ddp`` (DDP, dense AdamW) trains ``--steps`` steps; its final validation loss is the
-  target of the rows after it.
+  target of the rows after it (without ``ddp``, ``--target`` gives it: more reps of the
+  cheap rows against a DDP run measured before).
 - The other rows train on an AdamW schedule ``--horizon`` times as long and stop at the
   first evaluation at or below that target: ``noop`` (every rank trains alone and nothing is
   exchanged: the ceiling of throughput), ``ddp:<spec>`` (the per-step DDP hook;
@@ -144,7 +145,7 @@ def worker(args: argparse.Namespace) -> None:
     longer = replace(cfg, steps=int(cfg.steps * args.horizon))
     rows = []
     for rep in range(args.reps):
-        target = None
+        target = args.target
         for label in args.only:
             row = train_to(rank, text, label, cfg if label == DDP else longer, target, ctrl)
             target = row["val_loss"] if label == DDP else target
@@ -250,6 +251,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--horizon", type=float, default=2.0, help="the others' steps / DDP's")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--only", default="", help="labels to run, separated by ';' (ddp first)")
+    ap.add_argument(
+        "--target", type=float, default=None, help="the loss to reach, where ddp is not run"
+    )
     ap.add_argument("--timeout-s", type=float, default=3600.0)
     ap.add_argument("--smoke", action="store_true", help="tiny model, 1 rep, unshaped")
     ap.add_argument("--out", default=None, help="JSON report")
@@ -266,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     args.only = args.only.split(";") if args.only else (SMOKE_LABELS if args.smoke else LABELS)
     if DDP in args.only and args.only[0] != DDP:
         raise ValueError(f"only={';'.join(args.only)!r}: 'ddp' sets the target, so it runs first")
+    if args.target is not None and DDP in args.only:
+        raise ValueError("target: ddp's final loss is the target where ddp runs; leave one out")
     if args.horizon < 1:
         raise ValueError(f"horizon={args.horizon}: must be at least 1")
     if args.worker:
@@ -275,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         os.path.abspath(__file__), "--worker", "--steps", str(args.steps),
         "--horizon", str(args.horizon), "--reps", str(args.reps), "--only", ";".join(args.only),
         *(["--smoke"] if args.smoke else []),
+        *(["--target", str(args.target)] if args.target is not None else []),
     ]  # fmt: skip
     report: dict[str, Any] = {"config": asdict(_config(args)), "args": vars(args), "rates": {}}
     raw: dict[str, Any] = {}
