@@ -153,8 +153,8 @@ def table(results: list[Result], params: int) -> str:
 
 def plot(data: dict[str, Any], path: str) -> None:
     """Validation loss (median over seeds) against bytes fewer than DDP (log scale): per-step
-    runs (DDP and ``ddp:<spec>``) and rounds as two series on one chart, each point labelled;
-    DDP's median loss as a line."""
+    runs (DDP and ``ddp:<spec>``) and rounds as two series on one chart, each point labelled
+    (``all`` for ``compress_1d=True,min_numel=0``); DDP's median loss as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,7 +163,8 @@ def plot(data: dict[str, Any], path: str) -> None:
 
     by = by_label([Result(**r) for r in data["results"]])
     ddp = statistics.median(r.val_loss for r in by["ddp"]) if "ddp" in by else None
-    fig, ax = plt.subplots(figsize=(10, 6))
+    fig, ax = plt.subplots(figsize=(11, 6))
+    right = 1.0
     for name, marker, keep in (
         ("per step (DDP, hook, compress_updates)", "s", lambda k: k == "ddp" or k[:4] == "ddp:"),
         ("rounds (DiLoCo)", "o", lambda k: not (k == "ddp" or k[:4] == "ddp:")),
@@ -178,11 +179,14 @@ def plot(data: dict[str, Any], path: str) -> None:
             continue
         ax.plot([p[0] for p in points], [p[1] for p in points], marker, label=name, ms=7)
         for x, y, label in points:
-            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            short = label.replace("compress_1d=True,min_numel=0", "all").replace("feedback.", "")
+            ax.annotate(short, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        right = max(right, points[-1][0])
     if ddp is not None:
         ax.axhline(ddp, color="k", lw=0.8, ls="--", label="DDP's loss")
         ax.axhline(1.03 * ddp, color="grey", lw=0.6, ls=":", label="DDP's loss + 3%")
     ax.set_xscale("log")
+    ax.set_xlim(0.7, right * 12)  # room for the labels of the rightmost points
     ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%gx"))  # 1x, 10x, not 10^1
     ax.set_xlabel("bytes fewer than DDP (log scale)")
     ax.set_ylabel("validation loss (median over seeds)")
@@ -191,8 +195,8 @@ def plot(data: dict[str, Any], path: str) -> None:
     ax.set_title(
         f"{data['world']} ranks, {cfg['steps']} AdamW steps each, equal tokens; seeds {seeds}"
     )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -228,15 +232,21 @@ def main(argv: list[str] | None = None) -> int:
         "--from-json",
         nargs="+",
         default=[],
-        help="tabulate and plot these --out files (their runs of --seeds); no run",
+        help="tabulate and plot these --out files (their runs of --seeds and --only, merged "
+        "into --out); no run",
     )
     ap.add_argument("--smoke", action="store_true", help="a tiny run (tests)")
     args = ap.parse_args(argv)
     if args.from_json:
         data = merged(args.from_json)
         keep = {int(s) for s in args.seeds.split(",")}
-        data["results"] = [r for r in data["results"] if r["seed"] in keep]
-        write(table([Result(**r) for r in data["results"]], data["params"]), None, args.markdown)
+        wanted = set(args.only.split(";")) if args.only else None
+        data["results"] = [
+            r for r in data["results"]
+            if r["seed"] in keep and (wanted is None or r["label"] in wanted)
+        ]  # fmt: skip
+        md = table([Result(**r) for r in data["results"]], data["params"])
+        write(md, data, markdown_path=args.markdown, json_path=args.out)
         if args.plot:
             plot(data, args.plot)
         return 0
