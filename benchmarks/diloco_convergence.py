@@ -1,7 +1,9 @@
 """Validation loss and bytes of DiLoCo rounds against DDP with dense AdamW, at equal tokens.
 
 Usage: ``python benchmarks/diloco_convergence.py [--seeds 0,1,2] [--steps 300] [--world 2]
-[--only 'ddp;dense@H=30'] [--out F.json] [--markdown F.md] [--smoke]``.
+[--only 'ddp;dense@H=30'] [--out F.json] [--markdown F.md] [--plot F.png] [--smoke]``;
+``--from-json A.json [B.json ...] [--markdown F.md] [--plot F.png]`` tabulates and plots
+earlier ``--out`` files (of the same steps and replicas) without training.
 
 The model, data, AdamW schedule and evaluation are those of
 ``benchmarks/transformer_convergence.py`` (a byte-level 2-layer transformer on Python's
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import statistics
 import sys
 import time
@@ -45,6 +48,7 @@ from transformer_convergence import (
     train_one,
 )
 
+import commhooks
 from commhooks.diloco import OUTER_LR, OUTER_MOMENTUM, DiLoCo
 
 #: the rounds and their baselines
@@ -57,7 +61,35 @@ LABELS = [
     "dense@H=30,lr=0.7,momentum=0.9", "dense@H=30,lr=1.0,momentum=0.0",
 ]  # fmt: skip
 
+#: the label options DiLoCo itself takes; the others go to the engine
+ROUND_OPTIONS = ("H", "F", "tau", "lr", "momentum")
+
 SMOKE_LABELS = ["ddp", "uniform:bits=4@H=5", "dense@H=8,F=4,tau=1"]
+
+
+def make_diloco(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, label: str, seed: int
+) -> DiLoCo:
+    """The :class:`DiLoCo` of a rounds label (``<spec>@H=30,F=4,tau=2,lr=1.0,momentum=0.5``;
+    other options are the engine's, ``feedback.<field>`` the error feedback's)."""
+    spec, opts = parse_variant(label)
+    outer = None
+    if "lr" in opts or "momentum" in opts:
+        momentum = float(opts.get("momentum", OUTER_MOMENTUM))  # type: ignore[arg-type]
+        outer = functools.partial(
+            torch.optim.SGD, lr=float(opts.get("lr", OUTER_LR)),  # type: ignore[arg-type]
+            momentum=momentum, nesterov=momentum > 0,
+        )  # fmt: skip
+    extra = {k: v for k, v in opts.items() if k not in ROUND_OPTIONS and "." not in k}
+    ef = {k.split(".", 1)[1]: v for k, v in opts.items() if k.startswith("feedback.")}
+    if ef:
+        extra["feedback"] = commhooks.FeedbackConfig(**ef)  # type: ignore[arg-type]
+    return DiLoCo(
+        model, opt, sync_every=int(opts["H"]),  # type: ignore[call-overload]
+        compressor=None if spec == "dense" else spec, outer_optimizer=outer,
+        fragments=int(opts.get("F", 1)), delay=int(opts.get("tau", 0)),  # type: ignore[call-overload]
+        seed=seed, **extra,
+    )  # fmt: skip
 
 
 def train_rounds(
@@ -69,23 +101,10 @@ def train_rounds(
         spec = label[4:] or "dense"
         return replace(train_one(rank, world, text, spec, seed, cfg), label=label)
     train, val = text
-    spec, opts = parse_variant(label)
     torch.manual_seed(seed)
     model = TinyLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    outer = None
-    if "lr" in opts or "momentum" in opts:
-        momentum = float(opts.get("momentum", OUTER_MOMENTUM))  # type: ignore[arg-type]
-        outer = functools.partial(
-            torch.optim.SGD, lr=float(opts.get("lr", OUTER_LR)),  # type: ignore[arg-type]
-            momentum=momentum, nesterov=momentum > 0,
-        )  # fmt: skip
-    diloco = DiLoCo(
-        model, opt, sync_every=int(opts["H"]),  # type: ignore[call-overload]
-        compressor=None if spec == "dense" else spec, outer_optimizer=outer,
-        fragments=int(opts.get("F", 1)), delay=int(opts.get("tau", 0)),  # type: ignore[call-overload]
-        seed=seed,
-    )  # fmt: skip
+    diloco = make_diloco(model, opt, label, seed)
     g = torch.Generator().manual_seed(seed * 1000 + rank)
     curve = []
     t0 = time.perf_counter()
@@ -132,6 +151,74 @@ def table(results: list[Result], params: int) -> str:
     return "\n".join(lines)
 
 
+def plot(data: dict[str, Any], path: str) -> None:
+    """Validation loss (median over seeds) against bytes fewer than DDP (log scale): per-step
+    runs (DDP and ``ddp:<spec>``) and rounds as two series on one chart, each point labelled
+    (``all`` for ``compress_1d=True,min_numel=0``); DDP's median loss as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    by = by_label([Result(**r) for r in data["results"]])
+    ddp = statistics.median(r.val_loss for r in by["ddp"]) if "ddp" in by else None
+    fig, ax = plt.subplots(figsize=(11, 6))
+    right = 1.0
+    for name, marker, keep in (
+        ("per step (DDP, hook, compress_updates)", "s", lambda k: k == "ddp" or k[:4] == "ddp:"),
+        ("rounds (DiLoCo)", "o", lambda k: not (k == "ddp" or k[:4] == "ddp:")),
+    ):
+        points = []
+        for label, rows in by.items():
+            if keep(label):
+                fewer = sum(r.raw_bytes for r in rows) / max(1, sum(r.wire_bytes for r in rows))
+                points.append((fewer, statistics.median(r.val_loss for r in rows), label))
+        points.sort()
+        if not points:
+            continue
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker, label=name, ms=7)
+        for x, y, label in points:
+            short = label.replace("compress_1d=True,min_numel=0", "all").replace("feedback.", "")
+            ax.annotate(short, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        right = max(right, points[-1][0])
+    if ddp is not None:
+        ax.axhline(ddp, color="k", lw=0.8, ls="--", label="DDP's loss")
+        ax.axhline(1.03 * ddp, color="grey", lw=0.6, ls=":", label="DDP's loss + 3%")
+    ax.set_xscale("log")
+    ax.set_xlim(0.7, right * 12)  # room for the labels of the rightmost points
+    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%gx"))  # 1x, 10x, not 10^1
+    ax.set_xlabel("bytes fewer than DDP (log scale)")
+    ax.set_ylabel("validation loss (median over seeds)")
+    cfg = data["config"]
+    seeds = sorted({r["seed"] for r in data["results"]})
+    ax.set_title(
+        f"{data['world']} ranks, {cfg['steps']} AdamW steps each, equal tokens; seeds {seeds}"
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def merged(paths: list[str]) -> dict[str, Any]:
+    """The results of several ``--out`` files of one configuration (steps, replicas) as one,
+    each label's seeds gathered over the files (a label and seed found twice keeps the first
+    file's run)."""
+    data: dict[str, Any] = {}
+    for path in paths:
+        with open(path) as f:
+            part = json.load(f)
+        if not data:
+            data = {**part, "results": []}
+        elif (part["config"], part["world"]) != (data["config"], data["world"]):
+            raise ValueError(f"from_json: {path} ran another configuration than {paths[0]}")
+        seen = {(r["label"], r["seed"]) for r in data["results"]}
+        data["results"] += [r for r in part["results"] if (r["label"], r["seed"]) not in seen]
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
@@ -140,8 +227,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="labels to run, separated by ';'")
     ap.add_argument("--out", default="", help="also write the results as JSON here")
     ap.add_argument("--markdown", default="", help="also write the table here")
+    ap.add_argument("--plot", default="", help="also plot loss against bytes here (PNG)")
+    ap.add_argument(
+        "--from-json",
+        nargs="+",
+        default=[],
+        help="tabulate and plot these --out files (their runs of --seeds and --only, merged "
+        "into --out); no run",
+    )
     ap.add_argument("--smoke", action="store_true", help="a tiny run (tests)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        data = merged(args.from_json)
+        keep = {int(s) for s in args.seeds.split(",")}
+        wanted = set(args.only.split(";")) if args.only else None
+        data["results"] = [
+            r for r in data["results"]
+            if r["seed"] in keep and (wanted is None or r["label"] in wanted)
+        ]  # fmt: skip
+        md = table([Result(**r) for r in data["results"]], data["params"])
+        write(md, data, markdown_path=args.markdown, json_path=args.out)
+        if args.plot:
+            plot(data, args.plot)
+        return 0
     labels = args.only.split(";") if args.only else (SMOKE_LABELS if args.smoke else LABELS)
     seeds = [int(s) for s in args.seeds.split(",")] if not args.smoke else [0]
     cfg = Config(steps=args.steps)
@@ -157,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = {"config": asdict(cfg), "world": args.world, "params": params}
     data["results"] = [asdict(r) for r in results]
     write(md, data, markdown_path=args.markdown, json_path=args.out)
+    if args.plot:
+        plot(data, args.plot)
     return 0
 
 

@@ -54,7 +54,12 @@ TAGS: dict[str, tuple[str, ...]] = {
         "ddp/test_ddp_hierarchical.py",
     ),
     # Creates network namespaces (root).
-    "root": ("launch/test_netns.py", "benchmarks/test_e2e.py", "benchmarks/test_sleep_step.py"),
+    "root": (
+        "launch/test_netns.py",
+        "benchmarks/test_e2e.py",
+        "benchmarks/test_sleep_step.py",
+        "benchmarks/test_diloco_link.py",
+    ),
     "multiproc": (
         "comm/",
         "ddp/",

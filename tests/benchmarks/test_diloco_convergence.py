@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import math
 import pathlib
+import subprocess
+import sys
 
-from _smoke import smoke_report
+from _smoke import ROOT, smoke_report
 
 
 def test_diloco_smoke_writes_report(tmp_path: pathlib.Path) -> None:
@@ -28,3 +30,12 @@ def test_diloco_smoke_writes_report(tmp_path: pathlib.Path) -> None:
     assert streaming["probes"]["peak_sync_bytes"] < 0.3 * ddp_step
     assert text.startswith("| run | val loss min / median / max | vs DDP (median) |")
     assert "| dense@H=8,F=4,tau=1 |" in text
+    # the table and the loss-per-byte plot again, from the JSON alone
+    png, md = tmp_path / "plot.png", tmp_path / "again.md"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "diloco_convergence.py"), "--from-json",
+         str(tmp_path / "diloco_convergence.json"), "--plot", str(png), "--markdown", str(md)],
+        check=True, timeout=120, capture_output=True,
+    )  # fmt: skip
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert md.read_text().splitlines()[:5] == text.splitlines()[:5]
