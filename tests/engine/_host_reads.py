@@ -34,11 +34,19 @@ class CountReads(TorchFunctionMode):
 
 
 def count_reads(
-    rank: int, world: int, store_path: str, out: str, specs: list[str], options: dict[str, Any]
+    rank: int,
+    world: int,
+    store_path: str,
+    out: str,
+    specs: list[str],
+    options: dict[str, Any],
+    kernels: str = "auto",
 ) -> None:
     """Per spec: the host reads of its third compressed step (the first two set up per-shape
     probes, the config check and the error-feedback memory), and whether it compressed.
-    ``options``: more hook options (the topology)."""
+    ``options``: more hook options (the topology). ``kernels``: ``COMMHOOKS_KERNELS``
+    (``"triton"``: the device kernels, in Triton's interpreter on these CPU tensors)."""
+    os.environ["COMMHOOKS_KERNELS"] = kernels
     init(rank, world, store_path)
     try:
         params = [torch.nn.Parameter(torch.randn(256, 128)), torch.nn.Parameter(torch.randn(128)),

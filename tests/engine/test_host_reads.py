@@ -39,6 +39,15 @@ def test_hierarchical_steps_read_nothing_back(run_ranks) -> None:
                 assert rank[spec]["ratio"] > 1.5, spec
 
 
+def test_the_device_kernels_read_nothing_back(run_ranks) -> None:
+    # The Triton kernels (what CUDA tensors run), interpreted on the CPU: their statistics
+    # stay tensors, and the casts' and random-k's flags stay on the device.
+    specs = ["sign", "uniform", "qsgd", "fp16", "randomk"]
+    for rank in run_ranks(count_reads, 2, specs, {}, "triton"):
+        for spec in specs:
+            assert rank[spec]["reads"] == {}, f"{spec}: host reads {rank[spec]['reads']}"
+
+
 def test_an_overflow_only_the_averages_show_still_rolls_the_step_back(run_ranks) -> None:
     # One rank: with two, the first step's fp16 sum of 4e4 + 4e4 would overflow already.
     for rank in run_ranks(overflow_rolls_back, 1):
