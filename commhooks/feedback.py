@@ -20,11 +20,14 @@ step found, for a step that some rank's overflow in another tensor makes the opt
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
-from collections.abc import Sequence
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -39,11 +42,302 @@ from commhooks.compressors.base import (
     Message,
     Payload,
     all_finite,
+    check_group,
+    check_tensor,
     compute_dtype,
 )
 from commhooks.registry import compressor as build_compressor
 
-__all__ = ["ErrorFeedback", "FeedbackConfig"]
+__all__ = [
+    "ErrorFeedback",
+    "FeedbackConfig",
+    "FusedFeedbackExchange",
+    "FusedPath",
+    "SAFE_ABS",
+    "SAFE_SQUARE_ABS",
+    "SAFE_SUM_ABS",
+    "decided_on_device",
+    "fused_compress",
+    "fused_exchange",
+    "fused_path",
+    "on_device",
+    "refuses",
+    "register_fused",
+    "safely_finite",
+    "write_residual",
+]
+
+# -- the finiteness rule ----------------------------------------------------------------------
+# A fused path writes the new residual ``c - decode(code)`` in place and cannot undo it, so it
+# runs only where ``c`` is finite and every ``|c|`` lies below a bound at which its arithmetic
+# cannot overflow fp32 (max 3.4e38); anything else goes op by op, which checks the residual
+# itself. These bounds are the only ones: codecs and kernels take them from here.
+
+#: decoded values lie within ``c``'s range (signs times a mean, min-max or table levels), so
+#: ``c - decode(code)`` stays below ``2 * SAFE_ABS``
+SAFE_ABS = 1e38
+#: an fp32 sum of up to 2**31 such values stays finite (random-k poisons its values by one)
+SAFE_SUM_ABS = 1e29
+#: squares stay finite in fp32 (l2 norms: 1.8e19 squared overflows)
+SAFE_SQUARE_ABS = 1e18
+
+
+def safely_finite(total: float, amax: float, bound: float = SAFE_ABS) -> bool:
+    """Whether a fused path may update a residual in place: ``total`` (a sum of ``c``, in
+    fp64) is finite, so every ``c`` is, and the largest magnitude ``amax`` is below ``bound``
+    (:data:`SAFE_ABS`, or :data:`SAFE_SUM_ABS` / :data:`SAFE_SQUARE_ABS` for paths that sum
+    or square ``c`` in fp32)."""
+    return math.isfinite(total) and amax < bound
+
+
+_ON_DEVICE: contextvars.ContextVar[bool] = contextvars.ContextVar("on_device", default=False)
+
+
+@contextlib.contextmanager
+def decided_on_device() -> Iterator[None]:
+    """Within it, this thread's step is decided on the device (``nonfinite_check="device"``):
+    codecs and fused paths read no device value back to the host. A non-finite ``c`` then
+    reaches the payload and the averages instead of being refused, and the step's memory
+    changes are undone on the device (:meth:`ErrorFeedback.rollback_where`)."""
+    token = _ON_DEVICE.set(True)
+    try:
+        yield
+    finally:
+        _ON_DEVICE.reset(token)
+
+
+def on_device() -> bool:
+    """Whether this thread is inside :func:`decided_on_device`."""
+    return _ON_DEVICE.get()
+
+
+def refuses(total: float | Tensor, amax: float | Tensor, bound: float = SAFE_ABS) -> bool:
+    """Whether a fused path must refuse ``c`` (statistics from its kernels' pass): unless
+    :func:`safely_finite`, on the host; never inside :func:`decided_on_device`, where the
+    statistics stay device tensors and are not read."""
+    if on_device():
+        return False
+    return not safely_finite(float(total), float(amax), bound)
+
+
+# -- the residual, written once ----------------------------------------------------------------
+
+#: how a new residual that is not finite stays out of the memory (see :func:`write_residual`)
+Keep = Literal["host", "device", "unchecked"]
+
+
+def write_residual(
+    c: Tensor,
+    sent: Tensor | Callable[[Tensor], object] | None,
+    decay: float = 1.0,
+    *,
+    keep: Keep = "host",
+    into: Tensor | None = None,
+    owned: bool = True,
+) -> Tensor | None:
+    """Error feedback's new residual ``decay * (c - sent)``, kept only where finite: the one
+    place Python computes it (the fused kernels compute it in C and Triton, and take
+    ``decay`` as an argument).
+
+    Args:
+        c: the compensated tensor ``g + e`` (``u + e`` with momentum correction).
+        sent: what this worker sent for it: a tensor of ``c``'s shape and dtype; or a
+            function that removes it from its argument in place (a sparsifier clears the
+            elements it sent exactly, PowerSGD subtracts ``P Q^T`` in one ``addmm_``); or
+            None where ``c`` already holds ``c - sent`` (a kernel updated it in place).
+        decay: multiplies the new residual (:attr:`FeedbackConfig.decay`).
+        keep: ``"host"``: a residual that is not finite is checked with one host read and
+            refused (None is returned, ``into`` untouched). ``"device"``: ``into`` keeps its
+            old value unless every element is finite, decided on the device (no host read;
+            needs ``into``). ``"unchecked"``: kept as it is, where the caller knows it is
+            finite (a kernel refused unsafe input) or the step is undone on the device where
+            it is not (:meth:`ErrorFeedback.rollback_where`).
+        into: the stored residual to overwrite; None: the residual is returned in ``c``'s
+            memory (new memory unless ``owned``).
+        owned: ``c``'s memory may be overwritten (it is this step's own, not the caller's
+            gradient, the momentum or a payload's).
+
+    Returns:
+        the new residual (``into`` where given), or None where ``keep="host"`` refused it.
+    """
+    if sent is None:
+        r = c if owned else c.clone()
+    elif isinstance(sent, Tensor):
+        r = c.sub_(sent) if owned else c - sent
+    else:
+        r = c if owned else c.clone()
+        sent(r)
+    if keep == "host" and not all_finite(r):
+        return None
+    if decay != 1.0:
+        r.mul_(decay)
+    if into is None:
+        return r
+    if keep == "device":
+        torch.where(torch.isfinite(r).all(), r, into, out=into)
+    elif into is not r:
+        into.copy_(r)
+    return into
+
+
+# -- fused paths, registered by (codec, device) ---------------------------------------------------
+
+
+class FusedPath:
+    """A fused error-feedback path for a family of codecs on one kind of device: the numbers
+    of the op-by-op reference (:class:`ErrorFeedback` with ``fused=False``) in fewer passes
+    over memory, checked against it bit for bit (``tests/test_feedback_fused.py``). A codec
+    module registers one with :func:`register_fused`; the codec itself carries no
+    error-feedback methods. Each method returns None where it has nothing fused for these
+    tensors, and error feedback then goes op by op."""
+
+    def in_place(self, codec: Compressor[Any]) -> bool:
+        """Whether :meth:`compress` may update a residual in place (the step's journal then
+        keeps a copy first): where a path fuses it at all."""
+        return type(self).compress is not FusedPath.compress
+
+    def compress(
+        self, codec: Compressor[Any], g: Tensor, e: Tensor, key: str | None
+    ) -> tuple[Payload, Any] | None:
+        """All-gather side: the payload (and ``Context.extra``) of ``c = g + e`` for
+        non-empty ``g`` and ``e`` of one shape, with ``e`` overwritten by ``c - decode``
+        (before decay, which the caller applies); None, with ``e`` untouched, where there is
+        no kernel for these tensors or ``c`` is not safely finite (:func:`refuses`)."""
+        return None
+
+    def exchange(
+        self,
+        codec: Compressor[Any],
+        tensors: Sequence[Tensor],
+        residuals: Sequence[Tensor],
+        keys: Sequence[str | None],
+        world_size: int,
+        decay: float,
+    ) -> Exchange | None:
+        """All-reduce side: an :class:`Exchange` of ``c = tensor + residual`` that, when its
+        result is first read, overwrites each residual with ``decay * (c - local)`` (left as
+        it was where that is not finite, and untouched if the exchange is abandoned; one
+        that cannot roll back an overflow of finite values in place says so and resets to
+        zero). It may read ``tensors`` and ``residuals`` again then, so neither may change in
+        between. Arguments are checked, with at least one tensor."""
+        return None
+
+
+class _KernelPath(FusedPath):
+    """Every codec with fused kernels attached (``codec.kernels``): their encode updates the
+    residual in the same pass as the codes."""
+
+    def in_place(self, codec: Compressor[Any]) -> bool:
+        return codec.kernels is not None
+
+    def compress(
+        self, codec: Compressor[Any], g: Tensor, e: Tensor, key: str | None
+    ) -> tuple[Payload, Any] | None:
+        payload = None if codec.kernels is None else codec.kernels.compress(g, e)
+        return None if payload is None else (payload, None)
+
+
+_FUSED: dict[tuple[type, str], FusedPath] = {}
+#: the kinds of device a path serves unless told otherwise (the kernel dispatch picks C or
+#: Triton per tensor within it)
+DEVICES = ("cpu", "cuda")
+
+
+def register_fused(codec: type, path: FusedPath, devices: Sequence[str] = DEVICES) -> None:
+    """Serve error feedback for ``codec`` (and its subclasses without a path of their own) on
+    ``devices`` with ``path``."""
+    if not (isinstance(codec, type) and issubclass(codec, Compressor)):
+        raise ValueError(f"codec: expected a Compressor subclass, got {codec!r}")
+    if not isinstance(path, FusedPath):
+        raise ValueError(f"path: expected a FusedPath, got {type(path).__name__}")
+    for device in devices:
+        _FUSED[(codec, device)] = path
+
+
+def fused_path(codec: Compressor[Any], device: torch.device) -> FusedPath | None:
+    """The path registered for the nearest class of ``codec`` on ``device``'s kind."""
+    for cls in type(codec).__mro__:
+        path = _FUSED.get((cls, device.type))
+        if path is not None:
+            return path
+    return None
+
+
+register_fused(Compressor, _KernelPath())
+
+
+def fused_compress(
+    codec: Compressor[Any], tensor: Tensor, residual: Tensor, key: str | None = None
+) -> tuple[Payload, Context] | None:
+    """Error feedback's all-gather step in one go where a fused path serves: compress
+    ``c = tensor + residual`` and overwrite ``residual`` with ``c - decompress(payload)``
+    (before decay). None, with ``residual`` untouched, where none serves these tensors or
+    ``c`` is not safely finite; the caller then goes op by op, which also handles
+    non-finite input."""
+    check_tensor(tensor)
+    path = fused_path(codec, tensor.device)
+    if path is None or tensor.numel() == 0 or residual.shape != tensor.shape:
+        return None
+    with codec.working_on(key):
+        out = path.compress(codec, tensor.reshape(-1), residual.view(-1), key)
+    if out is None:
+        return None
+    payload, extra = out
+    return payload, Context(tensor.shape, tensor.dtype, tensor.device, extra)
+
+
+def fused_exchange(
+    codec: Compressor[Any],
+    tensors: Sequence[Tensor],
+    residuals: Sequence[Tensor],
+    keys: Sequence[str | None],
+    world_size: int,
+    decay: float = 1.0,
+) -> Exchange | None:
+    """Error feedback's all-reduce exchange in fused kernels where a path serves (see
+    :meth:`FusedPath.exchange`); None: compensate and update op by op around
+    ``codec.exchange``."""
+    keys = check_group(tensors, keys, world_size)
+    if len(residuals) != len(tensors):
+        raise ValueError(f"residuals: got {len(residuals)} for {len(tensors)} tensors")
+    if not tensors:
+        return None
+    path = fused_path(codec, tensors[0].device)
+    if path is None:
+        return None
+    return path.exchange(codec, tensors, residuals, keys, world_size, decay)
+
+
+class FusedFeedbackExchange(Exchange):
+    """Base of the exchanges :meth:`FusedPath.exchange` returns: it holds the flat gradients
+    and residuals and commits the residuals (:meth:`_commit`) once, when the result is first
+    read, and never after :meth:`abandon`. Subclasses set ``_reduced`` in :meth:`receive`."""
+
+    def __init__(self, tensors: Sequence[Tensor], residuals: Sequence[Tensor], decay: float):
+        self._grads = [t.reshape(-1) for t in tensors]
+        self._residuals = [e.view(-1) for e in residuals]
+        self._shapes = [t.shape for t in tensors]
+        self._decay = decay
+        self._reduced: list[Tensor] | None = None
+        self._done = False
+
+    @abstractmethod
+    def _commit(self) -> None:
+        """Write every new residual (in place, where finite)."""
+
+    def _ready(self) -> list[Tensor]:
+        """The reduced pieces, one per tensor, the residuals committed first (once)."""
+        if self._reduced is None:
+            if not self._grads:
+                return []
+            raise RuntimeError("exchange: result() called before its round was received")
+        if not self._done:
+            self._done = True
+            self._commit()
+        return self._reduced
+
+    def abandon(self) -> None:
+        self._done = True
 
 
 @dataclass(frozen=True)
@@ -257,6 +551,11 @@ class ErrorFeedback:
         e = self._stored(key, tensor)
         return (u, momentum) if e is None else (u + e, momentum)
 
+    def _keep(self) -> Keep:
+        """A non-finite new residual is refused on the host, unless the step is decided on
+        the device (then it is undone with the rest of the step)."""
+        return "unchecked" if self._on_device else "host"
+
     def _update(
         self,
         key: str,
@@ -265,11 +564,13 @@ class ErrorFeedback:
         sent: Tensor,
         in_place: bool = False,
     ) -> None:
-        # In place only when ``compensated`` is this step's own memory (a failed finiteness
-        # check below then leaves nothing that matters behind).
+        # In place only when ``compensated`` is this step's own memory (a refused residual
+        # then leaves nothing that matters behind).
         sent = sent.to(compensated.dtype)
-        residual = compensated.sub_(sent) if in_place else compensated - sent
-        if not self._on_device and not all_finite(residual):
+        residual = write_residual(
+            compensated, sent, self.config.decay, keep=self._keep(), owned=in_place
+        )
+        if residual is None:
             return
         if momentum is not None:
             if self.config.momentum_masking:
@@ -279,40 +580,42 @@ class ErrorFeedback:
         self._store(key, residual)
 
     def _store(self, key: str, residual: Tensor) -> None:
-        """Keep a finite new residual; after a non-finite one the old stays in place (checked
-        on the host, unless the step is decided on the device)."""
-        if not self._on_device and not all_finite(residual):
-            return
-        if self.config.decay != 1.0:
-            residual.mul_(self.config.decay)
         self._touch(key)
         self._residuals[key] = residual
 
     def compress(self, key: str, tensor: Tensor) -> tuple[Payload, Context]:
         """Compensate ``tensor`` with ``key``'s residual, compress, and store the new residual.
 
-        Three ways, fastest first: the compressor's fused kernel (the residual is updated in
-        place, see :meth:`Compressor.compress_feedback`); else op by op, with the new residual
-        computed in the compensated tensor's own memory (sparsifiers touch only what they
-        sent); else, with momentum correction or a payload that is a view of the compensated
-        tensor, the textbook ``c - decompress(payload)`` into new memory.
+        Three ways, fastest first: the fused path registered for the compressor and device
+        (the residual is updated in place, see :func:`fused_compress`); else op by op, with
+        the new residual computed in the compensated tensor's own memory (sparsifiers touch
+        only what they sent); else, with momentum correction or a payload that is a view of
+        the compensated tensor, the textbook ``c - decompress(payload)`` into new memory.
         """
         c = self._current
         e = self._stored(key, tensor)
         # A key's first step has no residual to update in place; it goes op by op.
         if self.fused and self.config.momentum == 0 and e is not None:
-            if c.fuses_feedback:
+            path = fused_path(c, tensor.device)
+            if path is not None and path.in_place(c):
                 self._touch(key, in_place=True)
-            fused = c.compress_feedback(tensor, e, key)
+            fused = fused_compress(c, tensor, e, key)
             if fused is not None:
-                # Updated in place, and finite: kernels refuse input that could overflow it.
-                if self.config.decay != 1.0:
-                    e.mul_(self.config.decay)
+                # Updated in place, and finite: kernels refuse input that could overflow it
+                # (unless the step is decided on the device, which undoes it where not).
+                write_residual(e, None, self.config.decay, keep="unchecked")
                 return fused
         compensated, momentum = self._compensate(key, tensor)
         payload, ctx = c.compress(compensated.to(tensor.dtype), key)
         if momentum is None and not any(_shares(t, compensated) for t in (tensor, *payload)):
-            self._store(key, c.subtract_sent_(compensated, payload, ctx))
+            residual = write_residual(
+                compensated,
+                lambda target: c.subtract_sent_(target, payload, ctx),
+                self.config.decay,
+                keep=self._keep(),
+            )
+            if residual is not None:
+                self._store(key, residual)
         else:
             self._update(key, compensated, momentum, c.decompress(payload, ctx))
         return payload, ctx
@@ -347,7 +650,7 @@ class ErrorFeedback:
     ) -> Exchange:
         """An all-reduce exchange of compensated tensors; residuals update when it finishes.
         Leave ``tensors`` unchanged until ``result()`` is read: a fused exchange
-        (:meth:`Compressor.exchange_feedback`) reads them again then."""
+        (:func:`fused_exchange`) reads them again then."""
         if len(keys) != len(tensors):
             raise ValueError(f"keys: got {len(keys)} keys for {len(tensors)} tensors")
         # A fused exchange updates stored residuals in place, so every key needs one (a key's
@@ -356,8 +659,8 @@ class ErrorFeedback:
             stored = [self._stored(k, t) for k, t in zip(keys, tensors)]
             residuals = [e for e in stored if e is not None]
             if len(residuals) == len(stored):
-                fused = self._current.exchange_feedback(
-                    tensors, residuals, keys, world_size, self.config.decay
+                fused = fused_exchange(
+                    self._current, tensors, residuals, keys, world_size, self.config.decay
                 )
                 if fused is not None:
                     # It updates the residuals in place only when its result is first read.

@@ -228,3 +228,37 @@ def test_rollback_where_restores_a_residual_popped_this_step() -> None:
     ef.pop("w")
     ef.rollback_where(torch.tensor(False))
     assert not ef.residual("w").any()  # kept removed: zero memory sends what none does
+
+
+def test_write_residual_keeps_a_non_finite_residual_out_each_way() -> None:
+    from commhooks.feedback import write_residual
+
+    c, sent = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.5, 0.5])
+    assert torch.equal(write_residual(c.clone(), sent, 0.5), torch.tensor([0.25, 0.75, 1.25]))
+    clear = write_residual(c.clone(), lambda t: t.index_fill_(0, torch.tensor([1]), 0.0))
+    assert torch.equal(clear, torch.tensor([1.0, 0.0, 3.0]))
+    bad = torch.tensor([1.0, float("inf"), 3.0])
+    assert write_residual(bad.clone(), sent) is None  # refused on the host
+    old = torch.tensor([7.0, 7.0, 7.0])
+    write_residual(bad.clone(), sent, keep="device", into=old)  # kept out on the device
+    assert torch.equal(old, torch.tensor([7.0, 7.0, 7.0]))
+    write_residual(c.clone(), sent, keep="device", into=old)
+    assert torch.equal(old, torch.tensor([0.5, 1.5, 2.5]))
+    kept = write_residual(bad, sent, keep="unchecked")  # the step decides elsewhere
+    assert kept is not None and not bool(torch.isfinite(kept).all())
+    mine = c.clone()
+    write_residual(mine, sent, owned=False)
+    assert torch.equal(mine, c)  # not this step's memory: left alone
+
+
+def test_fused_paths_are_found_along_the_class_hierarchy_and_checked() -> None:
+    from commhooks.compressors._sparse import SparseFeedback
+    from commhooks.feedback import FusedPath, fused_path, register_fused
+
+    cpu = torch.device("cpu")
+    assert isinstance(fused_path(commhooks.compressor("dgc"), cpu), SparseFeedback)
+    assert type(fused_path(commhooks.compressor("sign"), cpu)).__name__ == "_KernelPath"
+    with pytest.raises(ValueError, match="codec"):
+        register_fused(int, FusedPath())
+    with pytest.raises(ValueError, match="path"):
+        register_fused(type(commhooks.compressor("sign")), object())  # type: ignore[arg-type]

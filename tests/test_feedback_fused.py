@@ -1,7 +1,9 @@
 """Every fused error-feedback path against the op-by-op reference (``fused=False``).
 
-The fused paths are the compressors' ``compress_feedback`` kernels (native quantizers and
-sparsifiers) and ``exchange_feedback`` exchanges (casts, random-k, PowerSGD). Each runs the
+The fused paths are those registered in :mod:`commhooks.feedback` by (codec, device): the
+kernels' fused encodes (native quantizers and sparsifiers) and the fused exchanges (casts,
+random-k, PowerSGD); tests/comm/test_fused_memories.py runs them through the reduce-scatter
+server memories. Each runs the
 same sequence of steps as the reference: normal steps, a step with a non-finite value, an
 abandoned exchange, a step rolled back by the transaction, and steps after a checkpoint
 round trip. Payloads, results and residuals must agree bit for bit, except where a path says

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 from commhooks.coding.bitpack import bits_for, pack_bits, unpack_bits
 
-__all__ = ["IndexCoding", "decode_indices", "encode_indices", "index_nbytes"]
+__all__ = ["IndexCoding", "decode_indices", "encode_indices", "index_nbytes", "static_form"]
 
 IndexCoding = Literal["auto", "smallest", "fixed", "bitmap", "delta"]
 INDEX_CODINGS: tuple[str, ...] = ("auto", "smallest", "fixed", "bitmap", "delta")
@@ -129,16 +129,31 @@ def _encode_static(tag: int, idx: Tensor, n: int) -> Tensor:
     return pack_bits(mask, 1)
 
 
-def decode_indices(code: Tensor, n: int) -> Tensor:
-    """Inverse of :func:`encode_indices`: sorted int64 indices."""
+def static_form(k: int, n: int, coding: str) -> tuple[int, int] | None:
+    """``(tag, k)`` of every code of k of n indices under ``coding``, where both follow from
+    (k, n) alone (``auto``, ``fixed``, ``bitmap``); else None."""
+    if coding == "auto":
+        return _static_choice(k, n)[0], k
+    if coding in ("fixed", "bitmap"):
+        return (_FIXED if coding == "fixed" else _BITMAP), k
+    return None
+
+
+def decode_indices(code: Tensor, n: int, form: tuple[int, int] | None = None) -> Tensor:
+    """Inverse of :func:`encode_indices`: sorted int64 indices. ``form``: the code's
+    :func:`static_form`, where the caller knows it; the tag and the count are then not read
+    back from the code (no host read of device data)."""
     if code.numel() == 0:
         raise ValueError("index code: empty (the tag byte is missing)")
-    tag, body = int(code[0]), code[1:]
+    tag, body = (int(code[0]) if form is None else form[0]), code[1:]
     if tag == _FIXED:
         w = _width(n)
         return unpack_bits(body, w, body.numel() * 8 // w)
     if tag == _BITMAP:
-        return unpack_bits(body, 1, n).nonzero().squeeze(1)
+        bits = unpack_bits(body, 1, n)
+        if form is not None:
+            return torch.nonzero_static(bits, size=form[1]).squeeze(1)
+        return bits.nonzero().squeeze(1)
     if tag == _DELTA:
         return _delta_decode(body)
     raise ValueError(f"index code: unknown tag {tag}")

@@ -150,9 +150,11 @@ class Transport(ABC):
     #: whether :meth:`_run` sums ``ride`` inside its own collectives (else :meth:`run`
     #: all-reduces it on its own first)
     carries_ride: bool = False
-    #: whether an exchange completes without reading device values on the host, so the
-    #: engine can decide on overflows on the device (``nonfinite_check="device"``)
-    device_checks: bool = False
+    #: whether an exchange completes without reading device values on the host for its
+    #: checks, so the engine can decide on overflows on the device
+    #: (``nonfinite_check="device"``); a gathering transport still reads the sizes of
+    #: data-dependent payloads
+    device_checks: bool = True
     #: whether a pass-through compressor's exchange (``identity`` without error feedback) is
     #: a plain sum over the whole group: the engine then all-reduces whole buffers in place
     sums_in_place: bool = False
@@ -312,7 +314,6 @@ class AllReduceTransport(Transport):
             )
 
     carries_ride = True
-    device_checks = True
     sums_in_place = True
 
     def _run(
@@ -472,8 +473,13 @@ class ReduceScatterTransport(Transport):
         comm: Collectives | dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__(compressor, feedback, comm)
-        # The server's memory: what its re-compression of the averaged pieces dropped.
-        self.server = ErrorFeedback(type(compressor)(compressor.config)) if feedback else None
+        # The server's memory: what its re-compression of the averaged pieces dropped. Fused
+        # or op by op as the clients' (the reference run checks both sides).
+        self.server = (
+            ErrorFeedback(type(compressor)(compressor.config), fused=feedback.fused)
+            if feedback
+            else None
+        )
 
     @classmethod
     def check(cls, compressor: Compressor[Any]) -> None:

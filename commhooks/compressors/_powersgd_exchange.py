@@ -1,7 +1,8 @@
 """PowerSGD's two-round all-reduce exchanges: the plain one and error feedback's fused one.
 
 Built by :meth:`PowerSGD.exchange <commhooks.compressors.powersgd.PowerSGD.exchange>` and
-``exchange_feedback``; import them from :mod:`commhooks.compressors.powersgd`.
+``_exchange_feedback`` (its fused path); import them from
+:mod:`commhooks.compressors.powersgd`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 from commhooks.compressors._powersgd_memory import WarmStartMemory, unit_columns
 from commhooks.compressors._powersgd_ops import as_matrix, mq, mtp, orthogonalize, stack_matrices
 from commhooks.compressors.base import Exchange, Message, ReduceOp, all_finite, compute_dtype
+from commhooks.feedback import write_residual
 
 __all__ = ["FusedPowerSGDExchange", "LowRankCompressor", "PowerSGDExchange"]
 
@@ -428,8 +430,10 @@ class FusedPowerSGDExchange(PowerSGDExchange):
                 if not ok[j]:
                     continue
                 e = self._residuals[i].view(b.n, b.m)
-                e.add_(self._tensors[i].reshape(b.n, b.m))
-                e.addmm_(b.p[j], b.q_local[j].T, beta=self._decay, alpha=-self._decay)
+                p, q = b.p[j], b.q_local[j]
+                sent = lambda c, p=p, q=q: c.addmm_(p, q.T, alpha=-1)  # noqa: E731
+                write_residual(e.add_(self._tensors[i].reshape(b.n, b.m)), sent, self._decay,
+                               keep="unchecked")  # fmt: skip
                 if check and not all_finite(e):
                     e.zero_()
         for i in self._dense:

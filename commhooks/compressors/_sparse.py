@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -17,12 +18,14 @@ from commhooks.compressors.base import (
     Payload,
     compute_dtype,
 )
+from commhooks.feedback import FusedPath, on_device, register_fused, write_residual
 from commhooks.kernels.backend import Backend
 from commhooks.kernels.dispatch import backend_for
 
 __all__ = [
+    "SparseFeedback",
     "Sparsifier",
-    "clear_sent_",
+    "sent_exactly",
     "keep_count",
     "kernel_candidates",
     "select_kernels",
@@ -123,10 +126,10 @@ def select_at_least(magnitude: Tensor, threshold: Tensor) -> Tensor:
     return (~(magnitude < threshold.to(magnitude.dtype))).nonzero().squeeze(1)
 
 
-def clear_sent_(e: Tensor, g: Tensor, idx: Tensor) -> Tensor:
-    """Error feedback's new residual in ``e``'s memory for a sparsifier that sent the exact
-    values of ``c = g + e`` at ``idx``: ``c`` with those elements cleared."""
-    return e.add_(g).index_fill_(0, idx, 0.0)
+def sent_exactly(idx: Tensor) -> Callable[[Tensor], Tensor]:
+    """What a sparsifier that sent the exact values of ``c`` at ``idx`` removes from ``c``
+    (for :func:`~commhooks.feedback.write_residual`): it clears those elements."""
+    return lambda c: c.index_fill_(0, idx, 0.0)
 
 
 class Sparsifier(Compressor[C]):
@@ -160,24 +163,22 @@ class Sparsifier(Compressor[C]):
         idx = self._select(flat, key).sort().values
         return self._payload(idx, flat[idx], flat.numel()), None
 
-    def _compress_feedback(
-        self, tensor: Tensor, residual: Tensor, key: str | None
-    ) -> tuple[Payload, Any] | None:
-        g, e = tensor.reshape(-1), residual.view(-1)
-        picked = self._native_pick(g, e)
-        if picked is None:
-            return None
-        idx, val = picked
-        clear_sent_(e, g, idx)
-        return self._payload(idx, val, g.numel()), None
-
     def _payload(self, idx: Tensor, values: Tensor, n: int) -> Payload:
         """``(values, index code)`` for sorted positions ``idx`` of an ``n``-element tensor."""
         return values, encode_indices(idx, n, self._index_coding)
 
     def indices(self, index_payload: Payload, ctx: Context) -> Tensor:
         """Where the values of a payload go, decoded from the payload's index part."""
-        return decode_indices(index_payload[0], ctx.numel)
+        # Inside a step decided on the device every payload comes from this config (one
+        # transport, one compressor), so the form it fixes need not be read back.
+        form = self._index_form(ctx.numel) if on_device() else None
+        return decode_indices(index_payload[0], ctx.numel, form)
+
+    def _index_form(self, n: int) -> tuple[int, int] | None:
+        """The index code's (tag, count) for an ``n``-element tensor where the config fixes
+        both (see :func:`~commhooks.coding.indices.static_form`); None: read from the code,
+        as for a payload of any config."""
+        return None
 
     def scatter(self, values: Tensor, idx: Tensor, ctx: Context) -> Tensor:
         if values.numel() != idx.numel():
@@ -208,3 +209,24 @@ class Sparsifier(Compressor[C]):
             if p:
                 acc.index_add_(0, self.indices(p[1:], ctx), p[0].to(acc.dtype))
         return acc.view(ctx.shape)
+
+
+class SparseFeedback(FusedPath):
+    """The sparsifiers' fused error feedback: the selection kernel finds the values of
+    ``c = g + e`` to send without writing anything, then the residual is ``c`` with them
+    cleared, in ``e``'s memory."""
+
+    def compress(
+        self, codec: Compressor[Any], g: Tensor, e: Tensor, key: str | None
+    ) -> tuple[Payload, Any] | None:
+        assert isinstance(codec, Sparsifier)
+        picked = codec._native_pick(g, e)
+        if picked is None:
+            return None
+        idx, val = picked
+        # Finite: the kernel reports a non-finite c, and the pick then refuses.
+        write_residual(e.add_(g), sent_exactly(idx), keep="unchecked")
+        return codec._payload(idx, val, g.numel()), None
+
+
+register_fused(Sparsifier, SparseFeedback())

@@ -53,6 +53,7 @@ from commhooks.compressors.base import (
     Payload,
     compute_dtype,
 )
+from commhooks.feedback import safely_finite
 from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 
@@ -313,8 +314,8 @@ class AdaptiveKernels(FusedCodec):
         key = owner._active
         n = g.numel()
         old = owner._stats.get(key) if key is not None else None
-        # Below 1e38 everywhere, c - decode(code) stays finite: the residual needs no undo.
-        if old is not None and max(abs(old.lo), abs(old.hi)) >= 1e38:
+        # Safely finite everywhere, c - decode(code) stays finite: the residual needs no undo.
+        if old is not None and not safely_finite(0.0, max(abs(old.lo), abs(old.hi))):
             return None
         # Sums of d = c - pivot, the pivot near the mean (the running range's centre, else the
         # first element), so that E[d^2] - E[d]^2 does not cancel when the mean dominates.
@@ -322,7 +323,7 @@ class AdaptiveKernels(FusedCodec):
             (old.lo + old.hi) / 2 if old is not None else float(g[0] + (0 if e is None else e[0]))
         )
         st = ops.chunk_stats(g, e, n, minmax=True, squares=True, pivot=pivot)
-        if not math.isfinite(st.total) or st.amax >= 1e38:
+        if not safely_finite(st.total, st.amax):
             return None
         assert st.sumsq is not None and st.lo is not None and st.hi is not None
         # fp32 lane sums gathered in fp64: torch's var() to about 1e-6 relative, not bit for

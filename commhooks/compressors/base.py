@@ -17,9 +17,10 @@ ones (PowerSGD, shared-scale integer quantization) implement it.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -40,7 +41,6 @@ __all__ = [
     "Kind",
     "Message",
     "Payload",
-    "FusedFeedbackExchange",
     "ReduceOp",
     "SingleRoundExchange",
     "all_finite",
@@ -182,7 +182,8 @@ class Compressor(ABC, Generic[C]):
     #: builds when it is set up rather than in the first training step
     uses_native_kernels: ClassVar[bool] = True
     #: fused kernels attached by composition (:class:`~commhooks.kernels.codec.FusedCodec`),
-    #: tried before the torch code of ``_compress``/``_decompress``; None: torch only
+    #: tried before the torch code of ``_compress``/``_decompress`` (and by error feedback's
+    #: fused path, :mod:`commhooks.feedback`); None: torch only
     kernels: FusedCodec | None = None
 
     def __init__(self, config: C) -> None:
@@ -213,84 +214,20 @@ class Compressor(ABC, Generic[C]):
         check_tensor(tensor)
         if tensor.numel() == 0:
             return (), Context(tensor.shape, tensor.dtype, tensor.device)
-        outer, self._active = self._active, key
-        try:
+        with self.working_on(key):
             fast = None if self.kernels is None else self.kernels.compress(tensor)
             payload, extra = (fast, None) if fast is not None else self._compress(tensor, key)
-        finally:
-            self._active = outer
         return payload, Context(tensor.shape, tensor.dtype, tensor.device, extra)
 
-    def compress_feedback(
-        self, tensor: Tensor, residual: Tensor, key: str | None = None
-    ) -> tuple[Payload, Context] | None:
-        """Error feedback's step in one go, where the compressor has a fused kernel for it:
-        compress ``c = tensor + residual`` and overwrite ``residual`` with
-        ``c - decompress(payload)``. Returns None, with ``residual`` untouched, where it has no
-        fused kernel for these tensors or ``c`` is not safely finite (so a residual it writes
-        is finite); the caller then takes the op-by-op path, which also handles non-finite
-        input."""
-        check_tensor(tensor)
-        if tensor.numel() == 0 or residual.shape != tensor.shape:
-            return None
+    @contextlib.contextmanager
+    def working_on(self, key: str | None) -> Iterator[None]:
+        """Within it, :meth:`generator` and per-key state default to ``key`` (the tensor
+        being compressed; nested calls restore the outer key)."""
         outer, self._active = self._active, key
         try:
-            out = self._compress_feedback(tensor, residual, key)
+            yield
         finally:
             self._active = outer
-        if out is None:
-            return None
-        payload, extra = out
-        return payload, Context(tensor.shape, tensor.dtype, tensor.device, extra)
-
-    def _compress_feedback(
-        self, tensor: Tensor, residual: Tensor, key: str | None
-    ) -> tuple[Payload, Any] | None:
-        """Fused kernel behind :meth:`compress_feedback`; None where there is none. The
-        attached :attr:`kernels` serve by default."""
-        payload = None if self.kernels is None else self.kernels.compress(tensor, residual)
-        return None if payload is None else (payload, None)
-
-    @property
-    def fuses_feedback(self) -> bool:
-        """Whether :meth:`compress_feedback` may update a residual in place."""
-        own = type(self)._compress_feedback is not Compressor._compress_feedback
-        return own or self.kernels is not None
-
-    def exchange_feedback(
-        self,
-        tensors: Sequence[Tensor],
-        residuals: Sequence[Tensor],
-        keys: Sequence[str | None],
-        world_size: int,
-        decay: float = 1.0,
-    ) -> Exchange | None:
-        """Error feedback's all-reduce exchange in fused kernels, where the compressor has them:
-        an :class:`Exchange` of ``c = tensor + residual`` that, when :meth:`Exchange.result`
-        is first read, overwrites each residual with ``decay * (c - local)`` (left as it was
-        where that is not finite, and untouched if the exchange is abandoned; an exchange that
-        cannot roll back an overflow of finite values in place says so, and resets to zero).
-        It may read ``tensors`` and ``residuals`` again then, so neither may change in
-        between. None where it has no such kernels; :class:`~commhooks.feedback.ErrorFeedback`
-        then compensates and updates op by op around :meth:`exchange`."""
-        keys = check_group(tensors, keys, world_size)
-        if len(residuals) != len(tensors):
-            raise ValueError(f"residuals: got {len(residuals)} for {len(tensors)} tensors")
-        if not tensors:
-            return None
-        return self._exchange_feedback(tensors, residuals, keys, world_size, decay)
-
-    def _exchange_feedback(
-        self,
-        tensors: Sequence[Tensor],
-        residuals: Sequence[Tensor],
-        keys: Sequence[str | None],
-        world_size: int,
-        decay: float,
-    ) -> Exchange | None:
-        """The fused exchange behind :meth:`exchange_feedback` (arguments checked, at least
-        one tensor); None where there is none."""
-        return None
 
     def subtract_sent_(self, target: Tensor, payload: Payload, ctx: Context) -> Tensor:
         """``target -= decompress(payload)`` in place (error feedback's new residual).
@@ -387,39 +324,6 @@ class Compressor(ABC, Generic[C]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
-
-
-class FusedFeedbackExchange(Exchange):
-    """Base of the exchanges :meth:`Compressor.exchange_feedback` returns: it holds the flat
-    gradients and residuals and commits the residuals (:meth:`_commit`) once, when the
-    result is first read, and never after :meth:`abandon`. Subclasses set ``_reduced`` in
-    :meth:`receive`."""
-
-    def __init__(self, tensors: Sequence[Tensor], residuals: Sequence[Tensor], decay: float):
-        self._grads = [t.reshape(-1) for t in tensors]
-        self._residuals = [e.view(-1) for e in residuals]
-        self._shapes = [t.shape for t in tensors]
-        self._decay = decay
-        self._reduced: list[Tensor] | None = None
-        self._done = False
-
-    @abstractmethod
-    def _commit(self) -> None:
-        """Write every new residual (in place, where finite)."""
-
-    def _ready(self) -> list[Tensor]:
-        """The reduced pieces, one per tensor, the residuals committed first (once)."""
-        if self._reduced is None:
-            if not self._grads:
-                return []
-            raise RuntimeError("exchange: result() called before its round was received")
-        if not self._done:
-            self._done = True
-            self._commit()
-        return self._reduced
-
-    def abandon(self) -> None:
-        self._done = True
 
 
 class SingleRoundExchange(Exchange):

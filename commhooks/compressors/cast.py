@@ -16,13 +16,19 @@ from commhooks.compressors.base import (
     CompressorConfig,
     Context,
     Exchange,
-    FusedFeedbackExchange,
     Kind,
     Message,
     Payload,
     ReduceOp,
     SingleRoundExchange,
     check_group,
+)
+from commhooks.feedback import (
+    FusedFeedbackExchange,
+    FusedPath,
+    on_device,
+    register_fused,
+    write_residual,
 )
 from commhooks.kernels import backend_for, backend_for_device
 from commhooks.kernels.backend import Backend, Finite, host_finite
@@ -79,23 +85,6 @@ class Cast(Compressor[CastConfig]):
     def _decompress(self, payload: Payload, ctx: Context) -> Tensor:
         return payload[0]
 
-    def _compress_feedback(
-        self, tensor: Tensor, residual: Tensor, key: str | None
-    ) -> tuple[Payload, Any] | None:
-        """Error feedback's compress (all-gather transports) in the cast kernels: two passes,
-        and None (residual untouched) where a cast value is not finite."""
-        target = self.config.target
-        ops = _cast_ops(target, tensor, residual) if _fp32(tensor, residual) else None
-        if ops is None:
-            return None
-        g, e = tensor.reshape(-1), residual.view(-1)
-        half = torch.empty(g.numel(), dtype=target, device=g.device)
-        finite = ops.cast_encode(g, e, 1.0, half)
-        if not host_finite(finite):  # all-gather transports: their one host read
-            return None
-        ops.cast_residual(g, e, 1.0, half, 1.0, True)
-        return (half,), None
-
     def exchange(
         self,
         tensors: Sequence[Tensor],
@@ -105,8 +94,36 @@ class Cast(Compressor[CastConfig]):
         keys = check_group(tensors, keys, world_size)
         return SingleRoundExchange(self, tensors, keys, prescale=self._prescale(world_size))
 
-    def _exchange_feedback(
+    def _prescale(self, world_size: int) -> float:
+        return 1.0 / world_size if self.config.prescale else 1.0
+
+
+class _CastFeedback(FusedPath):
+    """The casts' fused error feedback: the cast kernels on fp32 tensors."""
+
+    def compress(
+        self, codec: Compressor[Any], g: Tensor, e: Tensor, key: str | None
+    ) -> tuple[Payload, Any] | None:
+        """All-gather transports: two passes, and None (residual untouched) where a cast
+        value is not finite."""
+        assert isinstance(codec, Cast)
+        target = codec.config.target
+        ops = _cast_ops(target, g, e) if _fp32(g, e) else None
+        if ops is None:
+            return None
+        half = torch.empty(g.numel(), dtype=target, device=g.device)
+        finite = ops.cast_encode(g, e, 1.0, half)
+        if on_device():  # the residual kernel reads the flag: nothing read back
+            ops.cast_residual(g, e, 1.0, half, 1.0, finite)
+            return (half,), None
+        if not host_finite(finite):  # all-gather transports: their one host read
+            return None
+        ops.cast_residual(g, e, 1.0, half, 1.0, True)
+        return (half,), None
+
+    def exchange(
         self,
+        codec: Compressor[Any],
         tensors: Sequence[Tensor],
         residuals: Sequence[Tensor],
         keys: Sequence[str | None],
@@ -115,16 +132,17 @@ class Cast(Compressor[CastConfig]):
     ) -> Exchange | None:
         """Error feedback around the cast in two passes over the gradient where the cast
         kernels serve (fp32 gradients and residuals only); see :class:`FusedCastExchange`."""
+        assert isinstance(codec, Cast)
         fp32 = all(_fp32(t, e) for t, e in zip(tensors, residuals))
         ops = backend_for_device(tensors[0].device, "cast")
-        if not (fp32 and ops is not None and ops.casts(self.config.target)):
+        if not (fp32 and ops is not None and ops.casts(codec.config.target)):
             return None
         return FusedCastExchange(
-            self.config.target, tensors, residuals, self._prescale(world_size), decay
+            codec.config.target, tensors, residuals, codec._prescale(world_size), decay
         )
 
-    def _prescale(self, world_size: int) -> float:
-        return 1.0 / world_size if self.config.prescale else 1.0
+
+register_fused(Cast, _CastFeedback())
 
 
 def _cast_ops(target: torch.dtype, *tensors: Tensor, numel: int | None = None) -> Backend | None:
@@ -209,11 +227,8 @@ class FusedCastExchange(FusedFeedbackExchange):
             if ops is not None and finite is not None:
                 ops.cast_residual(g, e, s, h, decay, finite)
             elif finite is None:
-                residual = (g + e).sub_(h.to(e.dtype).div_(s))
-                if decay != 1.0:
-                    residual.mul_(decay)
                 # Kept only where every element is finite, decided on the device (no read).
-                e.copy_(torch.where(torch.isfinite(residual).all(), residual, e))
+                write_residual(g + e, h.to(e.dtype).div_(s), decay, keep="device", into=e)
 
     def _decode(self, halves: Sequence[Tensor]) -> list[Tensor]:
         out = []

@@ -43,6 +43,7 @@ from commhooks.compressors.base import (
     Payload,
     compute_dtype,
 )
+from commhooks.feedback import on_device, refuses
 from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 
@@ -308,9 +309,9 @@ class NonUniformKernels(FusedCodec):
 
     def encode(self, ops: Backend, g: Tensor, e: Tensor | None) -> Payload | None:
         cfg = self.owner.config
-        st = ops.chunk_stats(g, e, cfg.chunk, minmax=True)
-        # |c| < 1e38 keeps c - decode(symbol) finite, so the residual needs no undo.
-        if not math.isfinite(st.total) or st.amax >= 1e38:
+        st = ops.chunk_stats(g, e, cfg.chunk, minmax=True, host=not on_device())
+        # c - decode(symbol) stays finite, so the residual needs no undo.
+        if refuses(st.total, st.amax):
             return None
         assert st.lo is not None and st.hi is not None
         # max |c| per chunk, exactly; abs_ turns an all-zero chunk's -0 (max(0, -0)) into the

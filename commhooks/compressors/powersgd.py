@@ -44,6 +44,7 @@ from commhooks.compressors.base import (
     check_tensor,
     compute_dtype,
 )
+from commhooks.feedback import FusedPath, register_fused
 from commhooks.registry import register
 
 __all__ = [
@@ -281,3 +282,22 @@ class PowerSGD(Compressor[PowerSGDConfig]):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.memory.load_state_dict(state.get("q", {}))
+
+
+class _PowerSGDFeedback(FusedPath):
+    """PowerSGD's fused error feedback: :class:`FusedPowerSGDExchange`."""
+
+    def exchange(
+        self,
+        codec: Compressor[Any],
+        tensors: Sequence[Tensor],
+        residuals: Sequence[Tensor],
+        keys: Sequence[str | None],
+        world_size: int,
+        decay: float,
+    ) -> Exchange | None:
+        assert isinstance(codec, PowerSGD)
+        return codec._exchange_feedback(tensors, residuals, keys, world_size, decay)
+
+
+register_fused(PowerSGD, _PowerSGDFeedback())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -22,6 +21,7 @@ from commhooks.compressors.base import (
     Payload,
     compute_dtype,
 )
+from commhooks.feedback import SAFE_SQUARE_ABS, on_device, refuses
 from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 
@@ -137,8 +137,8 @@ class QSGDKernels(FusedCodec):
     def encode(self, ops: Backend, g: Tensor, e: Tensor | None) -> Payload | None:
         cfg = self.owner.config
         l2 = cfg.norm == "l2"
-        st = ops.chunk_stats(g, e, cfg.chunk, minmax=not l2, squares=l2)
-        if not math.isfinite(st.total) or st.amax >= 1e18:  # squares overflow fp32 past ~1.8e19
+        st = ops.chunk_stats(g, e, cfg.chunk, minmax=not l2, squares=l2, host=not on_device())
+        if refuses(st.total, st.amax, SAFE_SQUARE_ABS):
             return None
         if l2:
             assert st.sumsq is not None

@@ -11,19 +11,26 @@ import torch
 from torch import Tensor
 
 from commhooks._validate import check_bool, check_int, check_ratio
-from commhooks.compressors._sparse import Sparsifier, clear_sent_, keep_count
+from commhooks.compressors._sparse import SparseFeedback, Sparsifier, keep_count, sent_exactly
 from commhooks.compressors.base import (
     Capabilities,
+    Compressor,
     CompressorConfig,
     Context,
     Exchange,
-    FusedFeedbackExchange,
     Kind,
     Message,
     Payload,
     ReduceOp,
     poison,
     shared_generator,
+)
+from commhooks.feedback import (
+    SAFE_SUM_ABS,
+    FusedFeedbackExchange,
+    register_fused,
+    safely_finite,
+    write_residual,
 )
 from commhooks.kernels import Backend, backend_for, backend_for_device
 from commhooks.registry import register
@@ -100,8 +107,13 @@ class RandomK(Sparsifier[RandomKConfig]):
     def indices(self, index_payload: Payload, ctx: Context) -> Tensor:
         return ctx.extra
 
-    def _exchange_feedback(
+
+class _RandomKFeedback(SparseFeedback):
+    """Random-k's fused error feedback: the all-reduce exchange below."""
+
+    def exchange(
         self,
+        codec: Compressor[Any],
         tensors: Sequence[Tensor],
         residuals: Sequence[Tensor],
         keys: Sequence[str | None],
@@ -111,35 +123,41 @@ class RandomK(Sparsifier[RandomKConfig]):
         """Error feedback around random-k without a dense compensated tensor or decode, where
         every tensor suits the native statistics pass (fp32, CPU, large) and the values go
         unscaled; see :class:`FusedRandomKExchange`."""
-        if self.config.unbiased:
+        assert isinstance(codec, RandomK)
+        if codec.config.unbiased:
             return None
         ops = backend_for_device(tensors[0].device, "sparse-feedback")
         if ops is not None and all(ops.usable(t, e) for t, e in zip(tensors, residuals)):
             # On a device: finiteness stays a device flag, read by the residual kernel.
             flags = [ops.finite_flag(t.reshape(-1), e.view(-1)) for t, e in zip(tensors, residuals)]
-            return FusedRandomKExchange(self, tensors, residuals, keys, flags, decay, ops)
+            return FusedRandomKExchange(codec, tensors, residuals, keys, flags, decay, ops)
         kernels = [backend_for(t, e, op="stats") for t, e in zip(tensors, residuals)]
         if any(k is None for k in kernels):
             return None
         # One statistics pass per tensor, before any index is drawn. The torch path poisons
-        # the values by a fp32 sum of c; with every |c| below 1e29 that sum cannot overflow, so
-        # its finiteness is c's, which the pass (summing in double) reports. Larger finite
-        # values go op by op, where that sum decides.
+        # the values by a fp32 sum of c; with every |c| below SAFE_SUM_ABS that sum cannot
+        # overflow, so its finiteness is c's, which the pass (summing in double) reports.
+        # Larger finite values go op by op, where that sum decides.
         stats = [
             k.chunk_stats(t.reshape(-1), e.view(-1), t.numel())
             for k, t, e in zip(kernels, tensors, residuals)
             if k is not None
         ]
         finite = [math.isfinite(st.total) for st in stats]
-        if any(f and st.amax >= 1e29 for f, st in zip(finite, stats)):
+        if any(
+            f and not safely_finite(st.total, st.amax, SAFE_SUM_ABS) for f, st in zip(finite, stats)
+        ):
             return None
-        return FusedRandomKExchange(self, tensors, residuals, keys, finite, decay)
+        return FusedRandomKExchange(codec, tensors, residuals, keys, finite, decay)
+
+
+register_fused(RandomK, _RandomKFeedback())
 
 
 class FusedRandomKExchange(FusedFeedbackExchange):
     """Random-k's error-feedback exchange with the op-by-op path's numbers in fewer passes.
 
-    Given each tensor's finiteness (from :meth:`RandomK.exchange_feedback`'s statistics
+    Given each tensor's finiteness (from :meth:`_RandomKFeedback.exchange`'s statistics
     pass on the CPU; on a device, a device flag from the backend, so nothing is read back),
     construction gathers ``c = g + e`` at the shared indices (poisoned to NaN where
     some ``c`` is not finite, as the torch path does) and writes nothing. The residual, ``c``
@@ -183,9 +201,7 @@ class FusedRandomKExchange(FusedFeedbackExchange):
                 self._ops.compensate(g, e, finite, self._decay)
                 e[idx] = torch.where(finite == 0, 0.0, e[idx])  # sent exactly, if committed
             elif finite:
-                clear_sent_(e, g, idx)
-                if self._decay != 1.0:
-                    e.mul_(self._decay)
+                write_residual(e.add_(g), sent_exactly(idx), self._decay, keep="unchecked")
 
     def _scatter(self, values: Sequence[Tensor]) -> list[Tensor]:
         out = []

@@ -8,7 +8,6 @@ Aggregation is either the plain sum of the decoded tensors or signSGD's majority
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -29,6 +28,7 @@ from commhooks.compressors.base import (
     Payload,
     compute_dtype,
 )
+from commhooks.feedback import on_device, refuses
 from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 
@@ -157,10 +157,10 @@ class SignKernels(FusedCodec):
     def encode(self, ops: Backend, g: Tensor, e: Tensor | None) -> Payload | None:
         n = g.numel()
         chunk = self.owner._chunk_for(n)
-        st = ops.chunk_stats(g, e, chunk)
-        # Finite with |c| < 1e38: c - (+-scale) cannot overflow, so the in-place residual
-        # update needs no undo. Anything else goes the torch way, which carries NaN/inf out.
-        if not math.isfinite(st.total) or st.amax >= 1e38:
+        st = ops.chunk_stats(g, e, chunk, host=not on_device())
+        # c - (+-scale) cannot overflow, so the in-place residual update needs no undo.
+        # Anything else goes the torch way, which carries NaN/inf out.
+        if refuses(st.total, st.amax):
             return None
         sums = st.sums
         counts = torch.full_like(sums, chunk)

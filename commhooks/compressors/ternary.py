@@ -8,7 +8,6 @@ mean magnitude keep their sign and share the mean of their magnitudes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -28,6 +27,7 @@ from commhooks.compressors.base import (
     compute_dtype,
     poison,
 )
+from commhooks.feedback import on_device, refuses
 from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 
@@ -141,10 +141,11 @@ class TernaryKernels(FusedCodec):
 
     def encode(self, ops: Backend, g: Tensor, e: Tensor | None) -> Payload | None:
         n = g.numel()
-        st = ops.chunk_stats(g, e, n)
-        if not math.isfinite(st.total) or st.amax >= 1e38:
+        st = ops.chunk_stats(g, e, n, host=not on_device())
+        if refuses(st.total, st.amax):
             return None
-        scale = torch.tensor([st.amax], dtype=torch.float32, device=g.device)  # max |c|, exactly
+        amax = st.amax if isinstance(st.amax, Tensor) else torch.tensor(st.amax)
+        scale = amax.to(g.device, torch.float32).reshape(1)  # max |c|, exactly
         data = ops.stochastic_encode(1, g, e, n, scale, 1, _ALPHABET, (0, _RADIX), self.seed())
         return data, scale
 

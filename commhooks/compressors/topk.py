@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import torch
 from torch import Tensor
 
 from commhooks._validate import check_choice, check_int, check_ratio
-from commhooks.coding.indices import INDEX_CODINGS, IndexCoding
+from commhooks.coding.indices import INDEX_CODINGS, IndexCoding, static_form
 from commhooks.compressors._sparse import (
     Sparsifier,
     keep_count,
@@ -20,12 +21,16 @@ from commhooks.compressors._sparse import (
     trim_to,
 )
 from commhooks.compressors.base import Capabilities, CompressorConfig, Kind
+from commhooks.feedback import on_device
 from commhooks.registry import register
 
 __all__ = ["TopK", "TopKConfig"]
 
 # The first estimate aims this much above k, so one pass usually yields enough candidates.
 _OVERSHOOT = 1.3
+# Candidates kept by the selection without host reads, in multiples of k: room for a
+# threshold that admits more than it aimed at (the count's relative error is about 1/8).
+_CAPACITY = 2
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,8 @@ class TopK(Sparsifier[TopKConfig]):
         magnitude = flat.abs()
         if self.config.mode == "exact" or k * 4 >= n:
             return magnitude.topk(k, sorted=False).indices
+        if on_device():
+            return _select_on_device(magnitude, k, self.generator(flat.device), self.config)
         gen = self.generator(flat.device)
         fraction = min(1.0, _OVERSHOOT * k / n)
         candidates = select_at_least(
@@ -102,6 +109,9 @@ class TopK(Sparsifier[TopKConfig]):
         # candidates, so trimming the candidates gives the exact top-k set.
         return candidates[magnitude[candidates].topk(k, sorted=False).indices]
 
+    def _index_form(self, n: int) -> tuple[int, int] | None:
+        return static_form(keep_count(self.config.ratio, n), n, self.config.index_coding)
+
     # -- fused native selection: approximate mode, fp32 on the CPU ---------------------------
 
     def _native_pick(self, g: Tensor, e: Tensor | None) -> tuple[Tensor, Tensor] | None:
@@ -109,6 +119,8 @@ class TopK(Sparsifier[TopKConfig]):
         top-k set whenever it finds at least k candidates (else the torch path decides)."""
         n = g.numel()
         k = keep_count(self.config.ratio, n)
+        if on_device():  # the kernel's threshold and count are host values
+            return None
         ops = None if self.config.mode == "exact" or k * 4 >= n else select_kernels(g, e)
         if ops is None:
             return None
@@ -124,3 +136,26 @@ class TopK(Sparsifier[TopKConfig]):
                 return trim_to(*picked, k)
             fraction = min(1.0, fraction * _OVERSHOOT * k / max(picked[0].numel(), 1))
         return None
+
+
+def _select_on_device(
+    magnitude: Tensor, k: int, gen: torch.Generator, config: TopKConfig
+) -> Tensor:
+    """``k`` distinct positions chosen with no host read (a step decided on the device): the
+    elements at or above the sampled threshold, at most ``_CAPACITY * k`` of them in index
+    order, trimmed to the ``k`` largest. That is the exact top-k set whenever the threshold
+    admits between k and that many candidates, as it nearly always does. Otherwise it is
+    still k positions sent with their exact values, which error feedback keeps correct: the
+    largest of the first candidates, or, with too few, every candidate and the first
+    positions below the threshold."""
+    n = magnitude.numel()
+    fraction = min(1.0, _OVERSHOOT * k / n)
+    above = ~(magnitude < sampled_threshold(magnitude, fraction, config.sample, gen))
+    cap = min(n, _CAPACITY * k)
+    candidates = torch.nonzero_static(above, size=cap, fill_value=n).squeeze(1)
+    # Filled slots (index n) rank below every real magnitude (>= 0, or NaN, which ranks first).
+    padded = torch.cat([magnitude, magnitude.new_full((1,), -1.0)])
+    picked = candidates[padded[candidates].topk(k, sorted=False).indices]
+    spare = torch.nonzero_static(~above, size=k, fill_value=n).squeeze(1)
+    missing = picked == n
+    return torch.where(missing, spare[(missing.cumsum(0) - 1).clamp_(min=0)], picked)

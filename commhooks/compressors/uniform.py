@@ -11,7 +11,6 @@ maxima), so integer codes from all ranks can be added by a SUM all-reduce and de
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -35,6 +34,7 @@ from commhooks.compressors.base import (
     check_group,
     compute_dtype,
 )
+from commhooks.feedback import on_device, refuses
 from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 
@@ -68,7 +68,7 @@ class UniformConfig(CompressorConfig):
             127 // world_size)``, so that the sum of ``world_size`` codes never overflows.
         seed: seed of the private generator used by stochastic rounding.
 
-    Finite values above about 1e38 in magnitude (possible in fp32 and bf16 only) can overflow
+    Finite values near fp32's largest in magnitude (possible in fp32 and bf16 only) can overflow
     the fp32 step arithmetic and decode as non-finite; GradScaler then skips the step as for
     any overflow.
 
@@ -330,9 +330,9 @@ class UniformKernels(FusedCodec):
     def encode(self, ops: Backend, g: Tensor, e: Tensor | None) -> Payload | None:
         cfg = self.owner.config
         n = g.numel()
-        st = ops.chunk_stats(g, e, cfg.chunk, minmax=True)
-        # |c| < 1e38 keeps c - decode(code) finite, so the residual needs no undo.
-        if not math.isfinite(st.total) or st.amax >= 1e38:
+        st = ops.chunk_stats(g, e, cfg.chunk, minmax=True, host=not on_device())
+        # c - decode(code) stays finite, so the residual needs no undo.
+        if refuses(st.total, st.amax):
             return None
         lo, hi = st.lo, st.hi
         assert lo is not None and hi is not None

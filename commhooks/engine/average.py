@@ -33,6 +33,7 @@ from commhooks.compressors.base import all_finite
 from commhooks.engine.fallback import COMPRESSED
 from commhooks.engine.step import EngineState, Step
 from commhooks.engine.worker import HELD
+from commhooks.feedback import decided_on_device
 
 __all__ = ["average_bucket", "average_flat", "goes_dense", "param_views"]
 
@@ -344,8 +345,9 @@ def _average_on_device(
     traffic: TransportStats,
     memory: bool,
 ) -> None:
-    """:func:`_average_parts` over the all-reduce transport with no host read: the overflow
-    flag rides in the first round, the exchange always completes, a bucket some rank
+    """:func:`_average_parts` with no host read: the overflow flag rides in the first
+    all-reduce round (or is summed on its own first, over a gathering transport), the
+    exchange always completes, a bucket some rank
     overflowed gets a NaN in each average (so GradScaler skips the step), and the step's
     memory changes are undone on the device when it closes (``nonfinite_check="device"``)."""
     state = step.state
@@ -353,7 +355,8 @@ def _average_on_device(
     step.journal(in_place=True, on_device=True)
     ride = torch.cat([*(views[i].reshape(-1) for i in dense), flag])
     grads = [views[i] for i in sparse]
-    _, moved = state.transport.run(keys, grads, memory, ride=ride, out=grads)
+    with decided_on_device():  # codecs and fused paths read nothing back either
+        _, moved = state.transport.run(keys, grads, memory, ride=ride, out=grads)
     _write_mean(state, views, dense, ride[:-1])
     bad = ride[-1:]
     # The averages are the same on every rank, so a non-finite one (an overflow in g + e, in

@@ -64,10 +64,11 @@ class Backend:
 
     def chunk_stats(
         self, g: Tensor, e: Tensor | None, chunk: int, minmax: bool = False,
-        squares: bool = False, pivot: float | None = None,
+        squares: bool = False, pivot: float | None = None, host: bool = True,
     ) -> Stats:  # fmt: skip
         """Per-chunk statistics of ``c = g + e`` (see :func:`commhooks.native.chunk_stats`);
-        ``total`` and ``amax`` are host floats: the one host read of a fused encode."""
+        ``total`` and ``amax`` are host floats (the one host read of a fused encode), or
+        with ``host=False`` may stay 0-d device tensors (a step decided on the device)."""
         raise NotImplementedError
 
     def sign_encode(self, g: Tensor, e: Tensor | None, chunk: int, scale: Tensor) -> Tensor:

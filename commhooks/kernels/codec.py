@@ -2,7 +2,7 @@
 
 A quantizer that has fused kernels sets ``self.kernels`` to a :class:`FusedCodec`. The
 compressor base class asks it first, in :meth:`~commhooks.compressors.base.Compressor.compress`,
-``decompress``, ``aggregate`` and error feedback's ``compress_feedback``, and runs the torch
+``decompress`` and ``aggregate`` (error feedback's fused path asks it too), and runs the torch
 reference code where it answers None. The codec holds only the algorithm (statistics, scales,
 which kernel): the backend that runs it comes from :func:`commhooks.kernels.dispatch.backend_for`,
 so one codec serves CPU (C kernels) and GPU (Triton kernels) alike.
@@ -22,6 +22,8 @@ from commhooks.kernels.backend import Backend
 from commhooks.kernels.dispatch import backend_for
 
 __all__ = ["FusedCodec"]
+
+_MASK64 = (1 << 64) - 1
 
 
 class FusedCodec(ABC):
@@ -105,7 +107,13 @@ class FusedCodec(ABC):
 
     def seed(self) -> int:
         """A 64-bit seed for the kernels' counter-based rounding noise, drawn from the
-        compressor's private generator (so a resumed run draws the same). The generator is a
-        CPU one whatever the data's device: a seed drawn on a GPU would need a host read."""
+        compressor's private generator's seed (so a resumed run draws the same). The
+        generator is a CPU one whatever the data's device: a seed drawn on a GPU would need
+        a host read."""
         gen = self.owner.generator(torch.device("cpu"))
-        return int(torch.randint(0, 2**62, (1,), generator=gen))
+        # The generator's own seed, mixed (splitmix64's finalizer): no tensor is drawn, so
+        # nothing is read back.
+        z = gen.initial_seed() & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return (z ^ (z >> 31)) >> 2

@@ -7,7 +7,8 @@ kernel source, run element for element in numpy, which is how it is tested witho
 
 Per encode: one statistics kernel, a few tiny torch ops on the per-chunk partials, one host
 read of two scalars (whether ``c`` is finite, and its largest magnitude, since the codecs
-refuse values that could overflow their residual), and one encode kernel. The last ``n % 8``
+refuse values that could overflow their residual; none in a step decided on the device), and
+one encode kernel. The last ``n % 8``
 codes of a bit-packed payload (a bit matrix in :func:`commhooks.coding.bitpack.pack_bits`)
 are packed by torch on the device.
 """
@@ -78,7 +79,7 @@ class TritonBackend(Backend):
 
     def chunk_stats(
         self, g: Tensor, e: Tensor | None, chunk: int, minmax: bool = False,
-        squares: bool = False, pivot: float | None = None,
+        squares: bool = False, pivot: float | None = None, host: bool = True,
     ) -> Stats:  # fmt: skip
         n = g.numel()
         nchunks = -(-n // chunk)
@@ -96,8 +97,11 @@ class TritonBackend(Backend):
         sq = rows[1].double().sum(1) if squares else None
         lo = rows[3].amin(1) if minmax else None
         hi = rows[4].amax(1) if minmax else None
+        both = torch.stack([sums.sum(), rows[2].max().double()])
+        if not host:  # a step decided on the device: nothing read back
+            return Stats(sums, sq, lo, hi, both[0], both[1])
         # The one host read of an encode: whether c is finite and safely small.
-        total, amax = torch.stack([sums.sum(), rows[2].max().double()]).tolist()
+        total, amax = both.tolist()
         return Stats(sums, sq, lo, hi, total, amax)
 
     # -- codecs -------------------------------------------------------------------------------

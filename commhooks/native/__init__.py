@@ -289,8 +289,10 @@ class Stats(NamedTuple):
     sumsq: Tensor | None  # sum c^2 (fp64), when asked for
     lo: Tensor | None  # min c (fp32), when asked for
     hi: Tensor | None  # max c
-    total: float  # sum |c| (or c - pivot) over the tensor: non-finite iff some c is
-    amax: float  # max |c|
+    # sum |c| (or c - pivot) over the tensor: non-finite iff some c is; a host float, or a
+    # 0-d device tensor where the backend was asked not to read it back
+    total: float | Tensor
+    amax: float | Tensor  # max |c|
 
 
 def chunk_stats(

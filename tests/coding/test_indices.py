@@ -56,3 +56,15 @@ def test_corrupt_codes_are_refused() -> None:
         decode_indices(torch.tensor([2, 0x85], dtype=torch.uint8), 1000)
     with pytest.raises(ValueError, match="index_coding"):
         encode_indices(torch.tensor([1]), 10, "zip")
+
+
+@pytest.mark.parametrize("coding", ["auto", "fixed", "bitmap"])
+@pytest.mark.parametrize("k", [1, 300, 9000])
+def test_a_known_form_decodes_without_reading_the_code(coding: str, k: int) -> None:
+    from commhooks.coding.indices import static_form
+
+    n = 30_000
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(k))[:k].sort().values
+    code = encode_indices(idx, n, coding)
+    assert torch.equal(decode_indices(code, n, static_form(k, n, coding)), idx)
+    assert static_form(k, n, "delta") is None and static_form(k, n, "smallest") is None

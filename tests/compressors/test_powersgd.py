@@ -19,6 +19,7 @@ from commhooks.compressors.powersgd import (
     as_matrix,
     orthogonalize,
 )
+from commhooks.feedback import fused_exchange
 from commhooks.testing import simulate_allreduce
 
 SHAPES = [(0,), (1,), (1023,), (7, 13), (2, 3, 4, 5)]
@@ -732,10 +733,10 @@ def test_fused_needs_contiguous_matching_fp32_or_fp64() -> None:
 
     c = build()
     g, e = torch.randn(20, 10), torch.randn(20, 10)
-    assert isinstance(c.exchange_feedback([g], [e], ["w"], 2), FusedPowerSGDExchange)
-    assert c.exchange_feedback([g.half()], [e], ["w"], 2) is None
-    assert c.exchange_feedback([g.t()], [e.t()], ["w"], 2) is None
-    assert c.exchange_feedback([g.double()], [e], ["w"], 2) is None
+    assert isinstance(fused_exchange(c, [g], [e], ["w"], 2), FusedPowerSGDExchange)
+    assert fused_exchange(c, [g.half()], [e], ["w"], 2) is None
+    assert fused_exchange(c, [g.t()], [e.t()], ["w"], 2) is None
+    assert fused_exchange(c, [g.double()], [e], ["w"], 2) is None
 
 
 @pytest.mark.parametrize("offset", [0, 1, 3, 4])

@@ -111,3 +111,43 @@ def test_sum_of_fp16_payloads_does_not_overflow() -> None:
     total = c.aggregate([p for p, _ in compressed], compressed[0][1])
     assert total.dtype == torch.float32
     assert torch.isfinite(total).all() and float(total.max()) == 180000.0
+
+
+def _on_device_kept(c: TopK, x: torch.Tensor) -> torch.Tensor:
+    from commhooks.feedback import decided_on_device
+
+    with decided_on_device():
+        payload, ctx = c.compress(x)
+        y = c.decompress(payload, ctx)
+    assert payload[0].numel() == max(1, round(c.config.ratio * x.numel()))
+    return (y != 0).nonzero().squeeze(1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_selection_on_the_device_keeps_the_k_largest(seed: int) -> None:
+    # Within a step decided on the device nothing is read back; the set is still the top k.
+    x = torch.randn(60_000, generator=torch.Generator().manual_seed(seed))
+    k = round(0.01 * x.numel())
+    c = TopK(TopKConfig(ratio=0.01, seed=seed))
+    assert torch.equal(_on_device_kept(c, x), x.abs().topk(k).indices.sort().values)
+
+
+def test_selection_on_the_device_sends_k_distinct_positions_whatever_the_threshold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import commhooks.compressors.topk as topk
+
+    k, gen = 300, torch.Generator()
+    x = torch.full((30_000,), 1e-3)
+    x[10:15] = torch.arange(1.0, 6.0)
+    mag = x.abs()
+    # Far more candidates than room (a threshold below everything): k of them, distinct.
+    monkeypatch.setattr(topk, "sampled_threshold", lambda *a: torch.tensor(0.0))
+    picked = topk._select_on_device(mag, k, gen, TopKConfig(ratio=0.01))
+    assert picked.unique().numel() == k
+    # Too few (a threshold above all but two values): those two, then distinct positions
+    # below the threshold.
+    monkeypatch.setattr(topk, "sampled_threshold", lambda *a: torch.tensor(3.5))
+    picked = topk._select_on_device(mag, k, gen, TopKConfig(ratio=0.01))
+    assert picked.unique().numel() == k and bool((picked < x.numel()).all())
+    assert {13, 14} <= set(picked.tolist())

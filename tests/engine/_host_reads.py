@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 from commhooks.engine import CompressionState, average_flat
 
 #: the Tensor methods that copy a device value to the host
-READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
+READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
 
 
 class CountReads(TorchFunctionMode):
@@ -34,11 +34,19 @@ class CountReads(TorchFunctionMode):
 
 
 def count_reads(
-    rank: int, world: int, store_path: str, out: str, specs: list[str], options: dict[str, Any]
+    rank: int,
+    world: int,
+    store_path: str,
+    out: str,
+    specs: list[str],
+    options: dict[str, Any],
+    kernels: str = "auto",
 ) -> None:
     """Per spec: the host reads of its third compressed step (the first two set up per-shape
     probes, the config check and the error-feedback memory), and whether it compressed.
-    ``options``: more hook options (the topology)."""
+    ``options``: more hook options (the topology). ``kernels``: ``COMMHOOKS_KERNELS``
+    (``"triton"``: the device kernels, in Triton's interpreter on these CPU tensors)."""
+    os.environ["COMMHOOKS_KERNELS"] = kernels
     init(rank, world, store_path)
     try:
         params = [torch.nn.Parameter(torch.randn(256, 128)), torch.nn.Parameter(torch.randn(128)),
@@ -92,6 +100,55 @@ def overflow_rolls_back(rank: int, world: int, store_path: str, out: str) -> Non
                     "finite": bool(torch.isfinite(after).all()),
                     "marked": not bool(torch.isfinite(out_grad).all()),
                     "nonfinite_steps": state.stats().nonfinite_steps}, out)  # fmt: skip
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def gathered_overflow_rolls_back(
+    rank: int, world: int, store_path: str, out: str, specs: list[str], options: dict[str, Any]
+) -> None:
+    """Per spec over a gathering transport in device mode: a step where rank 0 has a NaN
+    leaves every rank's error feedback (client and server side) as it was, and marks the
+    averages non-finite; the next step compresses again."""
+    init(rank, world, store_path)
+    try:
+        params = [torch.nn.Parameter(torch.randn(256, 128)), torch.nn.Parameter(torch.randn(128))]
+        named = [(f"p{i}", p) for i, p in enumerate(params)]
+        keys, shapes = [n for n, _ in named], [p.shape for p in params]
+        n = sum(p.numel() for p in params)
+        result = {}
+        for spec in specs:
+            state = CompressionState(
+                spec, named_parameters=named, nonfinite_check="device", **options
+            )
+            gen = torch.Generator().manual_seed(rank)
+            for _ in range(2):
+                step = state.begin()
+                average_flat(step, torch.randn(n, generator=gen), keys, shapes)
+                step.close()
+            before = [m.state_dict()["residuals"] for m in state.memories()]
+            buf = torch.randn(n, generator=gen)
+            if rank == 0:
+                buf[7] = float("nan")
+            step = state.begin()
+            average_flat(step, buf, keys, shapes)
+            step.close()
+            after = [m.state_dict()["residuals"] for m in state.memories()]
+            same = all(
+                a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+                for a, b in zip(before, after)
+            )
+            step = state.begin()
+            buf = torch.randn(n, generator=gen)
+            average_flat(step, buf, keys, shapes)
+            step.close()
+            result[spec] = {
+                "same": same,
+                "nonfinite_steps": state.stats().nonfinite_steps,
+                "then_finite": bool(torch.isfinite(buf).all()),
+            }
+        torch.save(result, out)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -1,5 +1,8 @@
-"""No host reads of device values during a compressed step of the all-reducible compressors
-(``nonfinite_check="device"``, the default on CUDA), counted on real gloo processes."""
+"""No host reads of device values during a compressed step (``nonfinite_check="device"``, the
+default on CUDA) of every compressor whose payload sizes follow from the config, over the
+all-reduce and the all-gather transports, flat and hierarchical, counted on real gloo
+processes. (Data-dependent sizes, such as entropy coding or a threshold's count, are
+exchanged through the host by design.)"""
 
 from __future__ import annotations
 
@@ -8,14 +11,18 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _host_reads import count_reads, overflow_rolls_back
+from _host_reads import count_reads, gathered_overflow_rolls_back, overflow_rolls_back
 
 ALL_REDUCIBLE = ["identity", "fp16", "bf16", "randomk", "uniform:shared_scale=true", "powersgd"]
+#: over the all-gather transport: the quantizers keep their scalars on the device, and top-k
+#: selects by a threshold on the device
+GATHERED = ["sign", "topk", "uniform", "qsgd", "ternary", "nonuniform", "topk|uniform:bits=4"]
+SPECS = ALL_REDUCIBLE + GATHERED
 
 
 def test_compressed_steps_read_nothing_back(run_ranks) -> None:
-    for rank in run_ranks(count_reads, 2, ALL_REDUCIBLE, {}):
-        for spec in ALL_REDUCIBLE:
+    for rank in run_ranks(count_reads, 2, SPECS, {}):
+        for spec in SPECS:
             assert rank[spec]["reads"] == {}, f"{spec}: host reads {rank[spec]['reads']}"
             if spec != "identity":
                 assert rank[spec]["ratio"] > 1.5, spec
@@ -24,15 +31,33 @@ def test_compressed_steps_read_nothing_back(run_ranks) -> None:
 def test_hierarchical_steps_read_nothing_back(run_ranks) -> None:
     # 2 nodes x 2 ranks: the overflow flag is summed inside the node, then rides across.
     options = {"topology": "hierarchical", "ranks_per_node": 2}
-    for rank in run_ranks(count_reads, 4, ALL_REDUCIBLE, options):
-        for spec in ALL_REDUCIBLE:
+    for rank in run_ranks(count_reads, 4, SPECS, options):
+        for spec in SPECS:
             assert rank[spec]["layout"] == "hierarchical:2x2", spec
             assert rank[spec]["reads"] == {}, f"{spec}: host reads {rank[spec]['reads']}"
             if spec != "identity":
                 assert rank[spec]["ratio"] > 1.5, spec
 
 
+def test_the_device_kernels_read_nothing_back(run_ranks) -> None:
+    # The Triton kernels (what CUDA tensors run), interpreted on the CPU: their statistics
+    # stay tensors, and the casts' and random-k's flags stay on the device.
+    specs = ["sign", "uniform", "qsgd", "fp16", "randomk"]
+    for rank in run_ranks(count_reads, 2, specs, {}, "triton"):
+        for spec in specs:
+            assert rank[spec]["reads"] == {}, f"{spec}: host reads {rank[spec]['reads']}"
+
+
 def test_an_overflow_only_the_averages_show_still_rolls_the_step_back(run_ranks) -> None:
     # One rank: with two, the first step's fp16 sum of 4e4 + 4e4 would overflow already.
     for rank in run_ranks(overflow_rolls_back, 1):
         assert rank == {"same": True, "finite": True, "marked": True, "nonfinite_steps": 1}
+
+
+def test_a_gathered_step_some_rank_overflowed_leaves_every_memory_as_it_was(run_ranks) -> None:
+    # Client memories over the all-gather transport, and the reduce-scatter server's.
+    for specs, options in [(["sign", "topk"], {}), (["uniform"], {"transport": "reducescatter"})]:
+        for rank in run_ranks(gathered_overflow_rolls_back, 2, specs, options):
+            for spec in specs:
+                expected = {"same": True, "nonfinite_steps": 1, "then_finite": True}
+                assert rank[spec] == expected, spec

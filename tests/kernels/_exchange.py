@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 import commhooks
+from commhooks.feedback import fused_exchange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 
@@ -19,8 +20,8 @@ def run_exchange(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One exchange of ``g`` with residual ``e`` at world size ``others + 1``, the other ranks
     simulated as sending the same; returns the wire tensor and the mean (``e`` is updated)."""
-    ex = commhooks.compressor(spec).exchange_feedback(
-        [g], [e], ["w"], world_size=others + 1, decay=decay
+    ex = fused_exchange(
+        commhooks.compressor(spec), [g], [e], ["w"], world_size=others + 1, decay=decay
     )
     assert ex is not None, spec
     msg = ex.message()

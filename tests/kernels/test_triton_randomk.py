@@ -12,6 +12,7 @@ from _exchange import host_reads_of_exchange, run_exchange
 
 import commhooks
 from commhooks.compressors.randomk import FusedRandomKExchange
+from commhooks.feedback import fused_exchange
 
 # Triton's interpreter on CPU tensors; see conftest.py for CUDA machines.
 pytestmark = pytest.mark.skipif(
@@ -30,7 +31,7 @@ def _run(mode: str, mp: pytest.MonkeyPatch, bad: bool = False, decay: float = 0.
     if bad:
         g[123] = float("inf")
     assert isinstance(
-        commhooks.compressor("randomk").exchange_feedback([g], [e.clone()], ["w"], 2),
+        fused_exchange(commhooks.compressor("randomk"), [g], [e.clone()], ["w"], 2),
         FusedRandomKExchange,
     )
     wire, out = run_exchange("randomk:ratio=0.05", g, e, decay)

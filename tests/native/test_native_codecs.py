@@ -10,6 +10,7 @@ from torch.testing import assert_close
 import commhooks
 from commhooks import native
 from commhooks.compressors.base import Compressor
+from commhooks.feedback import fused_compress
 
 # Skipped only without a compiler; with one, a failed build fails test_the_kernels_build.
 
@@ -94,12 +95,12 @@ def test_fused_feedback_residual_is_exact(spec, monkeypatch):
     g, e0 = _data(n, 1), _data(n, 2) * 0.01
     c = commhooks.compressor(spec)
     e = e0.clone()
-    payload, ctx = c.compress_feedback(g, e)
+    payload, ctx = fused_compress(c, g, e)
     comp = g + e0
     assert torch.equal(e, comp - c.decompress(payload, ctx))
     with monkeypatch.context() as m:
         _torch_path(m)
-        assert c.compress_feedback(g, e0.clone()) is None  # no kernel: the caller's way
+        assert fused_compress(c, g, e0.clone()) is None  # no kernel: the caller's way
         slow, _ = c.compress(comp)
     _payload_equal(c, payload, slow)
 
@@ -127,7 +128,7 @@ def test_non_finite_or_huge_input_takes_the_torch_path(spec, bad):
     g[123] = bad
     c = commhooks.compressor(spec)
     e = torch.full_like(g, 0.5)
-    assert c.compress_feedback(g, e) is None
+    assert fused_compress(c, g, e) is None
     assert torch.equal(e, torch.full_like(g, 0.5))
     ef = commhooks.ErrorFeedback(spec)
     ef.compress("w", _data(30_000, 4))
@@ -230,7 +231,7 @@ def test_adaptive_non_finite_input_leaves_statistics_alone():
     before = c.stats("w")
     g[99] = float("nan")
     e = torch.full_like(g, 0.5)
-    assert c.compress_feedback(g, e, "w") is None
+    assert fused_compress(c, g, e, "w") is None
     assert torch.equal(e, torch.full_like(g, 0.5)) and c.stats("w") == before
     p, ctx = c.compress(g, "w")  # the torch path: NaN range, statistics kept
     assert torch.isnan(c.decompress(p, ctx)).all() and c.stats("w") == before
@@ -323,7 +324,7 @@ def test_stochastic_feedback_residual_and_aggregate(spec):
     g, e0 = _data(n, 10), _data(n, 11) * 0.01
     c = commhooks.compressor(spec)
     e = e0.clone()
-    payload, ctx = c.compress_feedback(g, e)
+    payload, ctx = fused_compress(c, g, e)
     assert torch.equal(e, (g + e0) - c.decompress(payload, ctx))
     payloads = [payload, c.compress(g)[0], c.compress(e0)[0]]
     expect = sum(c.decompress(p, ctx) for p in payloads)
@@ -358,7 +359,7 @@ def test_configs_without_kernels_keep_the_torch_path(spec):
     c = commhooks.compressor(spec)
     p, ctx = c.compress(_data(30_000, 13))
     assert not c.kernels.decodes(p, ctx)
-    assert c.compress_feedback(_data(30_000, 13), torch.zeros(30_000)) is None
+    assert fused_compress(c, _data(30_000, 13), torch.zeros(30_000)) is None
 
 
 def _levels(payload: tuple, chunk: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
