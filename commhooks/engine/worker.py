@@ -15,9 +15,11 @@ stream after it.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -36,6 +38,9 @@ _Job = tuple[Callable[[], Any], "Future[Any]", Any, torch.device]
 #: (a coalesced DDP bucket held for the step's last one)
 HELD: Any = object()
 
+# Workers with a running thread, stopped at interpreter exit (see :meth:`CommWorker.close`).
+_LIVE: weakref.WeakSet[CommWorker] = weakref.WeakSet()
+
 
 class CommWorker:
     """Runs submitted jobs on one daemon thread, in submission order.
@@ -46,7 +51,7 @@ class CommWorker:
 
     def __init__(self, name: str = "commhooks-comm") -> None:
         self._name = name
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._streams: dict[torch.device, Any] = {}
         self._lock = threading.Lock()
@@ -79,8 +84,10 @@ class CommWorker:
         if cuda:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
-        self._start()
-        self._jobs.put((fn, fut, event, device if device is not None else torch.device("cpu")))
+        job = (fn, fut, event, device if device is not None else torch.device("cpu"))
+        with self._lock:
+            self._start()
+            self._jobs.put(job)
         return fut
 
     def run(self, fn: Callable[[], T], device: torch.device | None = None) -> T:
@@ -99,15 +106,40 @@ class CommWorker:
         """Whether the caller is this worker's thread."""
         return threading.current_thread() is self._thread
 
-    def _start(self) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-                self._thread.start()
+    def close(self, timeout: float = 30.0) -> None:
+        """Run the jobs queued so far, then stop the thread (a later submit starts a new one).
 
-    def _loop(self) -> None:
+        Called for every live worker at interpreter exit: a daemon thread still inside a
+        future's C++ completion when the interpreter finalizes is killed by a forced unwind
+        through code that may not unwind, which aborts the process after training finished.
+
+        Args:
+            timeout: seconds to wait for the queued jobs before leaving the thread behind.
+        """
+        with self._lock:
+            thread, jobs = self._thread, self._jobs
+            if thread is None or thread is threading.current_thread():
+                return
+            # A later submit starts a thread on a queue of its own.
+            self._thread, self._jobs = None, queue.SimpleQueue()
+            jobs.put(None)  # the stop mark, after every job queued so far
+        thread.join(timeout)
+
+    def _start(self) -> None:
+        """Start the thread if none runs; the caller holds the lock."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._loop, args=(self._jobs,), name=self._name, daemon=True
+            )
+            self._thread.start()
+            _LIVE.add(self)
+
+    def _loop(self, jobs: queue.SimpleQueue[_Job | None]) -> None:
         while True:
-            fn, fut, event, device = self._jobs.get()
+            job = jobs.get()
+            if job is None:
+                return
+            fn, fut, event, device = job
             try:
                 if event is not None:
                     stream = self._streams.get(device)
@@ -126,3 +158,9 @@ class CommWorker:
                 logger.debug("commhooks: job failed on %s: %r", self._name, e)
                 # A torch future takes only Exceptions; the worker must outlive any job.
                 fut.set_exception(e if isinstance(e, Exception) else RuntimeError(repr(e)))
+
+
+@atexit.register
+def _close_all() -> None:
+    for worker in list(_LIVE):
+        worker.close()

@@ -78,3 +78,30 @@ def test_a_job_raising_a_base_exception_fails_its_future_and_the_worker_lives() 
     with pytest.raises(RuntimeError, match="SystemExit"):
         worker.submit(leave).wait()
     assert worker.submit(lambda: 4).wait() == 4
+
+
+def test_close_runs_the_queued_jobs_then_stops_and_a_later_submit_restarts() -> None:
+    worker = CommWorker(name="commhooks-close-test")
+    gate = threading.Event()
+    first = worker.submit(lambda: gate.wait(10) and 1)
+    second = worker.submit(lambda: 2)
+    thread = worker._thread
+    assert thread is not None
+    threading.Timer(0.2, gate.set).start()
+    worker.close()
+    assert not thread.is_alive()
+    assert first.wait() == 1 and second.wait() == 2
+    assert worker.submit(lambda: 3).wait() == 3
+    assert worker._thread is not None and worker._thread is not thread
+    worker.close()
+
+
+def test_the_exit_handler_stops_every_live_worker() -> None:
+    from commhooks.engine import worker as module
+
+    workers = [CommWorker(name=f"commhooks-exit-{i}") for i in range(2)]
+    for w in workers:
+        w.submit(lambda: None).wait()
+    threads = [w._thread for w in workers]
+    module._close_all()
+    assert all(t is not None and not t.is_alive() for t in threads)
