@@ -28,8 +28,25 @@ TIMEOUT = datetime.timedelta(seconds=60)
 DEADLINE_S = 300
 
 
-#: imported once by the fork server, so that a rank does not import them again
-PRELOAD = ["torch", "torch.distributed", "torch.nn.parallel", "commhooks", "commhooks.ddp"]
+#: imported once by the fork server, so that a rank does not import them again. Building a
+#: DistributedDataParallel imports torch._dynamo (with sympy and Inductor: about 900 modules,
+#: 2.5-3 s of CPU a rank here); FSDP2 and its checkpoints import their own. A name that does
+#: not import is skipped.
+PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "torch.nn.parallel",
+    "torch._dynamo",
+    "torch.distributed.algorithms.ddp_comm_hooks",
+    "torch.distributed.fsdp",
+    "torch.distributed.checkpoint",
+    "commhooks",
+    "commhooks.ddp",
+    "commhooks.kernels",
+    "commhooks.federated",
+    "commhooks.diloco",
+    "commhooks.fsdp",
+]
 START_METHOD = "forkserver"
 
 
