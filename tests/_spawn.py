@@ -11,6 +11,7 @@ import (2-4 s of CPU a rank on this machine) on every run.
 from __future__ import annotations
 
 import datetime
+import functools
 import multiprocessing
 import os
 import pathlib
@@ -62,6 +63,28 @@ def entry(
         os.environ.clear()
         os.environ.update(env)
     fn(rank, world, os.path.join(tmp, "store"), os.path.join(tmp, f"out{rank}.pt"), *args)
+
+
+def _with_env(env: dict[str, str], fn: Any, rank: int, *args: Any) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    fn(rank, *args)
+
+
+def forkserver_spawn(
+    fn: Any, args: tuple = (), nprocs: int = 1, join: bool = True, daemon: bool = False,
+    start_method: str = "spawn",
+) -> Any:
+    """``torch.multiprocessing.spawn``, with the ranks started from the fork server (for the
+    ``fast_spawn`` fixture, which puts it in place for benchmark code that calls
+    ``mp.spawn``). ``fn``'s module must be importable from the ``sys.path`` the server started
+    with: put its directory on the path when the test module is imported, not in a test."""
+    del start_method  # always the fork server: that is the point
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    return mp.start_processes(
+        functools.partial(_with_env, dict(os.environ), fn), args, nprocs, join, daemon,
+        start_method="forkserver",
+    )  # fmt: skip
 
 
 def start(fn: Any, world: int, tmp: str, args: tuple = ()) -> Any:

@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _spawn import ranks_runner
+from _spawn import forkserver_spawn, ranks_runner
 
 # The suite runs on 2 shared cores; hypothesis' timing health checks would flake there.
 settings.register_profile(
@@ -125,3 +125,12 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 def run_ranks(tmp_path: Any) -> Callable[..., list[Any]]:
     """``run_ranks(fn, world, *args)``: see :func:`_spawn.ranks_runner`."""
     return ranks_runner(tmp_path)
+
+
+@pytest.fixture
+def fast_spawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.multiprocessing.spawn`` starts its ranks from the fork server during the test
+    (for benchmark code the test calls, which spawns its own ranks)."""
+    import torch.multiprocessing
+
+    monkeypatch.setattr(torch.multiprocessing, "spawn", forkserver_spawn)
