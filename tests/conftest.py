@@ -67,6 +67,7 @@ TAGS: dict[str, tuple[str, ...]] = {
         "diloco/",
         "fsdp/",
         "test_metrics.py",
+        "test_spawn.py",
     ),
 }
 
