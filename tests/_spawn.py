@@ -1,11 +1,18 @@
-"""Run a worker function on N real gloo processes (spawned) and collect what each rank saved.
+"""Run a worker function on N real gloo processes and collect what each rank saved.
 
 Used by the ``run_ranks`` fixture in tests/conftest.py; workers call :func:`init`.
+
+Ranks are started from a fork server that has imported torch and commhooks once
+(``multiprocessing``'s ``forkserver`` method with preloaded modules): each rank is a fresh
+process, as under ``spawn``, but starts in a fraction of a second instead of paying torch's
+import (2-4 s of CPU a rank on this machine) on every run.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
+import multiprocessing
 import os
 import pathlib
 import time
@@ -22,9 +29,77 @@ TIMEOUT = datetime.timedelta(seconds=60)
 DEADLINE_S = 300
 
 
-def entry(rank: int, fn: Any, world: int, tmp: str, args: tuple) -> None:
-    """What a spawned process runs: ``fn(rank, world, store_path, out_path, *args)``."""
+#: imported once by the fork server, so that a rank does not import them again. Building a
+#: DistributedDataParallel imports torch._dynamo (with sympy and Inductor: about 900 modules,
+#: 2.5-3 s of CPU a rank here); FSDP2 and its checkpoints import their own. A name that does
+#: not import is skipped.
+PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "torch.nn.parallel",
+    "torch._dynamo",
+    "torch.distributed.algorithms.ddp_comm_hooks",
+    "torch.distributed.fsdp",
+    "torch.distributed.checkpoint",
+    "commhooks",
+    "commhooks.ddp",
+    "commhooks.kernels",
+    "commhooks.federated",
+    "commhooks.diloco",
+    "commhooks.fsdp",
+]
+START_METHOD = "forkserver"
+
+
+def entry(
+    rank: int, fn: Any, world: int, tmp: str, args: tuple, env: dict[str, str] | None = None
+) -> None:
+    """What a started process runs: ``fn(rank, world, store_path, out_path, *args)``.
+
+    ``env``: the parent's environment when the run started. A forked rank inherits the fork
+    server's, taken when the server started; a test that sets a variable expects its ranks to
+    see it, as spawned ones would."""
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
     fn(rank, world, os.path.join(tmp, "store"), os.path.join(tmp, f"out{rank}.pt"), *args)
+
+
+def _with_env(env: dict[str, str], fn: Any, rank: int, *args: Any) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    fn(rank, *args)
+
+
+def forkserver_spawn(
+    fn: Any, args: tuple = (), nprocs: int = 1, join: bool = True, daemon: bool = False,
+    start_method: str = "spawn",
+) -> Any:
+    """``torch.multiprocessing.spawn``, with the ranks started from the fork server (for the
+    ``fast_spawn`` fixture, which puts it in place for benchmark code that calls
+    ``mp.spawn``). ``fn``'s module must be importable from the ``sys.path`` the server started
+    with: put its directory on the path when the test module is imported, not in a test."""
+    del start_method  # always the fork server: that is the point
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    return mp.start_processes(
+        functools.partial(_with_env, dict(os.environ), fn), args, nprocs, join, daemon,
+        start_method="forkserver",
+    )  # fmt: skip
+
+
+def start(fn: Any, world: int, tmp: str, args: tuple = ()) -> Any:
+    """Start ``world`` ranks running ``entry`` (not joined): torch's ``ProcessContext``."""
+    if START_METHOD == "forkserver":
+        # Takes effect when the server first starts (the first run of the session); later
+        # calls change nothing.
+        multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    return mp.start_processes(
+        entry,
+        args=(fn, world, tmp, args, dict(os.environ)),
+        nprocs=world,
+        join=False,
+        start_method=START_METHOD,
+    )
 
 
 def init(rank: int, world: int, store_path: str) -> None:
@@ -43,9 +118,7 @@ def ranks_runner(tmp_path: pathlib.Path) -> Callable[..., list[Any]]:
     def run(fn: Callable[..., None], world: int, *args: Any, deadline: float = DEADLINE_S) -> Any:
         sub = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
         sub.mkdir()
-        ctx = mp.start_processes(
-            entry, args=(fn, world, str(sub), args), nprocs=world, join=False, start_method="spawn"
-        )
+        ctx = start(fn, world, str(sub), args)
         end = time.monotonic() + deadline
         while not ctx.join(timeout=max(0.1, min(5.0, end - time.monotonic()))):
             if time.monotonic() > end:

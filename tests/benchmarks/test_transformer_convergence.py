@@ -9,9 +9,14 @@ import math
 import pathlib
 import sys
 
+import pytest
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from transformer_convergence import Config, probe_table, run, table
+
+# The benchmark spawns its ranks; in tests they start from the fork server (tests/_spawn.py).
+pytestmark = pytest.mark.usefixtures("fast_spawn")
 
 LABELS = ["dense", "sign", "sign@updates=True"]
 

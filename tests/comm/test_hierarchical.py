@@ -93,13 +93,9 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: Any) -> list[dict[str, Any]]:
-    import torch.multiprocessing as mp
+    from tests._spawn import ranks_runner
 
-    from tests._spawn import entry
-
-    tmp = tmp_path_factory.mktemp("hier")
-    mp.start_processes(entry, args=(_worker, 4, str(tmp), ()), nprocs=4, start_method="spawn")
-    return [torch.load(tmp / f"out{r}.pt", weights_only=False) for r in range(4)]
+    return ranks_runner(tmp_path_factory.mktemp("hier"))(_worker, 4)
 
 
 def test_identity_equals_flat_dense_averaging(ranks: list[dict[str, Any]]) -> None:

@@ -7,9 +7,14 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import pytest
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from ddp_convergence import RUNS, run, table
+
+# The benchmark spawns its ranks; in tests they start from the fork server (tests/_spawn.py).
+pytestmark = pytest.mark.usefixtures("fast_spawn")
 
 KEEP = ("dense", "topk", "topk, no EF", "sign", "powersgd", "uniform")
 

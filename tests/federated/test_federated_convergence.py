@@ -8,9 +8,14 @@ import pathlib
 import statistics
 import sys
 
+import pytest
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from federated_convergence import RUNS, run, table
+
+# The benchmark spawns its ranks; in tests they start from the fork server (tests/_spawn.py).
+pytestmark = pytest.mark.usefixtures("fast_spawn")
 
 KEEP = (
     "FedAvg H=10, dense",
