@@ -72,7 +72,11 @@ def _with_env(env: dict[str, str], fn: Any, rank: int, *args: Any) -> None:
 
 
 def forkserver_spawn(
-    fn: Any, args: tuple = (), nprocs: int = 1, join: bool = True, daemon: bool = False,
+    fn: Any,
+    args: tuple = (),
+    nprocs: int = 1,
+    join: bool = True,
+    daemon: bool = False,
     start_method: str = "spawn",
 ) -> Any:
     """``torch.multiprocessing.spawn``, with the ranks started from the fork server (for the
