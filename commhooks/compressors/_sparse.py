@@ -18,7 +18,8 @@ from commhooks.compressors.base import (
     Payload,
     compute_dtype,
 )
-from commhooks.feedback import FusedPath, on_device, register_fused, write_residual
+from commhooks.feedback.fused import FusedPath, register_fused
+from commhooks.feedback.residual import on_device, write_residual
 from commhooks.kernels.backend import Backend
 from commhooks.kernels.dispatch import backend_for
 

@@ -53,7 +53,7 @@ from commhooks.compressors.base import (
     Payload,
     compute_dtype,
 )
-from commhooks.feedback import safely_finite
+from commhooks.feedback.residual import safely_finite
 from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 

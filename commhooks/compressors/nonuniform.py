@@ -43,7 +43,7 @@ from commhooks.compressors.base import (
     Payload,
     compute_dtype,
 )
-from commhooks.feedback import on_device, refuses
+from commhooks.feedback.residual import on_device, refuses
 from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 

@@ -44,7 +44,7 @@ from commhooks.compressors.base import (
     check_tensor,
     compute_dtype,
 )
-from commhooks.feedback import FusedPath, register_fused
+from commhooks.feedback.fused import FusedPath, register_fused
 from commhooks.registry import register
 
 __all__ = [

@@ -21,7 +21,7 @@ from commhooks.compressors.base import (
     Payload,
     compute_dtype,
 )
-from commhooks.feedback import SAFE_SQUARE_ABS, on_device, refuses
+from commhooks.feedback.residual import SAFE_SQUARE_ABS, on_device, refuses
 from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 

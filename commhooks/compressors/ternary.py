@@ -27,7 +27,7 @@ from commhooks.compressors.base import (
     compute_dtype,
     poison,
 )
-from commhooks.feedback import on_device, refuses
+from commhooks.feedback.residual import on_device, refuses
 from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 

@@ -21,7 +21,7 @@ from commhooks.compressors._sparse import (
     trim_to,
 )
 from commhooks.compressors.base import Capabilities, CompressorConfig, Kind
-from commhooks.feedback import on_device
+from commhooks.feedback.residual import on_device
 from commhooks.registry import register
 
 __all__ = ["TopK", "TopKConfig"]
