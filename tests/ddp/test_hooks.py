@@ -86,10 +86,7 @@ def test_stress_four_ranks_many_buckets_every_compressor(run_ranks) -> None:
         run_ranks(
             run_cases,
             4,
-            [
-                {"hook": ours(s, transport=t), "steps": 50, "bucket_cap_mb": 0.005}
-                for s, t in cases
-            ],
+            [{"hook": ours(s, transport=t), "steps": 50, "bucket_cap_mb": 0.005} for s, t in cases],
             deadline=600,
         )
     )
