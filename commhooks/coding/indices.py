@@ -23,7 +23,14 @@ if TYPE_CHECKING:
 
 from commhooks.coding.bitpack import bits_for, pack_bits, unpack_bits
 
-__all__ = ["IndexCoding", "decode_indices", "encode_indices", "index_nbytes", "static_form"]
+__all__ = [
+    "IndexCoding",
+    "code_form",
+    "decode_indices",
+    "encode_indices",
+    "index_nbytes",
+    "static_form",
+]
 
 IndexCoding = Literal["auto", "smallest", "fixed", "bitmap", "delta"]
 INDEX_CODINGS: tuple[str, ...] = ("auto", "smallest", "fixed", "bitmap", "delta")
@@ -76,20 +83,26 @@ def _delta_encode(idx: Tensor) -> Tensor:
     return groups[j.unsqueeze(0) < nbytes.unsqueeze(1)].to(torch.uint8)
 
 
-def _delta_decode(body: Tensor) -> Tensor:
+def _delta_decode(body: Tensor, k: int | None = None) -> Tensor:
+    """The indices of a varint gap stream; ``k``: their count where the caller knows it,
+    so that nothing is read back to the host (the stream is then trusted whole)."""
     ops = _varint_kernels(body) if body.dtype == torch.uint8 else None
     if ops is not None:
         return ops.varint_decode(body)
     b = body.to(torch.int64)
     last = (b & 0x80) == 0
-    if body.numel() and not bool(last[-1]):
-        raise ValueError("index code: delta varint stream is truncated")
-    group = torch.cumsum(last.to(torch.int64), 0) - last.to(torch.int64)
-    k = int(last.sum())
     pos = torch.arange(b.numel(), device=b.device)
+    if k is None:
+        if body.numel() and not bool(last[-1]):
+            raise ValueError("index code: delta varint stream is truncated")
+        k = int(last.sum())
+        ends = pos[last]
+    else:
+        ends = torch.nonzero_static(last, size=k).squeeze(1)
+    group = torch.cumsum(last.to(torch.int64), 0) - last.to(torch.int64)
     starts = torch.zeros(k, dtype=torch.int64, device=b.device)
     if k:
-        starts[1:] = pos[last][:-1] + 1
+        starts[1:] = ends[:-1] + 1
     shift = 7 * (pos - starts[group])
     gaps = torch.zeros(k, dtype=torch.int64, device=b.device)
     gaps.scatter_add_(0, group, (b & 0x7F) << shift)
@@ -139,6 +152,20 @@ def static_form(k: int, n: int, coding: str) -> tuple[int, int] | None:
     return None
 
 
+def code_form(code: Tensor, k: int, n: int, coding: str) -> tuple[int, int]:
+    """``(tag, k)`` of a code of ``k`` of ``n`` indices under ``coding``, from the code's
+    length alone (a host value: no read of its bytes). ``smallest`` sends the static form
+    unless the varint stream is strictly shorter, so a body of the static form's length is
+    the static form."""
+    if coding == "delta":
+        return _DELTA, k
+    form = static_form(k, n, coding)
+    if form is not None:
+        return form
+    tag, size = _static_choice(k, n)
+    return (tag if code.numel() - 1 == size else _DELTA), k
+
+
 def decode_indices(code: Tensor, n: int, form: tuple[int, int] | None = None) -> Tensor:
     """Inverse of :func:`encode_indices`: sorted int64 indices. ``form``: the code's
     :func:`static_form`, where the caller knows it; the tag and the count are then not read
@@ -155,5 +182,5 @@ def decode_indices(code: Tensor, n: int, form: tuple[int, int] | None = None) ->
             return torch.nonzero_static(bits, size=form[1]).squeeze(1)
         return bits.nonzero().squeeze(1)
     if tag == _DELTA:
-        return _delta_decode(body)
+        return _delta_decode(body, None if form is None else form[1])
     raise ValueError(f"index code: unknown tag {tag}")

@@ -272,22 +272,32 @@ class Transport(ABC):
         stats.comm_s += time.perf_counter() - t0
         count_allreduce(stats, buf, self.world)
 
-    def _all_gather_bytes(self, own: Tensor, stats: TransportStats) -> list[Tensor]:
-        """Every rank's byte buffer, of possibly different lengths, in rank order."""
+    def _all_gather_bytes(
+        self, header: Tensor, body: Tensor, stats: TransportStats
+    ) -> tuple[list[list[int]], list[Tensor]]:
+        """Every rank's int64 ``header`` words and byte ``body``, of possibly different
+        lengths, in rank order: two host reads in all (the lengths, then every header)."""
         t0 = time.perf_counter()
-        size = torch.tensor([own.numel()], dtype=torch.int64, device=own.device)
-        lengths = self.comm.all_gather(size).tolist()
+        own = torch.cat([header.view(torch.uint8), body])
+        size = torch.tensor([own.numel(), header.numel()], dtype=torch.int64, device=own.device)
+        lengths = self.comm.all_gather(size).view(self.world, 2).tolist()
         # Rounded up to 8 bytes, so that every rank's block (and its int64 header) is aligned.
-        longest = -(-max(lengths) // 8) * 8
+        longest = -(-max(n for n, _ in lengths) // 8) * 8
         padded = torch.zeros(longest, dtype=torch.uint8, device=own.device)
         padded[: own.numel()] = own
         out = self.comm.all_gather(padded)
         stats.comm_s += time.perf_counter() - t0
-        stats.wire_bytes += 8 + longest
+        stats.wire_bytes += 16 + longest
         # A ring all-gather forwards every other rank's block once.
-        stats.link_bytes += (self.world - 1) * (8 + longest)
+        stats.link_bytes += (self.world - 1) * (16 + longest)
         stats.collectives += 2
-        return [out[r * longest : r * longest + n] for r, n in enumerate(lengths)]
+        blocks = [out[r * longest : r * longest + n] for r, (n, _) in enumerate(lengths)]
+        words = torch.cat([b[: 8 * w].view(torch.int64) for b, (_, w) in zip(blocks, lengths)])
+        flat, headers, pos = words.tolist(), [], 0
+        for _, w in lengths:
+            headers.append(flat[pos : pos + w])
+            pos += w
+        return headers, [b[8 * w :] for b, (_, w) in zip(blocks, lengths)]
 
     def _all_gather_equal(self, own: Tensor, stats: TransportStats) -> list[Tensor]:
         """Every rank's byte buffer when all have ``own``'s length: one collective."""
@@ -411,14 +421,12 @@ class AllGatherTransport(Transport):
             # exchange.
             header = torch.tensor(
                 [d for t in parts for d in (t.dim(), *t.shape)], dtype=torch.int64, device=device
-            ).view(torch.uint8)
-            gathered = self._all_gather_bytes(torch.cat([header, body]), stats)
-            layouts, cut = [], []
-            for buf in gathered:
-                shapes, pos = self._parse_header(buf, len(parts))
-                layouts.append([(t.dtype, sh) for t, sh in zip(parts, shapes)])
-                cut.append(buf[pos:])
-            gathered = cut
+            )
+            headers, gathered = self._all_gather_bytes(header, body, stats)
+            layouts = [
+                [(t.dtype, sh) for t, sh in zip(parts, self._parse_header(h, len(parts)))]
+                for h in headers
+            ]
         t0 = time.perf_counter()
         per_rank: list[list[Payload]] = []
         for buf, layout in zip(gathered, layouts):
@@ -437,15 +445,14 @@ class AllGatherTransport(Transport):
         return self.current.compress(t, key)
 
     @staticmethod
-    def _parse_header(buf: Tensor, count: int) -> tuple[list[torch.Size], int]:
-        words = buf.view(-1)
+    def _parse_header(words: list[int], count: int) -> list[torch.Size]:
+        """The ``count`` part shapes a header holds: per part, its ndim, then its dims."""
         shapes, pos = [], 0
         for _ in range(count):
-            ndim = int(words[pos : pos + 8].view(torch.int64))
-            dims = words[pos + 8 : pos + 8 * (1 + ndim)].view(torch.int64).tolist()
-            shapes.append(torch.Size(dims))
-            pos += 8 * (1 + ndim)
-        return shapes, pos
+            ndim = words[pos]
+            shapes.append(torch.Size(words[pos + 1 : pos + 1 + ndim]))
+            pos += 1 + ndim
+        return shapes
 
 
 class ReduceScatterTransport(Transport):

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
-from commhooks.coding.indices import decode_indices, encode_indices
+from commhooks.coding.indices import code_form, decode_indices, encode_indices
 from commhooks.compressors.base import (
     Compressor,
     CompressorConfig,
@@ -168,11 +168,24 @@ class Sparsifier(Compressor[C]):
         """``(values, index code)`` for sorted positions ``idx`` of an ``n``-element tensor."""
         return values, encode_indices(idx, n, self._index_coding)
 
-    def indices(self, index_payload: Payload, ctx: Context) -> Tensor:
-        """Where the values of a payload go, decoded from the payload's index part."""
+    def indices(self, index_payload: Payload, ctx: Context, count: int | None = None) -> Tensor:
+        """Where the values of a payload go, decoded from the payload's index part.
+
+        Args:
+            index_payload: the payload's index part.
+            ctx: the payload's context.
+            count: how many values the payload holds (its values' length, known on the host
+                from their shape), where the caller has them.
+        """
+        form = None
         # Inside a step decided on the device every payload comes from this config (one
-        # transport, one compressor), so the form it fixes need not be read back.
-        form = self._index_form(ctx.numel) if on_device() else None
+        # transport, one compressor), so the form it fixes need not be read back: fixed by
+        # the config and the size (top-k's k), or by the count of values sent and the
+        # code's length (a threshold's).
+        if on_device():
+            form = self._index_form(ctx.numel)
+            if form is None and count is not None:
+                form = code_form(index_payload[0], count, ctx.numel, self._index_coding)
         return decode_indices(index_payload[0], ctx.numel, form)
 
     def _index_form(self, n: int) -> tuple[int, int] | None:
@@ -191,7 +204,7 @@ class Sparsifier(Compressor[C]):
         return out
 
     def _decompress(self, payload: Payload, ctx: Context) -> Tensor:
-        return self.scatter(payload[0], self.indices(payload[1:], ctx), ctx)
+        return self.scatter(payload[0], self.indices(payload[1:], ctx, payload[0].numel()), ctx)
 
     def subtract_sent_(self, target: Tensor, payload: Payload, ctx: Context) -> Tensor:
         """Only the sent elements change: ``c[i] - v[i]`` there (0 where the exact value was
@@ -199,7 +212,7 @@ class Sparsifier(Compressor[C]):
         if not payload:
             return target
         flat = target.view(-1)
-        idx = self.indices(payload[1:], ctx)
+        idx = self.indices(payload[1:], ctx, payload[0].numel())
         flat[idx] = flat[idx] - payload[0].to(flat.dtype)
         return target
 
@@ -208,7 +221,7 @@ class Sparsifier(Compressor[C]):
         acc = torch.zeros(ctx.numel, dtype=compute_dtype(ctx.dtype), device=ctx.device)
         for p in payloads:
             if p:
-                acc.index_add_(0, self.indices(p[1:], ctx), p[0].to(acc.dtype))
+                acc.index_add_(0, self.indices(p[1:], ctx, p[0].numel()), p[0].to(acc.dtype))
         return acc.view(ctx.shape)
 
 

@@ -104,7 +104,7 @@ class RandomK(Sparsifier[RandomKConfig]):
         # In float64, so finite fp16/fp32 values cannot overflow it into a false NaN.
         return (poison(values, flat.sum(dtype=torch.float64)),), idx
 
-    def indices(self, index_payload: Payload, ctx: Context) -> Tensor:
+    def indices(self, index_payload: Payload, ctx: Context, count: int | None = None) -> Tensor:
         return ctx.extra
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,6 +63,7 @@ class Threshold(Sparsifier[ThresholdConfig]):
         ops = select_kernels(g, e)
         if ops is None:
             return None
-        # The fp32 cut, as the torch path compares fp32 magnitudes with it.
-        cut = float(torch.tensor(self.config.threshold, dtype=torch.float32))
+        # The fp32 cut, as the torch path compares fp32 magnitudes with it (rounded on the
+        # host: no tensor, so nothing to read back).
+        cut = float(np.float32(self.config.threshold))
         return kernel_candidates(ops, g, e, cut)

@@ -68,3 +68,22 @@ def test_a_known_form_decodes_without_reading_the_code(coding: str, k: int) -> N
     code = encode_indices(idx, n, coding)
     assert torch.equal(decode_indices(code, n, static_form(k, n, coding)), idx)
     assert static_form(k, n, "delta") is None and static_form(k, n, "smallest") is None
+
+
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+@pytest.mark.parametrize("coding", CODINGS)
+@pytest.mark.parametrize("k", [0, 1, 300, 9000, 30_000])
+def test_the_form_follows_from_the_count_and_the_code_length(
+    monkeypatch: pytest.MonkeyPatch, kernels: str, coding: str, k: int
+) -> None:
+    # What a device step decodes with: the count of values sent and the code's length are
+    # host values, so neither the tag nor the varint stream's length is read back.
+    from commhooks.coding.indices import code_form
+
+    monkeypatch.setenv("COMMHOOKS_KERNELS", kernels)
+    n = 30_000
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(k))[:k].sort().values
+    code = encode_indices(idx, n, coding)
+    form = code_form(code, k, n, coding)
+    assert form[0] == int(code[0])
+    assert torch.equal(decode_indices(code, n, form), idx)

@@ -1,8 +1,8 @@
 """No host reads of device values during a compressed step (``nonfinite_check="device"``, the
 default on CUDA) of every compressor whose payload sizes follow from the config, over the
 all-reduce and the all-gather transports, flat and hierarchical, counted on real gloo
-processes. (Data-dependent sizes, such as entropy coding or a threshold's count, are
-exchanged through the host by design.)"""
+processes. Data-dependent sizes (a threshold's count, DGC's, entropy codes) are exchanged
+through the host: two reads a step, every rank's sizes and then every rank's part shapes."""
 
 from __future__ import annotations
 
@@ -46,6 +46,23 @@ def test_the_device_kernels_read_nothing_back(run_ranks) -> None:
     for rank in run_ranks(count_reads, 2, specs, {}, "triton"):
         for spec in specs:
             assert rank[spec]["reads"] == {}, f"{spec}: host reads {rank[spec]['reads']}"
+
+
+#: data-dependent sizes: the transport's two reads (sizes, then part shapes), plus at most one
+#: per tensor (the test model has three) for the selection: DGC's sampled threshold, and the
+#: count a threshold selects where the torch path selects (``nonzero``)
+VARIABLE = {"threshold:threshold=2.0": 2 + 3, "dgc": 2 + 3}
+
+
+def test_variable_size_steps_read_only_their_sizes(run_ranks) -> None:
+    specs = list(VARIABLE)
+    hierarchical = {"topology": "hierarchical", "ranks_per_node": 2}
+    for world, options in [(2, {}), (4, hierarchical)]:
+        for rank in run_ranks(count_reads, world, specs, options):
+            for spec, most in VARIABLE.items():
+                reads = rank[spec]["reads"]
+                assert sum(reads.values()) <= most, f"{spec} on {world} ranks: reads {reads}"
+                assert rank[spec]["ratio"] > 1.5, spec
 
 
 def test_an_overflow_only_the_averages_show_still_rolls_the_step_back(run_ranks) -> None:
