@@ -38,9 +38,13 @@ bench-kernels: setup
 
 # End to end over shaped links (root: network namespaces): step time against dense and torch's
 # hooks, wire bytes against the interfaces' counters, time to accuracy on digits; about 30-40
-# minutes here. Tables and plots in bench-out/; see benchmarks/e2e.py.
+# minutes here. Tables and plots in bench-out/; see benchmarks/e2e.py. Then FSDP2 on 2 nodes x 2
+# ranks over 100 Mbit/s, dense HSDP against the hierarchical compressed mode
+# (bench-out/fsdp_shaped.*; see benchmarks/fsdp_shaped.py), a few minutes more.
 bench: setup
 	THP_MEM_ALLOC_ENABLE=1 $(PY) benchmarks/e2e.py --out bench-out
+	THP_MEM_ALLOC_ENABLE=1 $(PY) benchmarks/fsdp_shaped.py --rate 100mbit \
+		--out bench-out/fsdp_shaped.json --markdown bench-out/fsdp_shaped.md
 
 # The whole suite; the 25 slowest tests are listed at the end.
 test: setup
