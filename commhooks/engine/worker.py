@@ -162,5 +162,6 @@ class CommWorker:
 
 @atexit.register
 def _close_all() -> None:
+    # A short wait: enough for a job that is finishing, not for one stuck on a dead peer.
     for worker in list(_LIVE):
-        worker.close()
+        worker.close(timeout=5.0)
