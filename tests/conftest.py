@@ -36,7 +36,7 @@ settings.load_profile("ci")
 #: ``slow``, ``launcher`` and ``root``. ``multiproc``: real gloo ranks spawned by the test.
 TAGS: dict[str, tuple[str, ...]] = {
     # Runs the real frameworks, benchmark scripts, convergence or demo jobs, the docs'
-    # snippets, or the 4-rank stress test.
+    # snippets, the 4-rank stress test, or a fresh interpreter per module.
     "slow": (
         "integrations/",
         "benchmarks/",
@@ -49,6 +49,7 @@ TAGS: dict[str, tuple[str, ...]] = {
         "docker/",
         "ddp/test_hooks.py::test_stress_four_ranks",
         "test_docs.py::test_snippet_runs",
+        "test_registry.py::test_every_module_imports_fresh",
     ),
     # Starts torchrun, horovodrun or mpirun as subprocesses.
     "launcher": (
