@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from _report import parse_variant
+from _report import parse_variant, write
 from diloco_convergence import make_diloco
 from torch import Tensor, nn
 from transformer_convergence import Config, TinyLM, batch_of, evaluate, lm_loss, load_text, lr_at
@@ -292,14 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             report["rates"][rate] = summarize(raw[rate])
     del report["args"]["tmp"]
     report["runs"] = raw
-    text = markdown(report)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+    write(markdown(report), report, args.markdown or "", args.out or "")
     return 0
 
 

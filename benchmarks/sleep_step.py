@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from _report import write
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import debugging_hooks
 
@@ -221,14 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         args.tmp = tmp
         for rate in args.rates:
             report["rates"][rate] = run_rate(args, rate, script)
-    text = markdown(report)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+    write(markdown(report), report, args.markdown or "", args.out or "")
     return 0
 
 
