@@ -168,8 +168,8 @@ def code_form(code: Tensor, k: int, n: int, coding: str) -> tuple[int, int]:
 
 def decode_indices(code: Tensor, n: int, form: tuple[int, int] | None = None) -> Tensor:
     """Inverse of :func:`encode_indices`: sorted int64 indices. ``form``: the code's
-    :func:`static_form`, where the caller knows it; the tag and the count are then not read
-    back from the code (no host read of device data)."""
+    :func:`static_form` or :func:`code_form`, where the caller knows it; the tag and the
+    count are then not read back from the code (no host read of device data)."""
     if code.numel() == 0:
         raise ValueError("index code: empty (the tag byte is missing)")
     tag, body = (int(code[0]) if form is None else form[0]), code[1:]
