@@ -23,6 +23,11 @@ def accuracy_cells(rows: Sequence[Any]) -> str:
     return f"{statistics.mean(accs):.2f} | {min(accs):.2f} / {max(accs):.2f}"
 
 
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """``{"min", "median", "max"}`` of ``values``."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
 def write(md: str, data: object, markdown_path: str = "", json_path: str = "") -> None:
     """Print the Markdown report and save it and its data where asked (empty: not saved)."""
     print(md)

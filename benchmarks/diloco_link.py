@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import statistics
 import sys
 import tempfile
 import time
@@ -41,7 +39,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from _report import parse_variant, write
+from _report import parse_variant, spread, write
+from _shaped import run_pair
 from diloco_convergence import make_diloco
 from torch import Tensor, nn
 from transformer_convergence import Config, TinyLM, batch_of, evaluate, lm_loss, load_text, lr_at
@@ -160,10 +159,6 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def _summary(values: list[float]) -> dict[str, float]:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
-
-
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per label, over reps: seconds to the target and against DDP's, steps, tokens/s, and
     the step time against noop's (each ratio taken within a rep)."""
@@ -178,11 +173,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "steps": [r["steps"] for r in mine],
             "val_loss": [r["val_loss"] for r in mine],
             "wire_bytes": mine[0]["wire_bytes"],
-            "tokens_per_s": _summary([r["tokens"] / r["seconds"] for r in mine]),
+            "tokens_per_s": spread([r["tokens"] / r["seconds"] for r in mine]),
             "reached": len(hit),
         }
         if hit:
-            s["seconds"] = _summary([r["seconds"] for r in hit])
+            s["seconds"] = spread([r["seconds"] for r in hit])
         ratios = {k: [] for k in (DDP, NOOP)}  # type: dict[str, list[float]]
         for reps in by_rep.values():
             r = reps[label]
@@ -191,8 +186,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             if NOOP in reps:
                 noop = reps[NOOP]
                 ratios[NOOP].append((r["seconds"] / r["steps"]) / (noop["seconds"] / noop["steps"]))
-        s["vs_ddp_time"] = _summary(ratios[DDP]) if ratios[DDP] else None
-        s["step_vs_noop"] = _summary(ratios[NOOP]) if ratios[NOOP] else None
+        s["vs_ddp_time"] = spread(ratios[DDP]) if ratios[DDP] else None
+        s["step_vs_noop"] = spread(ratios[NOOP]) if ratios[NOOP] else None
         out[label] = s
     return out
 
@@ -226,18 +221,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def run_rate(args: argparse.Namespace, rate: str, script: list[str]) -> list[dict[str, Any]]:
     """Both ranks on links shaped to ``rate``; rank 0's rows."""
-    from commhooks.launch.cli import shaped_commands
-    from commhooks.launch.netns import Link, ShapedCluster
-
-    result = os.path.join(args.tmp, f"{rate}.json")
-    cluster = ShapedCluster(2, Link(None if rate == "unshaped" else rate))
-    cmds = shaped_commands(cluster, [*script, "--result", result], random.randint(20000, 59999))
-    with cluster:
-        codes = cluster.run(cmds, env={"OMP_NUM_THREADS": "1"}, timeout_s=args.timeout_s)
-    if any(codes):
-        raise RuntimeError(f"{rate}: ranks exited with {codes}")
-    with open(result) as f:
-        return json.load(f)
+    return run_pair(script, rate, args.tmp, args.timeout_s)
 
 
 def _config(args: argparse.Namespace) -> Config:

@@ -25,15 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import statistics
 import sys
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from _report import write
+from _report import spread, write
+from _shaped import run_pair
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import debugging_hooks
 
@@ -127,30 +126,15 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def _summary(values: list[float]) -> dict[str, float]:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
-
-
 def run_rate(args: argparse.Namespace, rate: str, script: list[str]) -> dict[str, Any]:
     """Both ranks at one link rate; the rows for that rate."""
-    from commhooks.launch.cli import shaped_commands
-    from commhooks.launch.netns import Link, ShapedCluster
-
-    result = os.path.join(args.tmp, f"{rate}.json")
-    cluster = ShapedCluster(2, Link(None if rate == "unshaped" else rate))
-    cmds = shaped_commands(cluster, [*script, "--result", result], random.randint(20000, 59999))
-    with cluster:
-        codes = cluster.run(cmds, env={"OMP_NUM_THREADS": "1"}, timeout_s=args.timeout_s)
-    if any(codes):
-        raise RuntimeError(f"{rate}: ranks exited with {codes}")
-    with open(result) as f:
-        raw = json.load(f)
+    raw = run_pair(script, rate, args.tmp, args.timeout_s)
     noop = raw[NOOP]["times"]
     rows = {}
     for label, r in raw.items():
         rows[label] = {
-            "step_ms": _summary([t * 1000 for t in r["times"]]),
-            "vs_noop": _summary([t / n for t, n in zip(r["times"], noop)]),
+            "step_ms": spread([t * 1000 for t in r["times"]]),
+            "vs_noop": spread([t / n for t, n in zip(r["times"], noop)]),
             "wire_bytes": r["wire_bytes"],
         }
     return rows

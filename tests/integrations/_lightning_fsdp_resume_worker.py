@@ -5,15 +5,12 @@ files."""
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from _lightning_fsdp_worker import Regressor
-from _resume_record import resume_record
+from _resume_record import resume_record, run_lightning_resume
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -49,15 +46,4 @@ def fit(out: str, steps: int, ckpt: str | None = None, every: int = 0) -> dict:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    out = sys.argv[1]
-    ckpt = os.path.join(out, "epoch=0-step=10.ckpt")
-    result = {"straight": fit(out, STEPS, every=STEPS // 2)}
-    rank = dist.get_rank()
-    result["sides"] = sorted(f for f in os.listdir(out) if "commhooks-rank" in f)
-    result["resumed"] = fit(out, STEPS, ckpt=ckpt)
-    dist.barrier()
-    os.remove(f"{ckpt}.commhooks-rank{rank}.pt")  # a checkpoint saved without the hook state
-    dist.barrier()
-    result["bare"] = fit(out, STEPS, ckpt=ckpt)
-    torch.save(result, os.path.join(out, f"result{rank}.pt"))
+    run_lightning_resume(fit, STEPS)
