@@ -84,6 +84,7 @@ def train_one(
     epochs: int,
     alpha: float,
     batch: int = 32,
+    lr: float = 0.05,
 ) -> tuple[float, float, float]:
     """Train once; returns (test accuracy, compression ratio, wire bytes per step)."""
     x_tr, y_tr, x_te, y_te = data
@@ -94,7 +95,7 @@ def train_one(
     state = None
     if run.spec is not None:
         state = commhooks.ddp.register(ddp, run.spec, seed=seed, **run.options)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=run.momentum)
+    opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=run.momentum)
     steps_per_epoch = -(-len(y_tr) // (world * batch))
     g = torch.Generator().manual_seed(seed * 1000 + rank)
     for _ in range(epochs * steps_per_epoch):
@@ -124,7 +125,7 @@ def worker(rank: int, world: int, tmp: str, cfg: dict[str, Any]) -> None:
             for seed in cfg["seeds"]:
                 t0 = time.perf_counter()
                 acc, ratio, wire = train_one(
-                    rank, world, data, r, seed, cfg["epochs"], cfg["alpha"]
+                    rank, world, data, r, seed, cfg["epochs"], cfg["alpha"], cfg["batch"], cfg["lr"]
                 )
                 results.append(Result(r.label, seed, acc, ratio, wire, time.perf_counter() - t0))
         if rank == 0:
@@ -143,9 +144,14 @@ def run(
     epochs: int = 40,
     world: int = 4,
     alpha: float = 0.5,
+    batch: int = 32,
+    lr: float = 0.05,
 ) -> list[Result]:
-    """Spawn ``world`` gloo ranks, train every run for every seed, return rank 0's results."""
-    cfg = {"runs": list(runs), "seeds": list(seeds), "epochs": epochs, "alpha": alpha}
+    """Spawn ``world`` gloo ranks, train every run for every seed, return rank 0's results.
+
+    ``batch`` is per rank and per step; ``lr`` is SGD's learning rate."""
+    cfg = {"runs": list(runs), "seeds": list(seeds), "epochs": epochs, "alpha": alpha,
+           "batch": batch, "lr": lr}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker, args=(world, tmp, cfg), nprocs=world, join=True)
         with open(os.path.join(tmp, "results.json")) as f:
@@ -176,13 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--world", type=int, default=4)
     ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--batch", type=int, default=32, help="per rank and step")
+    ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--only", default="", help="run labels to keep, separated by ';'")
     ap.add_argument("--out", default="", help="also write the results as JSON here")
     args = ap.parse_args(argv)
     runs = [r for r in RUNS if not args.only or r.label in args.only.split(";")]
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
-    results = run(runs, seeds, args.epochs, args.world, args.alpha)
+    results = run(runs, seeds, args.epochs, args.world, args.alpha, args.batch, args.lr)
     md = table(results) + (
         f"\n\n{args.world} ranks, Dirichlet alpha={args.alpha}, {args.epochs} epochs, "
         f"seeds {seeds}; {time.perf_counter() - t0:.0f} s"

@@ -15,6 +15,9 @@ import functools
 import multiprocessing
 import os
 import pathlib
+import runpy
+import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -113,6 +116,57 @@ def init(rank: int, world: int, store_path: str) -> None:
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=TIMEOUT)
 
 
+def _join(ctx: Any, deadline: float, what: str) -> None:
+    """Wait for torch's ``ProcessContext`` ``ctx`` (a rank's exception fails the test with its
+    traceback); past ``deadline`` seconds, kill its processes and fail the test."""
+    end = time.monotonic() + deadline
+    while not ctx.join(timeout=max(0.1, min(5.0, end - time.monotonic()))):
+        if time.monotonic() > end:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{what} still running after {deadline}s")
+
+
+def _script_entry(rank: int, script: str, cwd: str, env: dict[str, str]) -> None:
+    """What :func:`run_script` starts: ``script`` as ``__main__`` in ``cwd``, as ``python
+    script`` would run it; under ``torchrun``'s variables, as rank ``rank``."""
+    os.environ.clear()
+    os.environ.update(env)
+    if "WORLD_SIZE" in env:
+        for name in ("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK"):
+            os.environ[name] = str(rank) if name != "GROUP_RANK" else "0"
+    os.chdir(cwd)
+    sys.argv = [script]
+    sys.path.insert(0, os.path.dirname(script))
+    runpy.run_path(script, run_name="__main__")
+
+
+def run_script(
+    script: pathlib.Path, nprocs: int = 1, *, env: dict[str, str], deadline: float = DEADLINE_S
+) -> None:
+    """Run a Python file from the fork server, in its own directory: once (``nprocs=1``), or
+    on ``nprocs`` ranks with the variables ``torchrun --standalone`` gives each (``RANK``,
+    ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``, ...), so that
+    ``init_process_group()`` and the frameworks find their group as under torchrun. The
+    launcher itself is tested where it is the subject (tests/launch, tests/examples)."""
+    env = dict(env)
+    if nprocs > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        n = str(nprocs)
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=n,
+                   LOCAL_WORLD_SIZE=n, ROLE_WORLD_SIZE=n, GROUP_WORLD_SIZE="1",
+                   ROLE_NAME="default", TORCHELASTIC_RESTART_COUNT="0",
+                   TORCHELASTIC_MAX_RESTARTS="0", TORCHELASTIC_RUN_ID="none")  # fmt: skip
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    ctx = mp.start_processes(
+        _script_entry, args=(str(script), str(script.parent), env), nprocs=nprocs, join=False,
+        start_method="forkserver",
+    )  # fmt: skip
+    _join(ctx, deadline, str(script))
+
+
 def ranks_runner(tmp_path: pathlib.Path) -> Callable[..., list[Any]]:
     """``run(fn, world, *args)``: spawn ``world`` processes running
     ``fn(rank, world, store_path, out_path, *args)``, wait (a crash, or a hang past
@@ -122,13 +176,7 @@ def ranks_runner(tmp_path: pathlib.Path) -> Callable[..., list[Any]]:
     def run(fn: Callable[..., None], world: int, *args: Any, deadline: float = DEADLINE_S) -> Any:
         sub = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
         sub.mkdir()
-        ctx = start(fn, world, str(sub), args)
-        end = time.monotonic() + deadline
-        while not ctx.join(timeout=max(0.1, min(5.0, end - time.monotonic()))):
-            if time.monotonic() > end:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail(f"{fn.__name__} on {world} ranks still running after {deadline}s")
+        _join(start(fn, world, str(sub), args), deadline, f"{fn.__name__} on {world} ranks")
         return [torch.load(sub / f"out{r}.pt", weights_only=False) for r in range(world)]
 
     return run

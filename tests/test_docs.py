@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import subprocess
 import sys
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _spawn import run_script  # noqa: E402
 from wire_table import SPECS, bits_per_element  # noqa: E402
 
 DOC = (ROOT / "docs" / "compressors.md").read_text()
@@ -48,8 +48,11 @@ def test_every_registered_name_has_a_row_in_the_overview() -> None:
 # Every ```python block in README.md and docs/*.md runs. An HTML comment on the line before
 # the fence says how:
 #
-#   (none), <!-- snippet: python -->  run with this Python, in a fresh temporary directory
-#   <!-- snippet: torchrun -->         run on 2 ranks: torchrun --standalone --nproc_per_node=2
+#   (none), <!-- snippet: python -->  run once as a script, in a fresh temporary directory
+#   <!-- snippet: torchrun -->         run on 2 ranks, each with the variables that
+#                                      torchrun --standalone --nproc_per_node=2 sets
+#
+# Both start from the fork server (tests/_spawn.run_script), which has imported torch once.
 #
 # Lines after the first line of the comment, up to ``-->``, are set-up code run before the
 # snippet and hidden from readers: the model or optimizer a fragment takes as given.
@@ -96,16 +99,9 @@ def test_snippet_runs(mode: str, arg: str, setup: str, code: str, tmp_path: Any)
     assert not arg, f"snippet mode {mode!r} takes no argument, got {arg!r}"
     script = tmp_path / "snippet.py"
     script.write_text(setup + "\n" + code + (EPILOGUE if mode == "torchrun" else ""))
-    bin_dir = pathlib.Path(sys.executable).parent
-    cmd = (
-        [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node=2", str(script)]
-        if mode == "torchrun"
-        else [sys.executable, str(script)]
-    )
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, f"{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+    run_script(script, 2 if mode == "torchrun" else 1, env=env)
 
 
 def test_every_doc_has_its_snippets_found() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pathlib
 import re
@@ -10,18 +12,28 @@ import sys
 
 import pytest
 
-from commhooks.launch import commands
+from commhooks.launch import cli, commands
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = pathlib.Path(sys.executable).parent
 
 
+def _main(*args: str) -> tuple[int, str, str]:
+    """``commhooks-launch args`` in this process (its console script is run once, in
+    :func:`test_help_has_whole_sentences_and_defaults`): exit status, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as e:
+            code = e.code
+    return int(code or 0), out.getvalue(), err.getvalue()
+
+
 def _dry(*args: str) -> str:
-    res = subprocess.run(
-        [str(BIN / "commhooks-launch"), *args], capture_output=True, text=True, timeout=60
-    )
-    assert res.returncode == 0, res.stderr
-    return res.stderr.strip()
+    code, _, err = _main(*args)
+    assert code == 0, err
+    return err.strip()
 
 
 def test_torchrun_single_and_multi_node() -> None:
@@ -139,9 +151,8 @@ def test_help_has_whole_sentences_and_defaults() -> None:
     )
     for name, default in [("torchrun", "(default: 2)"), ("horovodrun", "(default: gloo)"),
                           ("mpirun", "(default: 2)"), ("shaped", "(default: 1800.0)")]:  # fmt: skip
-        res = subprocess.run([str(BIN / "commhooks-launch"), name, "--help"],
-                             capture_output=True, text=True, timeout=60, env=ENV)  # fmt: skip
-        assert res.returncode == 0 and default in " ".join(res.stdout.split()), res.stdout
+        code, out, _ = _main(name, "--help")
+        assert code == 0 and default in " ".join(out.split()), out
 
 
 @pytest.mark.parametrize(
@@ -156,12 +167,11 @@ def test_help_has_whole_sentences_and_defaults() -> None:
     ],
 )
 def test_bad_arguments_are_usage_errors(args: list[str], message: str) -> None:
-    res = subprocess.run([str(BIN / "commhooks-launch"), *args], capture_output=True, text=True,
-                         timeout=60, env=ENV)  # fmt: skip
-    assert res.returncode == 2
-    assert "Traceback" not in res.stderr
-    assert res.stderr.startswith(f"usage: commhooks-launch {args[0]} "), res.stderr
-    assert f"commhooks-launch {args[0]}: error: {message}" in res.stderr
+    code, _, err = _main(*args)
+    assert code == 2
+    assert "Traceback" not in err
+    assert err.startswith(f"usage: commhooks-launch {args[0]} "), err
+    assert f"commhooks-launch {args[0]}: error: {message}" in err
 
 
 @pytest.mark.parametrize("name", ["torchrun.sbatch", "horovod.sbatch"])
