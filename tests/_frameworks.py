@@ -1,5 +1,6 @@
-"""Run scripts under real launchers (python, torchrun, accelerate launch) and read the hook
-stats each rank prints as ``commhooks rank=R steps=S raw_bytes=B wire_bytes=W ratio=X``."""
+"""Run scripts under real launchers (python, torchrun, accelerate launch), or on ranks
+from the fork server with torchrun's variables, and read the hook stats each rank prints as
+``commhooks rank=R steps=S raw_bytes=B wire_bytes=W ratio=X``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pathlib
 import re
 import subprocess
 import sys
+
+from _spawn import run_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BIN = pathlib.Path(sys.executable).parent
@@ -32,6 +35,12 @@ def run(cmd: list[str], timeout: float = 300) -> str:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
     assert res.returncode == 0, f"{cmd}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
     return res.stdout
+
+
+def on_ranks(script: pathlib.Path, *args: str, timeout: float = 300) -> str:
+    """Run ``script args`` on 2 ranks from the fork server with the variables torchrun sets
+    (:func:`_spawn.run_script`), from the repository root; return what the ranks printed."""
+    return run_script(script, 2, env=ENV, args=args, cwd=ROOT, deadline=timeout)
 
 
 def hook_stats(out: str) -> dict[int, tuple[int, int, int]]:

@@ -18,8 +18,9 @@ import pathlib
 import runpy
 import socket
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -127,28 +128,49 @@ def _join(ctx: Any, deadline: float, what: str) -> None:
             pytest.fail(f"{what} still running after {deadline}s")
 
 
-def _script_entry(rank: int, script: str, cwd: str, env: dict[str, str]) -> None:
-    """What :func:`run_script` starts: ``script`` as ``__main__`` in ``cwd``, as ``python
-    script`` would run it; under ``torchrun``'s variables, as rank ``rank``."""
+def _script_entry(
+    rank: int, script: str, argv: list[str], cwd: str, env: dict[str, str], logs: str
+) -> None:
+    """What :func:`run_script` starts: ``script argv`` as ``__main__`` in ``cwd``, as
+    ``python script argv`` would run it; under ``torchrun``'s variables, as rank ``rank``. Its
+    stdout and stderr go to ``logs``/out{rank} and err{rank}."""
+    for fd, name in ((1, "out"), (2, "err")):
+        log = os.open(os.path.join(logs, f"{name}{rank}"), os.O_WRONLY | os.O_CREAT, 0o644)
+        os.dup2(log, fd)
+        os.close(log)
     os.environ.clear()
     os.environ.update(env)
     if "WORLD_SIZE" in env:
-        for name in ("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK"):
-            os.environ[name] = str(rank) if name != "GROUP_RANK" else "0"
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), ROLE_RANK=str(rank))
     os.chdir(cwd)
-    sys.argv = [script]
+    sys.argv = [script, *argv]
     sys.path.insert(0, os.path.dirname(script))
     runpy.run_path(script, run_name="__main__")
 
 
 def run_script(
-    script: pathlib.Path, nprocs: int = 1, *, env: dict[str, str], deadline: float = DEADLINE_S
-) -> None:
-    """Run a Python file from the fork server, in its own directory: once (``nprocs=1``), or
-    on ``nprocs`` ranks with the variables ``torchrun --standalone`` gives each (``RANK``,
-    ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``, ...), so that
-    ``init_process_group()`` and the frameworks find their group as under torchrun. The
-    launcher itself is tested where it is the subject (tests/launch, tests/examples)."""
+    script: pathlib.Path,
+    nprocs: int = 1,
+    *,
+    env: dict[str, str],
+    args: Sequence[str] = (),
+    cwd: pathlib.Path | None = None,
+    deadline: float = DEADLINE_S,
+) -> str:
+    """Run a Python file from the fork server and return what it printed (each rank's stdout,
+    in rank order): once (``nprocs=1``), or on ``nprocs`` ranks with the variables
+    ``torchrun --standalone`` gives each (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``/``MASTER_PORT``, ...), so that ``init_process_group()`` and the frameworks
+    find their group as under torchrun, without paying torch's import three times. A failure
+    fails the test with the rank's traceback and the tail of every rank's output. The
+    launchers themselves are tested where they are the subject (tests/launch, tests/examples).
+
+    Args:
+        script: the file; ``args`` follow it in ``sys.argv``.
+        env: the processes' environment (before torchrun's variables are added).
+        cwd: the working directory (default: the script's).
+        deadline: seconds before the run counts as hung and is killed.
+    """
     env = dict(env)
     if nprocs > 1:
         with socket.socket() as s:
@@ -156,15 +178,27 @@ def run_script(
             port = s.getsockname()[1]
         n = str(nprocs)
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=n,
-                   LOCAL_WORLD_SIZE=n, ROLE_WORLD_SIZE=n, GROUP_WORLD_SIZE="1",
+                   LOCAL_WORLD_SIZE=n, ROLE_WORLD_SIZE=n, GROUP_RANK="0", GROUP_WORLD_SIZE="1",
                    ROLE_NAME="default", TORCHELASTIC_RESTART_COUNT="0",
                    TORCHELASTIC_MAX_RESTARTS="0", TORCHELASTIC_RUN_ID="none")  # fmt: skip
     multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
-    ctx = mp.start_processes(
-        _script_entry, args=(str(script), str(script.parent), env), nprocs=nprocs, join=False,
-        start_method="forkserver",
-    )  # fmt: skip
-    _join(ctx, deadline, str(script))
+    with tempfile.TemporaryDirectory() as logs:
+        where = str(cwd or script.parent)
+        ctx = mp.start_processes(
+            _script_entry, args=(str(script), list(args), where, env, logs), nprocs=nprocs,
+            join=False, start_method="forkserver",
+        )  # fmt: skip
+
+        def output(name: str, tail: int | None = None) -> str:
+            texts = [pathlib.Path(logs, f"{name}{r}").read_text() for r in range(nprocs)]
+            return "".join(t[-tail:] if tail else t for t in texts)
+
+        try:
+            _join(ctx, deadline, str(script))
+        except Exception as e:
+            raise RuntimeError(f"{e}\n-- stdout --\n{output('out', 2000)}\n-- stderr --\n"
+                               f"{output('err', 3000)}") from e  # fmt: skip
+        return output("out")
 
 
 def ranks_runner(tmp_path: pathlib.Path) -> Callable[..., list[Any]]:

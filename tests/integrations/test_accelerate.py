@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 import torch
-from _frameworks import TORCHRUN, assert_compressed, run
+from _frameworks import assert_compressed, on_ranks
 from accelerate import Accelerator
 from torch import nn
 
@@ -15,13 +15,13 @@ from commhooks.integrations.accelerate import register_accelerate
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def test_compresses_on_cpu_under_torchrun() -> None:
-    stats = assert_compressed(run([*TORCHRUN, str(HERE / "_accelerate_worker.py")]))
+def test_compresses_on_two_cpu_ranks() -> None:
+    stats = assert_compressed(on_ranks(HERE / "_accelerate_worker.py"))
     assert {steps for steps, _, _ in stats.values()} == {5}
 
 
-def test_fsdp2_model_compresses_on_cpu_under_torchrun() -> None:
-    stats = assert_compressed(run([*TORCHRUN, str(HERE / "_accelerate_fsdp_worker.py")]))
+def test_fsdp2_model_compresses_on_two_cpu_ranks() -> None:
+    stats = assert_compressed(on_ranks(HERE / "_accelerate_fsdp_worker.py"))
     assert {steps for steps, _, _ in stats.values()} == {5}
 
 

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 import torch
-from _frameworks import TORCHRUN, assert_compressed, run
+from _frameworks import assert_compressed, on_ranks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,8 +18,8 @@ from commhooks.integrations.huggingface import CompressionCallback, compress_tra
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def test_compresses_on_cpu_under_torchrun_and_survives_a_second_train() -> None:
-    stats = assert_compressed(run([*TORCHRUN, str(HERE / "_hf_worker.py")]))
+def test_compresses_on_two_cpu_ranks_and_survives_a_second_train() -> None:
+    stats = assert_compressed(on_ranks(HERE / "_hf_worker.py"))
     # Two train() calls of 3 steps each on one hook state.
     assert {steps for steps, _, _ in stats.values()} == {6}
 
@@ -62,7 +62,7 @@ def test_a_resumed_train_keeps_the_hook_state_bit_for_bit(tmp_path: pathlib.Path
     resume_from_checkpoint=checkpoint-5) ends with the parameters of the straight run, bit
     for bit, the hook's step counter and stats carried on. Without the files the resume
     warns, naming what restarts from zero, and lands elsewhere."""
-    run([*TORCHRUN, str(HERE / "_hf_resume_worker.py"), str(tmp_path)], timeout=600)
+    on_ranks(HERE / "_hf_resume_worker.py", str(tmp_path), timeout=600)
     for rank in range(2):
         res = torch.load(tmp_path / f"result{rank}.pt", weights_only=False)
         straight, resumed, bare = res["straight"], res["resumed"], res["bare"]

@@ -6,15 +6,15 @@ import pathlib
 
 import pytest
 import torch
-from _frameworks import TORCHRUN, assert_compressed, run
+from _frameworks import assert_compressed, on_ranks
 
 from commhooks.integrations.lightning import CompressedDDPStrategy, CompressedModelParallelStrategy
 
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def test_compresses_on_cpu_under_torchrun() -> None:
-    stats = assert_compressed(run([*TORCHRUN, str(HERE / "_lightning_worker.py")]))
+def test_compresses_on_two_cpu_ranks() -> None:
+    stats = assert_compressed(on_ranks(HERE / "_lightning_worker.py"))
     # 6 optimizer steps, one hook step each; the first 2 dense (start_iter), sent raw.
     assert {steps for steps, _, _ in stats.values()} == {6}
 
@@ -39,8 +39,8 @@ def test_state_before_fit_is_refused() -> None:
         _ = CompressedDDPStrategy("sign").compression_state
 
 
-def test_fsdp2_strategy_compresses_on_cpu_under_torchrun() -> None:
-    stats = assert_compressed(run([*TORCHRUN, str(HERE / "_lightning_fsdp_worker.py")]))
+def test_fsdp2_strategy_compresses_on_two_cpu_ranks() -> None:
+    stats = assert_compressed(on_ranks(HERE / "_lightning_fsdp_worker.py"))
     assert {steps for steps, _, _ in stats.values()} == {6}
 
 
@@ -57,7 +57,7 @@ def test_a_resumed_fit_keeps_the_hook_state_bit_for_bit(tmp_path: pathlib.Path) 
     for bit, and the hook's step counter and stats carried on (PowerSGD's Q, error feedback
     and start_iter's count). Without the side files the resume warns, naming what restarts
     from zero, and lands elsewhere."""
-    run([*TORCHRUN, str(HERE / "_lightning_resume_worker.py"), str(tmp_path)], timeout=600)
+    on_ranks(HERE / "_lightning_resume_worker.py", str(tmp_path), timeout=600)
     for rank in range(2):
         res = torch.load(tmp_path / f"result{rank}.pt", weights_only=False)
         straight, resumed, bare = res["straight"], res["resumed"], res["bare"]
@@ -81,7 +81,7 @@ def test_a_resumed_fsdp2_fit_keeps_the_compression_state_bit_for_bit(
     compression state beside it (error feedback of 4-bit codes); fit(ckpt_path=...) from it
     ends with the straight run's parameters, bit for bit, and its step counter and stats.
     Without the side files the resume warns and lands elsewhere."""
-    run([*TORCHRUN, str(HERE / "_lightning_fsdp_resume_worker.py"), str(tmp_path)], timeout=600)
+    on_ranks(HERE / "_lightning_fsdp_resume_worker.py", str(tmp_path), timeout=600)
     for rank in range(2):
         res = torch.load(tmp_path / f"result{rank}.pt", weights_only=False)
         straight, resumed, bare = res["straight"], res["resumed"], res["bare"]
