@@ -198,12 +198,14 @@ def test_registry_imports_no_compressor() -> None:
     assert compressors == {"commhooks.compressors.base"}
 
 
-# Runs in a fresh interpreter: imports torch once, then forks a child per module, so each
-# child imports its module with no commhooks module loaded (as ``python -c "import X"`` would)
-# without paying torch's import ~60 times on the suite's 2 shared cores.
+# Runs in a fresh interpreter: imports torch (and torch._dynamo, which DDP, FSDP and the
+# kernels pull in) once, then forks a child per module, so each child imports its module with
+# no commhooks module loaded (as ``python -c "import X"`` would) without paying torch's import
+# ~60 times on the suite's 2 shared cores.
 _FRESH_IMPORTS = """
 import os, sys, traceback
 import torch  # noqa: F401
+import torch._dynamo  # noqa: F401
 failed, running, imported = [], {}, []
 
 def reap():
