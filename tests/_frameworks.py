@@ -40,7 +40,7 @@ def run(cmd: list[str], timeout: float = 300) -> str:
 def on_ranks(script: pathlib.Path, *args: str, timeout: float = 300) -> str:
     """Run ``script args`` on 2 ranks from the fork server with the variables torchrun sets
     (:func:`_spawn.run_script`), from the repository root; return what the ranks printed."""
-    return run_script(script, 2, env=ENV, args=args, cwd=ROOT, deadline=timeout)
+    return run_script(script, 2, env=ENV, args=args, cwd=ROOT, deadline=timeout)[0]
 
 
 def hook_stats(out: str) -> dict[int, tuple[int, int, int]]:

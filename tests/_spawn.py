@@ -156,9 +156,9 @@ def run_script(
     args: Sequence[str] = (),
     cwd: pathlib.Path | None = None,
     deadline: float = DEADLINE_S,
-) -> str:
-    """Run a Python file from the fork server and return what it printed (each rank's stdout,
-    in rank order): once (``nprocs=1``), or on ``nprocs`` ranks with the variables
+) -> tuple[str, str]:
+    """Run a Python file from the fork server and return what it printed (stdout and stderr,
+    each the ranks' in rank order): once (``nprocs=1``), or on ``nprocs`` ranks with the variables
     ``torchrun --standalone`` gives each (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``/``MASTER_PORT``, ...), so that ``init_process_group()`` and the frameworks
     find their group as under torchrun, without paying torch's import three times. A failure
@@ -198,7 +198,7 @@ def run_script(
         except Exception as e:
             raise RuntimeError(f"{e}\n-- stdout --\n{output('out', 2000)}\n-- stderr --\n"
                                f"{output('err', 3000)}") from e  # fmt: skip
-        return output("out")
+        return output("out"), output("err")
 
 
 def ranks_runner(tmp_path: pathlib.Path) -> Callable[..., list[Any]]:

@@ -9,17 +9,16 @@ import os
 import pathlib
 import re
 import subprocess
-import sys
 from typing import Any
 
 import pytest
 import torch
+from _spawn import run_script
 
 import commhooks.metrics as metrics
 from commhooks.engine.state import CommStats, CompressionState
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BIN = pathlib.Path(sys.executable).parent
 WORKER = pathlib.Path(__file__).with_name("_metrics_worker.py")
 STEPS, START_ITER = 6, 2  # as in _metrics_worker.py
 LINE = re.compile(
@@ -28,13 +27,11 @@ LINE = re.compile(
 
 
 def _torchrun(out: pathlib.Path, **env: str) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(
-        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(WORKER), str(out)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
+    """The worker on 2 ranks with torchrun's variables, from the fork server."""
+    stdout, stderr = run_script(
+        WORKER, 2, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, args=[str(out)], cwd=ROOT
+    )
+    return subprocess.CompletedProcess([str(WORKER)], 0, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
