@@ -158,8 +158,8 @@ def run_script(
     deadline: float = DEADLINE_S,
 ) -> tuple[str, str]:
     """Run a Python file from the fork server and return what it printed (stdout and stderr,
-    each the ranks' in rank order): once (``nprocs=1``), or on ``nprocs`` ranks with the variables
-    ``torchrun --standalone`` gives each (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+    each the ranks' in rank order): once (``nprocs=1``), or on ``nprocs`` ranks with the
+    variables ``torchrun --standalone`` gives each (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``/``MASTER_PORT``, ...), so that ``init_process_group()`` and the frameworks
     find their group as under torchrun, without paying torch's import three times. A failure
     fails the test with the rank's traceback and the tail of every rank's output. The
@@ -190,7 +190,8 @@ def run_script(
         )  # fmt: skip
 
         def output(name: str, tail: int | None = None) -> str:
-            texts = [pathlib.Path(logs, f"{name}{r}").read_text() for r in range(nprocs)]
+            paths = [pathlib.Path(logs, f"{name}{r}") for r in range(nprocs)]
+            texts = [p.read_text() if p.exists() else "" for p in paths]  # killed before it began
             return "".join(t[-tail:] if tail else t for t in texts)
 
         try:

@@ -8,7 +8,6 @@ import logging
 import os
 import pathlib
 import re
-import subprocess
 from typing import Any
 
 import pytest
@@ -26,18 +25,18 @@ LINE = re.compile(
 )
 
 
-def _torchrun(out: pathlib.Path, **env: str) -> subprocess.CompletedProcess[str]:
-    """The worker on 2 ranks with torchrun's variables, from the fork server."""
-    stdout, stderr = run_script(
+def _stderr(out: pathlib.Path, **env: str) -> str:
+    """Run the worker on 2 ranks with torchrun's variables, from the fork server; return what
+    the ranks logged."""
+    return run_script(
         WORKER, 2, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, args=[str(out)], cwd=ROOT
-    )
-    return subprocess.CompletedProcess([str(WORKER)], 0, stdout, stderr)
+    )[1]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: Any) -> tuple[pathlib.Path, subprocess.CompletedProcess[str]]:
+def run(tmp_path_factory: Any) -> tuple[pathlib.Path, str]:
     out = tmp_path_factory.mktemp("metrics")
-    return out, _torchrun(out)
+    return out, _stderr(out)
 
 
 def test_last_ratio_is_the_last_steps_own(run: Any) -> None:
@@ -55,18 +54,18 @@ def test_last_ratio_is_the_last_steps_own(run: Any) -> None:
 
 
 def test_log_every_lines_appear_on_rank_0_without_setup(run: Any) -> None:
-    _, res = run
-    lines = [LINE.search(x) for x in res.stderr.splitlines() if "commhooks.metrics" in x]
+    _, stderr = run
+    lines = [LINE.search(x) for x in stderr.splitlines() if "commhooks.metrics" in x]
     found = [(int(m[1]), int(m[2])) for m in lines if m]
-    assert found == [(0, 2), (0, 4), (0, 6)], res.stderr[-3000:]
+    assert found == [(0, 2), (0, 4), (0, 6)], stderr[-3000:]
     last = [m for m in lines if m][-1]
     assert float(last[3]) > 10 and float(last[4]) < float(last[3])
 
 
 def test_other_ranks_log_at_debug(tmp_path: pathlib.Path) -> None:
-    res = _torchrun(tmp_path, COMMHOOKS_DEBUG="1")
-    found = {(int(m[1]), int(m[2])) for m in map(LINE.search, res.stderr.splitlines()) if m}
-    assert found == {(r, s) for r in (0, 1) for s in (2, 4, 6)}, res.stderr[-3000:]
+    stderr = _stderr(tmp_path, COMMHOOKS_DEBUG="1")
+    found = {(int(m[1]), int(m[2])) for m in map(LINE.search, stderr.splitlines()) if m}
+    assert found == {(r, s) for r in (0, 1) for s in (2, 4, 6)}, stderr[-3000:]
 
 
 def test_tensorboard_event_file_has_every_scalar(run: Any) -> None:
