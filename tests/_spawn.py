@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import pathlib
 import runpy
-import socket
 import sys
 import tempfile
 import time
@@ -27,6 +26,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from commhooks.mpi import _free_port
 
 TIMEOUT = datetime.timedelta(seconds=60)
 #: a run that takes longer has hung: it fails the test instead of stalling CI
@@ -173,11 +174,8 @@ def run_script(
     """
     env = dict(env)
     if nprocs > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         n = str(nprocs)
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=n,
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=n,
                    LOCAL_WORLD_SIZE=n, ROLE_WORLD_SIZE=n, GROUP_RANK="0", GROUP_WORLD_SIZE="1",
                    ROLE_NAME="default", TORCHELASTIC_RESTART_COUNT="0",
                    TORCHELASTIC_MAX_RESTARTS="0", TORCHELASTIC_RUN_ID="none")  # fmt: skip

@@ -19,8 +19,9 @@ BIN = pathlib.Path(sys.executable).parent
 
 
 def _main(*args: str) -> tuple[int, str, str]:
-    """``commhooks-launch args`` in this process (its console script is run once, in
-    :func:`test_help_has_whole_sentences_and_defaults`): exit status, stdout, stderr."""
+    """``commhooks-launch args`` in this process (the console script itself runs in
+    :func:`test_help_has_whole_sentences_and_defaults` and the launch tests): exit status,
+    stdout, stderr."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
