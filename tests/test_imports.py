@@ -36,12 +36,21 @@ def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+def _entered_packages(target: str, module: str, files: dict[str, pathlib.Path]) -> set[str]:
+    """The packages whose ``__init__`` importing ``target`` from ``module`` runs: every
+    ancestor package of ``target`` that ``module`` is not inside."""
+    parts = target.split(".")
+    ancestors = (".".join(parts[:i]) for i in range(1, len(parts)))
+    return {p for p in ancestors if p in files and p != module and not module.startswith(p + ".")}
+
+
 def import_graph(root: pathlib.Path = ROOT, package: str = PACKAGE) -> dict[str, set[str]]:
     """Module -> the package's modules it imports anywhere in its source.
 
     ``from a.b import c`` is an edge to ``a.b.c`` when that is a module, else to ``a.b``.
-    The implicit import of a parent package (``a`` when importing ``a.b``) is not an edge:
-    every module would otherwise sit in a cycle with its package's ``__init__``.
+    Importing ``a.b.c`` first runs the ``__init__`` of ``a`` and ``a.b``, so each of those is
+    an edge too, except from a module inside that package: Python has already started its
+    ``__init__`` then (counting it would put every module in a cycle with its package).
     """
     files = {
         _module_name(path, root): path
@@ -69,6 +78,7 @@ def import_graph(root: pathlib.Path = ROOT, package: str = PACKAGE) -> dict[str,
                     target = target.rpartition(".")[0]
                 if target and target != module:
                     edges.add(target)
+                    edges.update(_entered_packages(target, module, files))
         graph[module] = edges
     return graph
 
@@ -159,4 +169,39 @@ def test_cycle_finder_sees_every_kind_of_import(
     (package / "__init__.py").write_text("")
     for name, source in sources.items():
         (package / f"{name}.py").write_text(source)
+    assert find_cycles(import_graph(tmp_path, "pkg")) == ([cycle] if cycle else [])
+
+
+@pytest.mark.parametrize(
+    ("sources", "cycle"),
+    [
+        # reg imports the subpackage's base, which runs sub/__init__, which loads algo, which
+        # imports reg: a cycle no single import statement shows.
+        (
+            {
+                "sub/__init__": "from pkg.sub import algo\n",
+                "sub/base": "",
+                "sub/algo": "from pkg import reg\n",
+                "reg": "from pkg.sub.base import B\n",
+            },
+            ["pkg.reg", "pkg.sub", "pkg.sub.algo"],
+        ),
+        # A module inside the subpackage does not run its __init__ again.
+        (
+            {
+                "sub/__init__": "from pkg.sub import algo\n",
+                "sub/base": "",
+                "sub/algo": "from pkg.sub.base import B\n",
+            },
+            None,
+        ),
+    ],
+)
+def test_cycle_finder_counts_the_packages_an_import_enters(
+    tmp_path: pathlib.Path, sources: dict[str, str], cycle: list[str] | None
+) -> None:
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    for name, source in sources.items():
+        (tmp_path / "pkg" / f"{name}.py").write_text(source)
     assert find_cycles(import_graph(tmp_path, "pkg")) == ([cycle] if cycle else [])

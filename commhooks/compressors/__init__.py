@@ -1,22 +1,8 @@
-"""Compressors, one algorithm per module; importing this package registers them all."""
+"""Compressors, one algorithm per module, and the codec contract they share.
 
-# Importing each module registers its compressor by name.
-from commhooks.compressors import (  # noqa: F401
-    adaptive,
-    cast,
-    dgc,
-    identity,
-    nonuniform,
-    pipeline,
-    powersgd,
-    qsgd,
-    randomk,
-    sign,
-    ternary,
-    threshold,
-    topk,
-    uniform,
-)
+This package's ``__init__`` loads only the contract (:mod:`.base`); the algorithms register
+by name when :mod:`.catalog` imports them, which ``import commhooks`` does."""
+
 from commhooks.compressors.base import (
     Capabilities,
     Compressor,

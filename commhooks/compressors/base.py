@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 import torch
 from torch import Tensor
 
-from commhooks.compressors.types import Context, Kind, Message, Payload, ReduceOp
+from commhooks.payload import Context, Kind, Message, Payload, ReduceOp
 
 if TYPE_CHECKING:
     from commhooks.kernels.codec import FusedCodec

@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from commhooks.compressors.types import Context, Payload
 from commhooks.kernels.backend import Backend
 from commhooks.kernels.dispatch import backend_for
+from commhooks.payload import Context, Payload
 
 __all__ = ["FusedCodec"]
 
