@@ -26,7 +26,8 @@ without entropy coding. Bits and range vary
 per rank and per step, which is why both travel in the payload rather than in the context.
 
 Choosing ``b`` needs the running statistics on the host, so each :meth:`compress` reads three
-scalars back from the device (one synchronisation), and each decode reads the one-byte header.
+scalars back from the device (one synchronisation). A decode of 8 codes or more reads nothing:
+the packed codes' size gives ``b``. Fewer codes, or entropy-coded ones, read the header.
 The range is fp32 for every input dtype; fp64 tensors beyond fp32's range (3.4e38) get an
 infinite range and decode non-finite.
 """
@@ -218,9 +219,12 @@ class Adaptive(Compressor[AdaptiveConfig]):
 
     def _decompress(self, payload: Payload, ctx: Context) -> Tensor:
         head, rng, data = payload
-        bits = int(head[0])
+        bits = _width(head, data, ctx.numel, coded=self.config.entropy)
         if not 1 <= bits <= 8:
-            raise ValueError(f"payload: header says {bits} bits; expected 1..8")
+            raise ValueError(
+                f"payload: header says {int(head[0])} bits, codes take {data.numel()} bytes "
+                f"for {ctx.numel} elements; no width in 1..8 fits"
+            )
         top = (1 << bits) - 1
         mid, half_step = _grid(rng.to(compute_dtype(ctx.dtype)), top)
         codes = decode_symbols(data, top + 1, ctx.numel, use_entropy=self.config.entropy)
@@ -288,6 +292,21 @@ class Adaptive(Compressor[AdaptiveConfig]):
             self._recount()
 
 
+#: from this many codes on, every bit width packs them into a different number of bytes
+_WIDTH_FROM_SIZE = 8
+
+
+def _width(head: Tensor, data: Tensor, n: int, *, coded: bool) -> int:
+    """A payload's bit width (0 when no width fits). Packed codes of ``n >= 8`` elements take
+    ``ceil(n * b / 8)`` bytes, a different count for every ``b``, so their size (known on the
+    host) gives the width without reading the header back from the device. Entropy-coded or
+    fewer codes: the header is read."""
+    if coded or n < _WIDTH_FROM_SIZE:
+        return int(head[0])
+    size = data.numel()
+    return next((b for b in range(1, 9) if packed_size(n, symbol_packing(1 << b)) == size), 0)
+
+
 def _grid(rng: Tensor, top: int) -> tuple[Tensor, Tensor]:
     """Midpoint and half step of ``top + 1`` levels spanning ``rng = [lo, hi]``, computed from
     halves so that no finite range overflows."""
@@ -344,14 +363,12 @@ class AdaptiveKernels(FusedCodec):
         head, rng, data = payload
         if head.numel() != 1 or rng.numel() != 2 or rng.dtype != torch.float32:
             return False
-        bits = int(head[0])
-        if not 1 <= bits <= 8:
-            return False
-        return data.numel() == packed_size(n, symbol_packing(1 << bits))
+        bits = _width(head, data, n, coded=False)
+        return 1 <= bits <= 8 and data.numel() == packed_size(n, symbol_packing(1 << bits))
 
     def decode(self, ops: Backend, payload: Payload, n: int, out: Tensor | None) -> Tensor:
         head, rng, data = payload
-        bits = int(head[0])
+        bits = _width(head, data, n, coded=False)
         top = (1 << bits) - 1
         grid = torch.stack(_grid(rng, top))
         packing = symbol_packing(top + 1)
