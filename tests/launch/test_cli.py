@@ -103,12 +103,18 @@ def _trained(stdout: str, compressor: str) -> tuple[float, float]:
     return float(acc[0]), float(ratio[0])
 
 
-def test_torchrun_mode_runs_an_example_through_the_thin_script() -> None:
+def test_torchrun_mode_runs_an_example_with_its_options_through_the_thin_script() -> None:
+    # The example's own options too (dense warm-up steps, the fp16 wrapper): this is the
+    # example's torchrun run, so tests/examples does not launch it again.
     res = _launch(["bash", str(ROOT / "launch" / "torchrun.sh"), "--nproc", "2", "--",
-                   str(EX / "ddp_train.py"), "--epochs", "1", "--compressor", "sign"])  # fmt: skip
+                   str(EX / "ddp_train.py"), "--epochs", "1", "--compressor", "powersgd:rank=2",
+                   "--start-iter", "3", "--wrapper", "fp16"])  # fmt: skip
     assert "--nproc_per_node=2 --standalone" in res.stderr
-    acc, ratio = _trained(res.stdout, "sign")
-    assert acc > 50 and ratio > 10
+    acc, ratio = _trained(res.stdout, "powersgd:rank=2")
+    # The 3 dense warm-up steps count in the whole run's ratio; the last step is compressed.
+    assert acc > 50 and ratio > 2
+    last = float(re.findall(r"\(last step ([0-9.]+)x\)", res.stdout)[0])
+    assert last > 5
 
 
 def test_mpirun_mode_runs_the_ddp_and_federated_examples() -> None:
