@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.futures import Future
 
-from commhooks.compressors.base import all_finite
 from commhooks.engine.state import CompressionState
 from commhooks.engine.step import Step, StepReport
+from commhooks.feedback import all_finite
 
 __all__ = [
     "InFlight",

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import commhooks
 from commhooks import ErrorFeedback, FeedbackConfig
+from commhooks.feedback import all_finite
 from commhooks.testing import simulate_allreduce
 
 EF_SPECS = ["topk:ratio=0.1", "randomk:ratio=0.2", "dgc:ratio=0.05", "fp16", "bf16"]
@@ -228,6 +229,20 @@ def test_rollback_where_restores_a_residual_popped_this_step() -> None:
     ef.pop("w")
     ef.rollback_where(torch.tensor(False))
     assert not ef.residual("w").any()  # kept removed: zero memory sends what none does
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_sees_inf_nan_and_survives_overflowing_sums(dtype: torch.dtype) -> None:
+    big = torch.full((1000,), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert all_finite(big)  # its sum overflows; the exact check says finite
+    assert all_finite(torch.zeros(0, dtype=dtype)) and all_finite(torch.arange(3))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        t = torch.ones(1000, dtype=dtype)
+        t[517] = bad
+        assert not all_finite(t)
+    both = torch.ones(10, dtype=dtype)
+    both[1], both[2] = float("inf"), float("-inf")
+    assert not all_finite(both)
 
 
 def test_write_residual_keeps_a_non_finite_residual_out_each_way() -> None:

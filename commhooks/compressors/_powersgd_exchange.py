@@ -16,8 +16,8 @@ from torch import Tensor
 
 from commhooks.compressors._powersgd_memory import WarmStartMemory, unit_columns
 from commhooks.compressors._powersgd_ops import as_matrix, mq, mtp, orthogonalize, stack_matrices
-from commhooks.compressors.base import Exchange, Message, ReduceOp, all_finite, compute_dtype
-from commhooks.feedback.residual import write_residual
+from commhooks.compressors.base import Exchange, Message, ReduceOp, compute_dtype
+from commhooks.feedback.residual import all_finite, write_residual
 
 __all__ = ["FusedPowerSGDExchange", "LowRankCompressor", "PowerSGDExchange"]
 

@@ -43,7 +43,6 @@ __all__ = [
     "Payload",
     "ReduceOp",
     "SingleRoundExchange",
-    "all_finite",
     "check_group",
     "check_tensor",
     "compute_dtype",
@@ -396,18 +395,6 @@ def check_group(
     if len(keys) != len(tensors):
         raise ValueError(f"keys: got {len(keys)} keys for {len(tensors)} tensors")
     return list(keys)
-
-
-def all_finite(t: Tensor) -> bool:
-    """Whether every element of ``t`` is finite, in one cheap reduction.
-
-    A sum is finite only if every term is (inf and nan propagate, inf - inf is nan), so a
-    finite sum proves it; a non-finite one may be an overflow of finite values and is checked
-    exactly. On a 64M-element fp32 tensor here: 8 ms against 270 ms for ``isfinite().all()``.
-    """
-    if t.numel() == 0 or not t.is_floating_point():
-        return True
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -29,11 +29,10 @@ from torch import Tensor
 from torch.futures import Future
 
 from commhooks.comm.transport import TransportStats, count_allreduce
-from commhooks.compressors.base import all_finite
 from commhooks.engine.fallback import COMPRESSED
 from commhooks.engine.step import EngineState, Step
 from commhooks.engine.worker import HELD
-from commhooks.feedback import decided_on_device
+from commhooks.feedback import all_finite, decided_on_device
 
 __all__ = ["average_bucket", "average_flat", "goes_dense", "param_views"]
 

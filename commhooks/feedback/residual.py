@@ -1,6 +1,6 @@
-"""Error feedback's residual arithmetic: the finiteness rule every fused path obeys, whether
-a step is decided on the device, and :func:`write_residual`, the one place Python computes a
-new residual ``decay * (c - sent)``."""
+"""Error feedback's residual arithmetic: the finiteness rule every fused path obeys, the
+finiteness check steps commit by (:func:`all_finite`), whether a step is decided on the device,
+and :func:`write_residual`, the one place Python computes a new residual ``decay * (c - sent)``."""
 
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from commhooks.compressors.base import all_finite
-
 __all__ = [
     "SAFE_ABS",
     "SAFE_SQUARE_ABS",
     "SAFE_SUM_ABS",
     "Keep",
+    "all_finite",
     "decided_on_device",
     "on_device",
     "refuses",
@@ -40,6 +39,18 @@ SAFE_ABS = 1e38
 SAFE_SUM_ABS = 1e29
 #: squares stay finite in fp32 (l2 norms: 1.8e19 squared overflows)
 SAFE_SQUARE_ABS = 1e18
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite, in one cheap reduction.
+
+    A sum is finite only if every term is (inf and nan propagate, inf - inf is nan), so a
+    finite sum proves it; a non-finite one may be an overflow of finite values and is checked
+    exactly. On a 64M-element fp32 tensor here: 8 ms against 270 ms for ``isfinite().all()``.
+    """
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def safely_finite(total: float, amax: float, bound: float = SAFE_ABS) -> bool:

@@ -198,19 +198,3 @@ def test_cuda_round_trip_matches_cpu_shape_and_device(spec: str) -> None:
     assert all(t.device.type == "cuda" for t in payload)
     y = c.decompress(payload, ctx)
     assert y.device.type == "cuda" and y.shape == x.shape
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_all_finite_sees_inf_nan_and_survives_overflowing_sums(dtype: torch.dtype) -> None:
-    from commhooks.compressors.base import all_finite
-
-    big = torch.full((1000,), torch.finfo(dtype).max / 2, dtype=dtype)
-    assert all_finite(big)  # its sum overflows; the exact check says finite
-    assert all_finite(torch.zeros(0, dtype=dtype)) and all_finite(torch.arange(3))
-    for bad in (float("inf"), float("-inf"), float("nan")):
-        t = torch.ones(1000, dtype=dtype)
-        t[517] = bad
-        assert not all_finite(t)
-    both = torch.ones(10, dtype=dtype)
-    both[1], both[2] = float("inf"), float("-inf")
-    assert not all_finite(both)
