@@ -97,7 +97,8 @@ def parse_spec(spec: str) -> CompressorConfig:
     if len(stages) > 1:
         if not _PIPELINE:
             raise ValueError(
-                f"spec={shown(spec)}: no pipeline is registered; import commhooks.compressors"
+                f"spec={shown(spec)}: no pipeline is registered; "
+                "import commhooks.compressors.pipeline"
             )
         return _PIPELINE[0](stages=tuple(_parse_one(s) for s in stages))
     return _parse_one(stages[0])

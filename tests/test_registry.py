@@ -66,6 +66,14 @@ def test_pipeline_specs_build_the_registered_pipeline() -> None:
         register_pipeline(lambda *, stages: PipelineConfig(stages=stages))
 
 
+def test_a_pipeline_spec_without_the_pipeline_module_says_what_to_import(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(commhooks.registry, "_PIPELINE", [])
+    with pytest.raises(ValueError, match=r"import commhooks\.compressors\.pipeline"):
+        commhooks.parse_spec("topk|uniform")
+
+
 # -- imports: the dependency between modules goes one way -----------------------------------------
 
 
