@@ -25,9 +25,10 @@ steps, so any finite fp32 range decodes finite). A payload costs ``9 + ceil(n * 
 without entropy coding. Bits and range vary
 per rank and per step, which is why both travel in the payload rather than in the context.
 
-Choosing ``b`` needs the running statistics on the host, so each :meth:`compress` reads three
-scalars back from the device (one synchronisation). A decode of 8 codes or more reads nothing:
-the packed codes' size gives ``b``. Fewer codes, or entropy-coded ones, read the header.
+Choosing ``b`` needs the running statistics on the host, so each :meth:`compress` reads its
+statistics back from the device in one copy (the fused kernels' first call for a key reads one
+element more, the pivot of their variance sums). A decode of 8 codes or more that are not
+entropy coded reads nothing: the packed codes' size gives ``b``. Otherwise it reads the header.
 The range is fp32 for every input dtype; fp64 tensors beyond fp32's range (3.4e38) get an
 infinite range and decode non-finite.
 """
@@ -292,6 +293,13 @@ class Adaptive(Compressor[AdaptiveConfig]):
             self._recount()
 
 
+def _read_back(values: list[float | Tensor]) -> list[float]:
+    """``values`` as Python floats, the tensors among them read back in one copy."""
+    tensors = [v.double().reshape(()) for v in values if isinstance(v, Tensor)]
+    read = iter(torch.stack(tensors).tolist() if tensors else [])
+    return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
+
+
 #: from this many codes on, every bit width packs them into a different number of bytes
 _WIDTH_FROM_SIZE = 8
 
@@ -341,18 +349,22 @@ class AdaptiveKernels(FusedCodec):
         pivot = (
             (old.lo + old.hi) / 2 if old is not None else float(g[0] + (0 if e is None else e[0]))
         )
-        st = ops.chunk_stats(g, e, n, minmax=True, squares=True, pivot=pivot)
-        if not safely_finite(st.total, st.amax):
-            return None
+        st = ops.chunk_stats(g, e, n, minmax=True, squares=True, pivot=pivot, host=False)
         assert st.sumsq is not None and st.lo is not None and st.hi is not None
+        # The encode's one host read, on every backend: whether c is safely finite, and the
+        # statistics the bit width (so the payload's size) follows from.
+        total, amax, cur_lo, cur_hi, sumsq = _read_back(
+            [st.total, st.amax, st.lo[0], st.hi[0], st.sumsq[0]]
+        )
+        if not safely_finite(total, amax):
+            return None
         # fp32 lane sums gathered in fp64: torch's var() to about 1e-6 relative, not bit for
         # bit, so the stored running variance differs in its low digits and the bit width can
         # differ where its target sits within that of a rounding boundary (the payload is then
         # valid, one width apart). Squares past fp32 (|d| > 1.8e19) fall back to the range.
-        mean = st.total / n
-        lo_hi_sq = torch.stack([st.lo[0].double(), st.hi[0].double(), st.sumsq[0]]).tolist()
-        var = max(lo_hi_sq[2] / n - mean * mean, 0.0)
-        bits, lo, hi = owner._plan(key, lo_hi_sq[0], lo_hi_sq[1], var, n)
+        mean = total / n
+        var = max(sumsq / n - mean * mean, 0.0)
+        bits, lo, hi = owner._plan(key, cur_lo, cur_hi, var, n)
         rng = torch.tensor([lo, hi], dtype=torch.float32)
         grid = torch.stack(_grid(rng, (1 << bits) - 1)).to(g.device)
         data = ops.grid_encode(g, e, grid, bits)

@@ -1,9 +1,9 @@
 """Every built-in compressor: importing this module registers each one by name.
 
 ``commhooks`` imports it, so the registry knows every name before any lookup. It is kept out of
-the package's ``__init__`` on purpose: the error-feedback, kernel and registry modules import
-the codec base from this package, and the algorithms import them in turn, so an ``__init__``
-that loaded the algorithms would close an import cycle through all of them.
+the package's ``__init__`` on purpose: the registry and error feedback import the codec base
+from this package, and the algorithms import them in turn, so an ``__init__`` that loaded the
+algorithms would close an import cycle through all of them.
 """
 
 from __future__ import annotations

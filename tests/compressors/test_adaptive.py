@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import commhooks
+from commhooks.coding.bitpack import packed_size, symbol_packing
 from commhooks.compressors.adaptive import Adaptive, AdaptiveConfig
 from commhooks.compressors.base import Compressor, Kind
 
@@ -333,6 +334,24 @@ def test_a_payload_no_bit_width_fits_is_refused() -> None:
     payload, ctx = c.compress(torch.randn(16))
     with pytest.raises(ValueError, match=r"no width in 1\.\.8 fits"):
         c.decompress((*payload[:2], payload[2][:-1]), ctx)
+
+
+@pytest.mark.parametrize("n", [8, 9, 15, 100, 4097])
+def test_from_eight_codes_on_every_width_packs_to_its_own_size(n: int) -> None:
+    # What the decoders rely on: plain bit packing, one byte count per width.
+    assert [symbol_packing(1 << b) for b in range(1, 9)] == [(b, 0) for b in range(1, 9)]
+    sizes = [packed_size(n, symbol_packing(1 << b)) for b in range(1, 9)]
+    assert sizes == sorted(set(sizes))
+
+
+@pytest.mark.parametrize("n", [8, 200_000])  # the torch path; the native kernels (2**14 on)
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_every_width_decodes_by_its_size_whatever_the_header(n: int, bits: int) -> None:
+    c = commhooks.compressor(f"adaptive:budget={bits},min_bits={bits},max_bits={bits}")
+    payload, ctx = c.compress(torch.randn(n, generator=torch.Generator().manual_seed(n)))
+    assert int(payload[0][0]) == bits
+    wrong = (torch.tensor([0], dtype=torch.uint8), *payload[1:])
+    torch.testing.assert_close(c.decompress(wrong, ctx), c.decompress(payload, ctx))
 
 
 def test_from_eight_codes_on_the_width_comes_from_their_size() -> None:

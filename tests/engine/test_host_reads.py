@@ -68,6 +68,15 @@ def test_variable_size_steps_read_only_their_sizes(run_ranks) -> None:
                 assert rank[spec]["ratio"] > 1.5, spec
 
 
+def test_adaptive_on_the_device_kernels_reads_once_per_tensor(run_ranks) -> None:
+    # The Triton kernels (what CUDA tensors run), interpreted on the CPU: the encode's
+    # finiteness check and statistics come back in one copy, and decoding reads nothing.
+    for rank in run_ranks(count_reads, 2, ["adaptive"], {}, "triton"):
+        reads = rank["adaptive"]["reads"]
+        assert sum(reads.values()) <= VARIABLE["adaptive"], f"adaptive: reads {reads}"
+        assert rank["adaptive"]["ratio"] > 1.5
+
+
 def test_an_overflow_only_the_averages_show_still_rolls_the_step_back(run_ranks) -> None:
     # One rank: with two, the first step's fp16 sum of 4e4 + 4e4 would overflow already.
     for rank in run_ranks(overflow_rolls_back, 1):
