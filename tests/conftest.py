@@ -24,58 +24,13 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(__file__))
 
 from _spawn import forkserver_spawn, ranks_runner
+from _tags import TAGS, matches
 
 # The suite runs on 2 shared cores; hypothesis' timing health checks would flake there.
 settings.register_profile(
     "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 settings.load_profile("ci")
-
-
-#: Tags by path (``pytest -m``), so tests need no decorator each: ``make test-fast`` leaves out
-#: ``slow``, ``launcher`` and ``root``. ``multiproc``: real gloo ranks spawned by the test.
-TAGS: dict[str, tuple[str, ...]] = {
-    # Runs the real frameworks, benchmark scripts, convergence or demo jobs, the docs'
-    # snippets, the 4-rank stress test, or a fresh interpreter per module.
-    "slow": (
-        "integrations/",
-        "benchmarks/",
-        "examples/",
-        "ddp/test_convergence.py",
-        "federated/test_federated_convergence.py",
-        "test_demo.py",
-        "kernels/test_gpu_check.py",
-        "native/test_native_build.py",
-        "docker/",
-        "ddp/test_hooks.py::test_stress_four_ranks",
-        "test_docs.py::test_snippet_runs",
-        "test_registry.py::test_every_module_imports_fresh",
-    ),
-    # Starts torchrun, horovodrun or mpirun as subprocesses.
-    "launcher": (
-        "horovod/",
-        "launch/test_cli.py",
-        "test_mpi.py",
-        "ddp/test_ddp_hierarchical.py",
-    ),
-    # Creates network namespaces (root).
-    "root": (
-        "launch/test_netns.py",
-        "benchmarks/test_e2e.py",
-        "benchmarks/test_sleep_step.py",
-        "benchmarks/test_diloco_link.py",
-    ),
-    "multiproc": (
-        "comm/",
-        "ddp/",
-        "engine/",
-        "federated/",
-        "diloco/",
-        "fsdp/",
-        "test_metrics.py",
-        "test_spawn.py",
-    ),
-}
 
 
 def _whole_path_tags(rel: str, is_dir: bool) -> set[str]:
@@ -124,7 +79,7 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
         rel = os.path.relpath(str(item.path), root).replace(os.sep, "/")
         node = f"{rel}::{item.name}"
         for tag, paths in TAGS.items():
-            if any(node.startswith(p) for p in paths):
+            if any(matches(node, p) for p in paths):
                 item.add_marker(getattr(pytest.mark, tag))
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import pathlib
 
+from _tags import TAGS, matches
+
 TESTS = pathlib.Path(__file__).resolve().parent
 
 
@@ -18,3 +20,12 @@ def test_no_two_test_modules_share_a_name() -> None:
             names[path.name].append(str(path.relative_to(TESTS)))
     clashes = {name: paths for name, paths in names.items() if len(paths) > 1}
     assert not clashes, clashes
+
+
+def test_a_tag_entry_is_a_prefix_or_a_pattern() -> None:
+    assert matches("ddp/test_hooks.py::test_stress_four_ranks_x", "ddp/test_hooks.py::test_stress")
+    pattern = "fsdp/test_fsdp.py::*[[]nodes[]]"
+    assert pattern in TAGS["slow"]
+    assert matches("fsdp/test_fsdp.py::test_identity_equals_dense[nodes]", pattern)
+    assert not matches("fsdp/test_fsdp.py::test_identity_equals_dense[flat]", pattern)
+    assert not matches("fsdp/test_other.py::test_identity_equals_dense[nodes]", pattern)
