@@ -51,7 +51,7 @@ test: setup
 	$(PY) -m pytest -q --durations=25
 
 # The edit loop: unit, contract and 2-rank tests; no frameworks, launchers, benchmarks or
-# network namespaces (tags by path in tests/conftest.py).
+# network namespaces; no 4-rank layouts (tags by path in tests/_tags.py).
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not launcher and not root"
 
