@@ -259,11 +259,24 @@ def test_write_residual_keeps_a_non_finite_residual_out_each_way() -> None:
     assert torch.equal(old, torch.tensor([7.0, 7.0, 7.0]))
     write_residual(c.clone(), sent, keep="device", into=old)
     assert torch.equal(old, torch.tensor([0.5, 1.5, 2.5]))
-    kept = write_residual(bad, sent, keep="unchecked")  # the step decides elsewhere
+    kept = write_residual(bad.clone(), sent, keep="unchecked")  # the step decides elsewhere
     assert kept is not None and not bool(torch.isfinite(kept).all())
     mine = c.clone()
     write_residual(mine, sent, owned=False)
     assert torch.equal(mine, c)  # not this step's memory: left alone
+    formed_in_place = bad.clone()  # c was formed in the residual's memory: the old value is gone
+    reset = write_residual(formed_in_place, sent, 0.5, keep="reset")
+    assert reset is formed_in_place and torch.equal(reset, torch.zeros(3))
+    kept_finite = write_residual(c.clone(), sent, 0.5, keep="reset")
+    assert torch.equal(kept_finite, torch.tensor([0.25, 0.75, 1.25]))
+    full = torch.tensor([2.0, -1.0, 4.0])  # sent in full: the residual is c - c
+    write_residual(full, full, into=old, owned=False)
+    assert torch.equal(old, torch.zeros(3)) and torch.equal(full, torch.tensor([2.0, -1.0, 4.0]))
+    old.fill_(7.0)
+    write_residual(bad, bad, into=old, owned=False)
+    assert torch.equal(old, torch.full((3,), 7.0))  # inf - inf: refused, the old one stays
+    with pytest.raises(ValueError, match=r"keep='reset'.*into must be None"):
+        write_residual(c.clone(), sent, keep="reset", into=old)
 
 
 def test_fused_paths_are_found_along_the_class_hierarchy_and_checked() -> None:

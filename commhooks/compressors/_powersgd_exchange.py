@@ -17,7 +17,7 @@ from torch import Tensor
 from commhooks.compressors._powersgd_memory import WarmStartMemory, unit_columns
 from commhooks.compressors._powersgd_ops import as_matrix, mq, mtp, orthogonalize, stack_matrices
 from commhooks.compressors.base import Exchange, Message, ReduceOp, compute_dtype
-from commhooks.feedback.residual import all_finite, write_residual
+from commhooks.feedback.residual import write_residual
 
 __all__ = ["FusedPowerSGDExchange", "LowRankCompressor", "PowerSGDExchange"]
 
@@ -432,13 +432,13 @@ class FusedPowerSGDExchange(PowerSGDExchange):
                 e = self._residuals[i].view(b.n, b.m)
                 p, q = b.p[j], b.q_local[j]
                 sent = lambda c, p=p, q=q: c.addmm_(p, q.T, alpha=-1)  # noqa: E731
-                write_residual(e.add_(self._tensors[i].reshape(b.n, b.m)), sent, self._decay,
-                               keep="unchecked")  # fmt: skip
-                if check and not all_finite(e):
-                    e.zero_()
+                c = e.add_(self._tensors[i].reshape(b.n, b.m))
+                write_residual(c, sent, self._decay, keep="reset" if check else "unchecked")
         for i in self._dense:
-            if not check or all_finite(self._sent[i]):
-                self._residuals[i].zero_()
+            # Sent in full: the residual is c - c, zero where c is finite.
+            c = self._sent[i]
+            write_residual(c, c, keep="host" if check else "unchecked", into=self._residuals[i],
+                           owned=False)  # fmt: skip
 
     def result(self) -> list[Tensor]:
         out = super().result()

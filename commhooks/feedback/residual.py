@@ -94,7 +94,7 @@ def refuses(total: float | Tensor, amax: float | Tensor, bound: float = SAFE_ABS
 # -- the residual, written once ----------------------------------------------------------------
 
 #: how a new residual that is not finite stays out of the memory (see :func:`write_residual`)
-Keep = Literal["host", "device", "unchecked"]
+Keep = Literal["host", "device", "unchecked", "reset"]
 
 
 def write_residual(
@@ -122,7 +122,10 @@ def write_residual(
             old value unless every element is finite, decided on the device (no host read;
             needs ``into``). ``"unchecked"``: kept as it is, where the caller knows it is
             finite (a kernel refused unsafe input) or the step is undone on the device where
-            it is not (:meth:`ErrorFeedback.rollback_where`).
+            it is not (:meth:`ErrorFeedback.rollback_where`). ``"reset"``: one host read, as
+            ``"host"``, but a residual that is not finite is set to zero and returned, where
+            ``c`` was formed in the stored residual's own memory and its old value is gone
+            (a fused path that never copies ``g + e``).
         into: the stored residual to overwrite; None: the residual is returned in ``c``'s
             memory (new memory unless ``owned``).
         owned: ``c``'s memory may be overwritten (it is this step's own, not the caller's
@@ -131,6 +134,11 @@ def write_residual(
     Returns:
         the new residual (``into`` where given), or None where ``keep="host"`` refused it.
     """
+    if keep == "reset" and (into is not None or not owned):
+        raise ValueError(
+            "keep='reset' zeroes c's own memory, which must be the stored residual: "
+            "into must be None and owned True"
+        )
     if sent is None:
         r = c if owned else c.clone()
     elif isinstance(sent, Tensor):
@@ -138,8 +146,10 @@ def write_residual(
     else:
         r = c if owned else c.clone()
         sent(r)
-    if keep == "host" and not all_finite(r):
-        return None
+    if keep in ("host", "reset") and not all_finite(r):
+        if keep == "host":
+            return None
+        r.zero_()
     if decay != 1.0:
         r.mul_(decay)
     if into is None:
