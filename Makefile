@@ -46,9 +46,13 @@ bench: setup
 	THP_MEM_ALLOC_ENABLE=1 $(PY) benchmarks/fsdp_shaped.py --rate 100mbit \
 		--out bench-out/fsdp_shaped.json --markdown bench-out/fsdp_shaped.md
 
-# The whole suite; the 25 slowest tests are listed at the end.
+# The whole suite; the 25 slowest tests are listed at the end. TEST_WORKERS pytest-xdist
+# workers, each taking a whole test module at a time (module fixtures start once), modules
+# with launcher, root or slow tests first (tests/_tags.py); tests that create network
+# namespaces take turns on a lock (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # The edit loop: unit, contract and 2-rank tests; no frameworks, launchers, benchmarks or
 # network namespaces; no 4-rank layouts (tags by path in tests/_tags.py).

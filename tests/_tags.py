@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import fnmatch
+import os
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["TAGS", "matches"]
+__all__ = ["HEAVY", "TAGS", "matches", "tag_and_order"]
 
 #: Tags by path (``pytest -m``), so tests need no decorator each: ``make test-fast`` leaves out
 #: ``slow``, ``launcher`` and ``root``. ``multiproc``: real gloo ranks spawned by the test. An
@@ -43,9 +46,12 @@ TAGS: dict[str, tuple[str, ...]] = {
     # Creates network namespaces (root).
     "root": (
         "launch/test_netns.py",
+        "launch/test_cli.py::test_shaped_mode_runs_an_example",
         "benchmarks/test_e2e.py",
         "benchmarks/test_sleep_step.py",
         "benchmarks/test_diloco_link.py",
+        "benchmarks/test_fsdp_shaped.py",
+        "test_demo.py::test_demo_over_shaped_links",
     ),
     "multiproc": (
         "comm/",
@@ -63,3 +69,33 @@ TAGS: dict[str, tuple[str, ...]] = {
 def matches(node: str, entry: str) -> bool:
     """Whether a :data:`TAGS` entry names this test: a prefix, or a pattern with ``*``."""
     return fnmatch.fnmatchcase(node, entry) if "*" in entry else node.startswith(entry)
+
+
+#: tags whose modules run first: a long test started last would leave the other worker idle
+HEAVY = frozenset({"slow", "launcher", "root"})
+
+
+def tag_and_order(items: list[Any], root: str, mark: Callable[[Any, str], None]) -> None:
+    """Marks each collected test with its tags (``mark(item, tag)``), then orders the modules
+    in place: those that hold a :data:`HEAVY` test first, and among them the ones with a
+    ``root`` test (which take turns across workers, see tests/conftest.py) spread evenly
+    through the others, so that two workers seldom wait on each other. Each module's tests
+    keep their order and stay together (module fixtures start once). ``root``: the folder
+    the :data:`TAGS` paths are relative to."""
+    kind: dict[Any, int] = {}  # 0: holds a root test, 1: another heavy one, 2: neither
+    for item in items:
+        rel = os.path.relpath(str(item.path), root).replace(os.sep, "/")
+        node = f"{rel}::{item.name}"
+        tags = [tag for tag, paths in TAGS.items() if any(matches(node, p) for p in paths)]
+        for tag in tags:
+            mark(item, tag)
+        here = 0 if "root" in tags else 1 if HEAVY.intersection(tags) else 2
+        kind[item.path] = min(kind.get(item.path, 2), here)
+    modules = list(dict.fromkeys(item.path for item in items))
+    rooted = [m for m in modules if kind[m] == 0]
+    heavy = [m for m in modules if kind[m] == 1]
+    turns, step = list(heavy), (len(heavy) + 1) / (len(rooted) + 1)
+    for j, m in enumerate(rooted):  # spread evenly through the heavy ones
+        turns.insert(round((j + 1) * step) + j, m)
+    rank = {m: i for i, m in enumerate(turns + [m for m in modules if kind[m] == 2])}
+    items.sort(key=lambda item: rank[item.path])

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import pathlib
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -24,7 +25,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(__file__))
 
 from _spawn import forkserver_spawn, ranks_runner
-from _tags import TAGS, matches
+from _tags import TAGS, tag_and_order
 
 # The suite runs on 2 shared cores; hypothesis' timing health checks would flake there.
 settings.register_profile(
@@ -74,13 +75,21 @@ def pytest_ignore_collect(collection_path: pathlib.Path, config: Any) -> bool | 
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
-    root = os.path.dirname(__file__)
-    for item in items:
-        rel = os.path.relpath(str(item.path), root).replace(os.sep, "/")
-        node = f"{rel}::{item.name}"
-        for tag, paths in TAGS.items():
-            if any(matches(node, p) for p in paths):
-                item.add_marker(getattr(pytest.mark, tag))
+    tag_and_order(items, os.path.dirname(__file__), lambda item, tag: item.add_marker(tag))
+
+
+@pytest.fixture(autouse=True)
+def _netns_tests_take_turns(request: Any, tmp_path_factory: Any) -> Iterator[None]:
+    """Tests tagged ``root`` (they create network namespaces) hold one lock that all of the
+    run's pytest-xdist workers share: the namespaces' names are fixed and
+    tests/launch/test_netns.py checks the machine's, so they must not overlap."""
+    if request.node.get_closest_marker("root") is None:
+        yield
+        return
+    # Workers' base folders are popen-gw0, popen-gw1, ... in one folder of the run.
+    with open(tmp_path_factory.getbasetemp().parent / "netns-tests.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 @pytest.fixture

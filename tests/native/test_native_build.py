@@ -5,6 +5,7 @@ can share, and loudly missed when it cannot be built."""
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -26,25 +27,39 @@ def _python(code: str, **env: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
-def test_ranks_starting_together_build_once(tmp_path):
-    """Four processes load the kernels from one empty cache at once: one compiles, the others
-    wait on the lock and load the same file, and no temporary is left behind."""
+def test_ranks_starting_together_with_the_build_command_build_once(tmp_path):
+    """``python -m commhooks.native build`` (a job's set-up step) and three processes loading
+    the kernels start at once on one empty cache: the C compiler links the library once, the
+    others wait on the lock and load the same file, no temporary is left behind, and ``info``
+    then names that file."""
+    cache, calls = tmp_path / "cache", tmp_path / "cc-calls"
+    cc = tmp_path / "cc"  # the real compiler, each call logged, to count the builds
+    real = native.compiler()
+    assert real is not None, "the native kernels need a C compiler (make setup installs gcc)"
+    cc.write_text(f'#!/bin/sh\necho "$*" >> {shlex.quote(str(calls))}\nexec {real} "$@"\n')
+    cc.chmod(0o755)
+    env = {"COMMHOOKS_CACHE": str(cache), "CC": str(cc)}
     code = (
-        "import logging, os\n"
-        "logging.basicConfig(level=logging.INFO)\n"
+        "import os\n"
         "from commhooks import native\n"
         "k = native.lib()\n"
         "print(k.path, os.stat(k.path).st_ino)\n"
     )
-    procs = [_python(code, COMMHOOKS_CACHE=str(tmp_path)) for _ in range(4)]
+    procs = [_python(code, **env) for _ in range(3)]
+    full = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    cli = [sys.executable, "-m", "commhooks.native"]
+    procs.append(subprocess.Popen([*cli, "build"], env=full, text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE))  # fmt: skip
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
-    assert sum(err.count("built native kernels") for _, err in outs) == 1
-    assert len({out for out, _ in outs}) == 1
-    assert sorted(f.name for f in tmp_path.iterdir()) == [
-        "build.lock",
-        Path(outs[0][0].split()[0]).name,
-    ]
+    links = [line for line in calls.read_text().splitlines() if "-shared" in line]
+    assert len(links) == 1, links
+    assert len({out for out, _ in outs[:3]}) == 1
+    path = Path(outs[0][0].split()[0])
+    assert path.parent == cache and outs[3][0].strip() == str(path)
+    assert sorted(f.name for f in cache.iterdir()) == ["build.lock", path.name]
+    info = subprocess.run([*cli, "info"], env=full, capture_output=True, text=True, timeout=120)
+    assert info.stdout.startswith(str(path)), info.stdout + info.stderr
 
 
 def test_no_build_flag_ties_the_library_to_this_cpu():
@@ -179,17 +194,3 @@ def test_turning_the_kernels_off_is_only_logged(tmp_path):
     err = _torch_path_stderr(tmp_path, COMMHOOKS_NATIVE="0")
     assert "RuntimeWarning" not in err and "WARNING" not in err, err
     assert err.count("INFO:commhooks.native:COMMHOOKS_NATIVE=0") == 1, err
-
-
-def test_build_ahead_of_time(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COMMHOOKS_CACHE": str(tmp_path)}
-    cmd = [sys.executable, "-m", "commhooks.native", "build"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
-    path = Path(res.stdout.strip())
-    assert path.parent == tmp_path and path.is_file()
-    info = subprocess.run(
-        [sys.executable, "-m", "commhooks.native", "info"], env=env, capture_output=True,
-        text=True, timeout=120,
-    )  # fmt: skip
-    assert info.stdout.startswith(str(path)), info.stdout + info.stderr
