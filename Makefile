@@ -50,14 +50,19 @@ bench: setup
 # workers, each taking a whole test module at a time (module fixtures start once), modules
 # with launcher, root or slow tests first (tests/_tags.py); tests that create network
 # namespaces take turns on a lock (tests/conftest.py).
+# Python's default of caching bytecode (in __pycache__, git-ignored) holds for the tests even
+# where the environment sets PYTHONDONTWRITEBYTECODE: otherwise each of the suite's few hundred
+# launched processes compiles the package again, and each worker rewrites every test module.
 TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q
 test: setup
-	$(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+	$(PYTEST) --durations=25 $(XDIST)
 
 # The edit loop: unit, contract and 2-rank tests; no frameworks, launchers, benchmarks or
-# network namespaces; no 4-rank layouts (tags by path in tests/_tags.py).
+# network namespaces; no 4-rank layouts (tags by path in tests/_tags.py). Same workers as `test`.
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not launcher and not root"
+	$(PYTEST) -m "not slow and not launcher and not root" $(XDIST)
 
 # On a machine with a CUDA device: the CUDA-marked tests, the kernels' speed on the device
 # (25M and 100M elements), DDP jobs over NCCL (1 process) and gloo (2 processes sharing the

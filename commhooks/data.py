@@ -6,6 +6,9 @@ labels, so they work for any map-style dataset: wrap with ``torch.utils.data.Sub
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -86,12 +89,30 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> tuple[Tensor, Tens
     """Scikit-learn's bundled digits (no download) as ``(x_train, y_train, x_test, y_test)``:
     8x8 images flattened to 64 features in [0, 1], a seeded train/test cut."""
     check_real("test_fraction", test_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
-    from sklearn.datasets import load_digits as sk_digits
-
-    data = sk_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.int64)
+    table = torch.from_numpy(_digits_table())
+    x = table[:, :-1].to(torch.float32) / 16.0
+    y = table[:, -1].to(torch.int64)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     cut = int((1 - test_fraction) * len(y))
     tr, te = perm[:cut], perm[cut:]
     return x[tr], y[tr], x[te], y[te]
+
+
+def _digits_table(roots: Sequence[str] | None = None) -> np.ndarray:
+    """Scikit-learn's ``digits.csv.gz`` (64 pixel columns, then the label), read where the
+    installed scikit-learn keeps it without importing scikit-learn: its import costs about
+    2 s of CPU, as much as torch's, in every process that loads the data. Falls back to
+    ``sklearn.datasets.load_digits`` where the file is elsewhere. ``roots``: the folders to
+    look in (default: scikit-learn's package folder)."""
+    if roots is None:
+        spec = importlib.util.find_spec("sklearn")  # a top-level package: found, not imported
+        roots = (spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            with gzip.open(path, "rt") as f:
+                return np.loadtxt(f, delimiter=",")
+    from sklearn.datasets import load_digits as sk_digits
+
+    data = sk_digits()
+    return np.column_stack([data.data, data.target])

@@ -30,7 +30,7 @@ TAGS: dict[str, tuple[str, ...]] = {
         "ddp/test_hooks.py::test_stress_four_ranks",
         "ddp/test_hooks.py::test_matches_torch_builtin_hooks[4]",
         "engine/test_host_reads.py::test_hierarchical_steps_read_nothing_back",
-        "fsdp/test_fsdp.py::*[[]nodes[]]",
+        "fsdp/test_fsdp.py::*[[]nodes[]-]*",
         "fsdp/test_fsdp.py::test_bad_input_nodes",
         "fsdp/test_fsdp.py::test_hierarchical_feedback_is_a_shard",
         "test_docs.py::test_snippet_runs",

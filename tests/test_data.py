@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
-from commhooks.data import dirichlet_split, iid_split
+from commhooks.data import dirichlet_split, iid_split, load_digits
 
 
 def _labels(n: int = 2000, classes: int = 10) -> torch.Tensor:
@@ -73,3 +77,33 @@ def test_shard_split_is_a_seeded_partition_with_few_labels_per_client() -> None:
         shard_split(labels, 5, 0)
     with pytest.raises(ValueError, match="labels"):
         shard_split(labels[:5], 5, 2)
+
+
+def test_load_digits_is_scikit_learns_digits_without_importing_it() -> None:
+    # A fresh interpreter: this one may have imported scikit-learn already.
+    code = (
+        "import sys; from commhooks.data import load_digits; x, y, _, _ = load_digits();"
+        "print(tuple(x.shape), 'sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "(1437, 64) False", out.stdout
+    from sklearn.datasets import load_digits as sk_digits
+
+    ref = sk_digits()
+    x_tr, y_tr, x_te, y_te = load_digits(seed=3)
+    perm = torch.randperm(len(ref.target), generator=torch.Generator().manual_seed(3))
+    x = torch.tensor(ref.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(ref.target, dtype=torch.int64)
+    cut = len(x_tr)
+    assert cut == int(0.8 * len(y)) and len(x_te) == len(y) - cut
+    torch.testing.assert_close(torch.cat([x_tr, x_te]), x[perm], rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([y_tr, y_te]), y[perm], rtol=0, atol=0)
+    assert float(x.min()) >= 0.0 and float(x.max()) == 1.0
+
+
+def test_digits_come_from_scikit_learns_loader_where_the_file_is_elsewhere(tmp_path) -> None:
+    from commhooks.data import _digits_table
+
+    found, fallback = _digits_table(), _digits_table(roots=[str(tmp_path)])
+    assert found.shape == (1797, 65)
+    np.testing.assert_array_equal(found, fallback)

@@ -24,9 +24,10 @@ def test_no_two_test_modules_share_a_name() -> None:
 
 def test_a_tag_entry_is_a_prefix_or_a_pattern() -> None:
     assert matches("ddp/test_hooks.py::test_stress_four_ranks_x", "ddp/test_hooks.py::test_stress")
-    pattern = "fsdp/test_fsdp.py::*[[]nodes[]]"
+    pattern = "fsdp/test_fsdp.py::*[[]nodes[]-]*"
     assert pattern in TAGS["slow"]
     assert matches("fsdp/test_fsdp.py::test_identity_equals_dense[nodes]", pattern)
+    assert matches("fsdp/test_fsdp.py::test_every_compressor_compresses[nodes-sign]", pattern)
     assert not matches("fsdp/test_fsdp.py::test_identity_equals_dense[flat]", pattern)
     assert not matches("fsdp/test_other.py::test_identity_equals_dense[nodes]", pattern)
 

@@ -6,6 +6,7 @@ options, mpirun, the shaped cluster), not again here."""
 
 from __future__ import annotations
 
+import re
 import sys
 
 from _frameworks import ACCELERATE, ROOT, TORCHRUN, assert_compressed
@@ -15,7 +16,10 @@ EX = ROOT / "examples"
 
 
 def test_federated_clients_reports_uplink_per_client() -> None:
+    # Under torchrun only: mpirun's path (mpi4py) is the one examples/ddp_train.py takes there.
     out = _run([*TORCHRUN, str(EX / "federated_clients.py"), "--epochs", "1"])
+    assert re.search(r"test, ratio [0-9.]+x", out), out
+    assert float(re.findall(r"ratio ([0-9.]+)x", out)[0]) > 10
     rows = [
         line for line in out.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")
     ]

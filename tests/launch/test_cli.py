@@ -117,17 +117,14 @@ def test_torchrun_mode_runs_an_example_with_its_options_through_the_thin_script(
     assert last > 5
 
 
-def test_mpirun_mode_runs_the_ddp_and_federated_examples() -> None:
+def test_mpirun_mode_runs_the_ddp_example() -> None:
+    # The ranks find their rank and world through mpi4py (commhooks.mpi.init_from_launcher),
+    # the path every example shares; examples/federated_clients.py runs in tests/examples.
     res = _launch([str(BIN / "commhooks-launch"), "mpirun", "--np", "2", "--",
                    str(EX / "ddp_train.py"), "--epochs", "1", "--compressor", "sign"])  # fmt: skip
     assert " -np 2 " in res.stderr
     acc, ratio = _trained(res.stdout, "sign")
     assert acc > 50 and ratio > 10
-    res = _launch([str(BIN / "commhooks-launch"), "mpirun", "--np", "2", "--",
-                   str(EX / "federated_clients.py"), "--epochs", "1"])  # fmt: skip
-    assert re.search(r"test, ratio [0-9.]+x", res.stdout), res.stdout
-    assert float(re.findall(r"ratio ([0-9.]+)x", res.stdout)[0]) > 10
-    assert len(re.findall(r"^\| [01] \| \d+ \|", res.stdout, re.M)) == 2
 
 
 def test_horovodrun_mode_runs_the_horovod_example_reproducibly() -> None:
