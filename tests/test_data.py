@@ -97,9 +97,9 @@ def test_load_digits_is_scikit_learns_digits_without_importing_it() -> None:
     y = torch.tensor(ref.target, dtype=torch.int64)
     cut = len(x_tr)
     assert cut == int(0.8 * len(y)) and len(x_te) == len(y) - cut
-    torch.testing.assert_close(torch.cat([x_tr, x_te]), x[perm], rtol=0, atol=0)
-    torch.testing.assert_close(torch.cat([y_tr, y_te]), y[perm], rtol=0, atol=0)
     mine = torch.cat([x_tr, x_te])
+    torch.testing.assert_close(mine, x[perm], rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([y_tr, y_te]), y[perm], rtol=0, atol=0)
     assert float(mine.min()) == 0.0 and float(mine.max()) == 1.0
 
 
