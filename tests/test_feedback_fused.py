@@ -2,12 +2,12 @@
 
 The fused paths are those registered in :mod:`commhooks.feedback` by (codec, device): the
 kernels' fused encodes (native quantizers and sparsifiers) and the fused exchanges (casts,
-random-k, PowerSGD); tests/comm/test_fused_memories.py runs them through the reduce-scatter
-server memories. Each runs the
-same sequence of steps as the reference: normal steps, a step with a non-finite value, an
-abandoned exchange, a step rolled back by the transaction, and steps after a checkpoint
-round trip. Payloads, results and residuals must agree bit for bit, except where a path says
-it rounds differently (PowerSGD's fused products).
+random-k, PowerSGD, shared-scale uniform); tests/comm/test_fused_memories.py runs them
+through the reduce-scatter server memories. Each runs the same sequence of steps as the
+reference: normal steps, a step with a non-finite value, an abandoned exchange, a step rolled
+back by the transaction, and steps after a checkpoint round trip. Payloads, results and
+residuals must agree bit for bit, except where a path says it rounds differently (PowerSGD's
+fused products).
 """
 
 from __future__ import annotations
@@ -25,7 +25,12 @@ from commhooks.testing import simulate_allreduce
 SHAPES = [(160, 128), (64, 32)]
 #: PowerSGD's fused exchange forms g Q + e Q where the reference forms (g + e) Q
 ROUNDS_DIFFERENTLY = {"powersgd"}
-SUMMABLE = [n for n in commhooks.available() if commhooks.compressor(n).capabilities.summable]
+#: the shared-scale quantizer's fused exchange, with a chunk that leaves a short last one
+SHARED_SCALE = ["uniform:bits=8,shared_scale=true", "uniform:bits=4,shared_scale=true,chunk=100"]
+SUMMABLE = [
+    *(n for n in commhooks.available() if commhooks.compressor(n).capabilities.summable),
+    *SHARED_SCALE,
+]
 
 
 def _grads(step: int, rank: int = 0, bad: float | None = None) -> list[torch.Tensor]:

@@ -38,7 +38,15 @@ from commhooks.feedback.residual import on_device, refuses
 from commhooks.kernels import Backend, FusedCodec
 from commhooks.registry import register
 
-__all__ = ["UniformKernels", "SharedScaleExchange", "Uniform", "UniformConfig", "shared_levels"]
+__all__ = [
+    "SharedScaleExchange",
+    "Uniform",
+    "UniformConfig",
+    "UniformKernels",
+    "chunk_absmax",
+    "decode_codes",
+    "shared_levels",
+]
 
 # Code widths tried in turn for shared-scale codes: the narrowest whose headroom leaves >= 1
 # level per side once world_size codes are added up.
@@ -145,8 +153,8 @@ class Uniform(Compressor[UniformConfig]):
         flat = tensor.reshape(-1).to(compute_dtype(tensor.dtype))
         if cfg.shared_scale:
             level, dtype = shared_levels(cfg.bits, 1)
-            step = _chunk_absmax(flat, cfg.chunk) / level
-            return (self._symmetric_codes(flat, step, level, dtype), step), None
+            step = chunk_absmax(flat, cfg.chunk) / level
+            return (self.symmetric_codes(flat, step, level, dtype), step), None
         top = (1 << cfg.bits) - 1
         rows = chunked(flat, cfg.chunk)
         # amin/amax propagate NaN, and an infinite range makes the step infinite, so a
@@ -165,7 +173,7 @@ class Uniform(Compressor[UniformConfig]):
         cfg = self.config
         if cfg.shared_scale:
             codes, step = payload
-            return _decode_codes(codes, step, cfg.chunk, ctx.numel)
+            return decode_codes(codes, step, cfg.chunk, ctx.numel)
         data, scales = payload
         top = (1 << cfg.bits) - 1
         symbols = decode_symbols(data, top + 1, ctx.numel, use_entropy=cfg.entropy)
@@ -184,7 +192,7 @@ class Uniform(Compressor[UniformConfig]):
 
     # -- shared-scale mode ----------------------------------------------------------------------
 
-    def _symmetric_codes(
+    def symmetric_codes(
         self, flat: Tensor, step: Tensor, level: int, dtype: torch.dtype, key: str | None = None
     ) -> Tensor:
         """Integer codes in [-level, level] of ``flat`` with per-chunk ``step``; ``key`` names
@@ -208,12 +216,12 @@ class Uniform(Compressor[UniformConfig]):
         return SharedScaleExchange(self, tensors, world_size, keys)
 
 
-def _chunk_absmax(flat: Tensor, chunk: int) -> Tensor:
+def chunk_absmax(flat: Tensor, chunk: int) -> Tensor:
     """Per-chunk max |x|; NaN-propagating, zero padding cannot raise it."""
     return chunked(flat, chunk).abs().amax(1)
 
 
-def _decode_codes(codes: Tensor, step: Tensor, chunk: int, numel: int) -> Tensor:
+def decode_codes(codes: Tensor, step: Tensor, chunk: int, numel: int) -> Tensor:
     """Symmetric integer codes (one rank's, or the sum of several) times their chunk's step."""
     rows = chunked(codes.to(step.dtype), chunk)
     return unchunk(rows * step[:, None], numel)
@@ -252,7 +260,7 @@ class SharedScaleExchange(Exchange):
         if not self._shapes:
             return None
         if self._round == 0:
-            absmax = torch.cat([_chunk_absmax(f, self._chunk).float() for f in self._flats])
+            absmax = torch.cat([chunk_absmax(f, self._chunk).float() for f in self._flats])
             # NaN is sent as +inf: every MAX implementation keeps an inf (not all keep a NaN),
             # and an infinite step decodes to non-finite values on every rank.
             absmax = absmax.masked_fill_(absmax.isnan(), float("inf"))
@@ -270,7 +278,7 @@ class SharedScaleExchange(Exchange):
             ]
             self._codes = torch.cat(
                 [
-                    self._c._symmetric_codes(f, s, self._level, self._dtype, k)
+                    self._c.symmetric_codes(f, s, self._level, self._dtype, k)
                     for f, s, k in zip(self._flats, self._steps, self._keys)
                 ]
             )
@@ -302,7 +310,7 @@ class SharedScaleExchange(Exchange):
         sizes = [_numel(s) for s in self._shapes]
         dtypes = self._compute if keep_compute else self._dtypes
         return [
-            _decode_codes(c, step, self._chunk, n).reshape(shape).to(dtype)
+            decode_codes(c, step, self._chunk, n).reshape(shape).to(dtype)
             for c, step, n, shape, dtype in zip(
                 codes.split(sizes), self._steps, sizes, self._shapes, dtypes
             )

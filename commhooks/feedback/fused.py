@@ -23,6 +23,7 @@ __all__ = [
     "DEVICES",
     "FusedFeedbackExchange",
     "FusedPath",
+    "KernelPath",
     "fused_compress",
     "fused_exchange",
     "fused_path",
@@ -70,9 +71,10 @@ class FusedPath:
         return None
 
 
-class _KernelPath(FusedPath):
+class KernelPath(FusedPath):
     """Every codec with fused kernels attached (``codec.kernels``): their encode updates the
-    residual in the same pass as the codes."""
+    residual in the same pass as the codes. A codec that also has a fused exchange registers
+    a subclass that adds :meth:`exchange`."""
 
     def in_place(self, codec: Compressor[Any]) -> bool:
         return codec.kernels is not None
@@ -110,7 +112,7 @@ def fused_path(codec: Compressor[Any], device: torch.device) -> FusedPath | None
     return None
 
 
-register_fused(Compressor, _KernelPath())
+register_fused(Compressor, KernelPath())
 
 
 def fused_compress(

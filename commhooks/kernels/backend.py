@@ -147,6 +147,33 @@ class Backend:
         """``float(half) / scale / divisor`` as fp32, into ``out`` when given."""
         raise NotImplementedError
 
+    # -- shared-scale symmetric codes (uniform, shared_scale=True) ------------------------------
+
+    def symm_absmax(self, g: Tensor, e: Tensor | None, chunk: int) -> Tensor:
+        """Per-chunk ``max |g + e|`` (fp32), +inf for a chunk holding a NaN (the MAX round's
+        message)."""
+        raise NotImplementedError
+
+    def symm_encode(
+        self, g: Tensor, e: Tensor | None, chunk: int, step: Tensor, level: int, codes: Tensor
+    ) -> None:
+        """``codes`` (an int8/16/32 tensor) = ``clamp(round(c / step), -level, level)`` of
+        ``c = g + e`` with one ``step`` per chunk, a NaN quotient as 0; writes nothing else."""
+        raise NotImplementedError
+
+    def symm_residual(
+        self, g: Tensor, e: Tensor, chunk: int, step: Tensor, codes: Tensor, decay: float
+    ) -> None:
+        """``e = ((g + e) - float(codes) * step) * decay`` in place, from the ``codes`` that
+        :meth:`symm_encode` wrote for these ``g`` and ``e``."""
+        raise NotImplementedError
+
+    def symm_decode(
+        self, codes: Tensor, chunk: int, step: Tensor, divisor: float, out: Tensor
+    ) -> None:
+        """``out = (float(codes) * step) / divisor`` (summed codes to a mean)."""
+        raise NotImplementedError
+
     # -- sparsifiers' error feedback on a device ------------------------------------------------
 
     def finite_flag(self, g: Tensor, e: Tensor) -> Tensor:

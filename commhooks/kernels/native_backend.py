@@ -19,7 +19,17 @@ class NativeBackend(Backend):
 
     name: ClassVar[str] = "native"
     provides: ClassVar[frozenset[str]] = frozenset(
-        {"sign", "uniform", "stochastic", "table", "cast", "stats", "select", "varint"}
+        {
+            "sign",
+            "uniform",
+            "stochastic",
+            "table",
+            "cast",
+            "stats",
+            "select",
+            "varint",
+            "symm",
+        }
     )
 
     def usable(self, *tensors: Tensor, numel: int | None = None, op: str = "") -> bool:
@@ -106,3 +116,21 @@ class NativeBackend(Backend):
         self, half: Tensor, scale: float, out: Tensor | None = None, divisor: float = 1.0
     ) -> Tensor:
         return native.cast_decode(half, scale, out, divisor)
+
+    def symm_absmax(self, g: Tensor, e: Tensor | None, chunk: int) -> Tensor:
+        return native.symm_absmax(g, e, chunk)
+
+    def symm_encode(
+        self, g: Tensor, e: Tensor | None, chunk: int, step: Tensor, level: int, codes: Tensor
+    ) -> None:
+        native.symm_encode(g, e, chunk, step, level, codes)
+
+    def symm_residual(
+        self, g: Tensor, e: Tensor, chunk: int, step: Tensor, codes: Tensor, decay: float
+    ) -> None:
+        native.symm_residual(g, e, chunk, step, codes, decay)
+
+    def symm_decode(
+        self, codes: Tensor, chunk: int, step: Tensor, divisor: float, out: Tensor
+    ) -> None:
+        native.symm_decode(codes, chunk, step, divisor, out)

@@ -521,6 +521,52 @@ def cast_decode(
     return out
 
 
+def symm_absmax(g: Tensor, e: Tensor | None, chunk: int) -> Tensor:
+    """Per-chunk ``max |g + e|`` (fp32), +inf for a chunk holding a NaN."""
+    h = lib()
+    assert h is not None
+    n = g.numel()
+    out = torch.empty(-(-n // chunk), dtype=torch.float32)
+    h.ch_symm_absmax(ptr(g), ptr(e), n, chunk, ptr(out), threads())
+    return out
+
+
+def symm_encode(
+    g: Tensor, e: Tensor | None, chunk: int, step: Tensor, level: int, codes: Tensor
+) -> None:
+    """``codes`` (int8/16/32) = ``clamp(round(c / step), -level, level)`` of ``c = g + e``, per
+    chunk, NaN quotients as 0; writes nothing else."""
+    h = lib()
+    assert h is not None
+    h.ch_symm_encode(
+        ptr(g), ptr(e), g.numel(), chunk, ptr(step), float(level), ptr(codes),
+        codes.element_size(), threads(),
+    )  # fmt: skip
+
+
+def symm_residual(
+    g: Tensor, e: Tensor, chunk: int, step: Tensor, codes: Tensor, decay: float
+) -> None:
+    """``e = ((g + e) - float(codes) * step) * decay`` in place (``codes``: from
+    :func:`symm_encode` on these ``g`` and ``e``)."""
+    h = lib()
+    assert h is not None
+    h.ch_symm_residual(
+        ptr(g), ptr(e), g.numel(), chunk, ptr(step), ptr(codes), codes.element_size(), decay,
+        threads(),
+    )  # fmt: skip
+
+
+def symm_decode(codes: Tensor, chunk: int, step: Tensor, divisor: float, out: Tensor) -> None:
+    """``out = (float(codes) * step) / divisor``, per chunk (two roundings, as torch's)."""
+    h = lib()
+    assert h is not None
+    h.ch_symm_decode(
+        ptr(codes), codes.element_size(), codes.numel(), chunk, ptr(step), divisor, ptr(out),
+        threads(),
+    )  # fmt: skip
+
+
 def indices_ok(*tensors: Tensor) -> bool:
     """Whether the index-code kernels take these tensors (contiguous, on the CPU). No size
     floor: the torch code they replace costs more than a ctypes call at any size."""

@@ -1319,6 +1319,139 @@ void CH(ch_cast_decode)(const uint16_t *h, int64_t n, float s, float w, int bf16
     parallel_for(n, 64, n, nthreads, cast_decode_range, &k);
 }
 
+/* ---- shared-scale symmetric codes (uniform, shared_scale=True) -------------------------- */
+/* As commhooks.compressors.uniform's torch path: per chunk a step s = absmax / L agreed by a
+ * MAX all-reduce; code = clamp(round_half_even(nan_to_num(c / s)), -L, L) in int8/16/32; the
+ * codes are summed by an all-reduce and decode to float(code) * s. Work runs chunk by chunk,
+ * so every inner loop has one step and vectorizes. */
+
+typedef struct {
+    const float *g;
+    float *e;
+    int64_t n, chunk;
+    const float *step;
+    float *amax;  /* per chunk (absmax) */
+    void *codes;  /* int8/16/32, by width */
+    int width;
+    float level, decay, divisor;
+    float *out;
+} symm_t;
+
+static void symm_absmax_range(void *arg, int64_t c0, int64_t c1) {
+    symm_t *k = (symm_t *)arg;
+    const float *g = k->g, *e = k->e;
+    for (int64_t ci = c0; ci < c1; ci++) {
+        int64_t a = ci * k->chunk, b = a + k->chunk < k->n ? a + k->chunk : k->n;
+        float m = 0.0f; /* the zero padding of a last, short chunk cannot raise it */
+        int nan = 0;
+        for (int64_t i = a; i < b; i++) {
+            float v = fabsf(e ? g[i] + e[i] : g[i]);
+            m = v > m ? v : m;
+            nan |= v != v;
+        }
+        /* NaN goes on the wire as +inf: a MAX keeps it, and the step decodes non-finite. */
+        k->amax[ci] = nan ? INFINITY : m;
+    }
+}
+
+/* absmax[ci] = max |g + e| over chunk ci (+inf where some element is NaN). */
+void CH(ch_symm_absmax)(const float *g, const float *e, int64_t n, int64_t chunk, float *absmax,
+                    int nthreads) {
+    symm_t k = {g, (float *)e, n, chunk, NULL, absmax, NULL, 0, 0.0f, 1.0f, 1.0f, NULL};
+    int64_t nchunks = (n + chunk - 1) / chunk;
+    parallel_for(nchunks, 1, n, nthreads, symm_absmax_range, &k);
+}
+
+static inline float symm_code(float v, float s, float level) {
+    float q = v / s;
+    q = q == q ? nearbyintf(q) : 0.0f; /* 0/0 (an all-zero chunk) and inf/inf */
+    return q < -level ? -level : (q > level ? level : q);
+}
+
+#define SYMM_CODES(T)                                                                          \
+    do {                                                                                       \
+        T *out = (T *)k->codes;                                                                \
+        for (int64_t i = a; i < b; i++) out[i] = (T)symm_code(e ? g[i] + e[i] : g[i], s, L);   \
+    } while (0)
+
+static void symm_encode_range(void *arg, int64_t c0, int64_t c1) {
+    symm_t *k = (symm_t *)arg;
+    const float *g = k->g, *e = k->e;
+    const float L = k->level;
+    for (int64_t ci = c0; ci < c1; ci++) {
+        int64_t a = ci * k->chunk, b = a + k->chunk < k->n ? a + k->chunk : k->n;
+        const float s = k->step[ci];
+        if (k->width == 1) SYMM_CODES(int8_t);
+        else if (k->width == 2) SYMM_CODES(int16_t);
+        else SYMM_CODES(int32_t);
+    }
+}
+
+/* codes = the symmetric codes of g + e with per-chunk step (width bytes each); writes nothing
+ * else. */
+void CH(ch_symm_encode)(const float *g, const float *e, int64_t n, int64_t chunk, const float *step,
+                    float level, void *codes, int width, int nthreads) {
+    symm_t k = {g, (float *)e, n, chunk, step, NULL, codes, width, level, 1.0f, 1.0f, NULL};
+    int64_t nchunks = (n + chunk - 1) / chunk;
+    parallel_for(nchunks, 1, n, nthreads, symm_encode_range, &k);
+}
+
+#define SYMM_RESIDUAL(T)                                                                       \
+    do {                                                                                       \
+        const T *q = (const T *)k->codes;                                                      \
+        for (int64_t i = a; i < b; i++) e[i] = ((g[i] + e[i]) - (float)q[i] * s) * d;          \
+    } while (0)
+
+static void symm_residual_range(void *arg, int64_t c0, int64_t c1) {
+    symm_t *k = (symm_t *)arg;
+    const float *g = k->g;
+    float *e = k->e;
+    const float d = k->decay;
+    for (int64_t ci = c0; ci < c1; ci++) {
+        int64_t a = ci * k->chunk, b = a + k->chunk < k->n ? a + k->chunk : k->n;
+        const float s = k->step[ci];
+        if (k->width == 1) SYMM_RESIDUAL(int8_t);
+        else if (k->width == 2) SYMM_RESIDUAL(int16_t);
+        else SYMM_RESIDUAL(int32_t);
+    }
+}
+
+/* e = ((g + e) - float(code) * step) * decay in place: the new residual of ch_symm_encode's
+ * codes (g and e as they were when it ran). */
+void CH(ch_symm_residual)(const float *g, float *e, int64_t n, int64_t chunk, const float *step,
+                      const void *codes, int width, float decay, int nthreads) {
+    symm_t k = {g, e, n, chunk, step, NULL, (void *)codes, width, 0.0f, decay, 1.0f, NULL};
+    int64_t nchunks = (n + chunk - 1) / chunk;
+    parallel_for(nchunks, 1, n, nthreads, symm_residual_range, &k);
+}
+
+#define SYMM_DECODE(T)                                                                         \
+    do {                                                                                       \
+        const T *q = (const T *)k->codes;                                                      \
+        for (int64_t i = a; i < b; i++) out[i] = ((float)q[i] * s) / w;                        \
+    } while (0)
+
+static void symm_decode_range(void *arg, int64_t c0, int64_t c1) {
+    symm_t *k = (symm_t *)arg;
+    float *out = k->out;
+    const float w = k->divisor;
+    for (int64_t ci = c0; ci < c1; ci++) {
+        int64_t a = ci * k->chunk, b = a + k->chunk < k->n ? a + k->chunk : k->n;
+        const float s = k->step[ci];
+        if (k->width == 1) SYMM_DECODE(int8_t);
+        else if (k->width == 2) SYMM_DECODE(int16_t);
+        else SYMM_DECODE(int32_t);
+    }
+}
+
+/* out = (float(code) * step) / divisor: two roundings, as the torch ops make them. */
+void CH(ch_symm_decode)(const void *codes, int width, int64_t n, int64_t chunk, const float *step,
+                    float divisor, float *out, int nthreads) {
+    symm_t k = {NULL, NULL, n, chunk, step, NULL, (void *)codes, width, 0.0f, 1.0f, divisor, out};
+    int64_t nchunks = (n + chunk - 1) / chunk;
+    parallel_for(nchunks, 1, n, nthreads, symm_decode_range, &k);
+}
+
 /* ---- sparse index codes: LEB128 varints of the gaps ------------------------------------ */
 /* As commhooks.coding.indices' delta form: gap = idx[i] - idx[i-1] - 1 (idx[-1] = -1), 7 bits
  * a byte, low group first, the top bit set on every byte but a gap's last; at most 5 bytes a
