@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from commhooks.comm.collectives import Collectives, as_collectives
-from commhooks.compressors.base import Compressor, Context, Payload, ReduceOp
+from commhooks.compressors.base import Compressor, Context, Payload, ReduceOp, compute_dtype
 from commhooks.feedback import ErrorFeedback
 
 __all__ = [
@@ -86,6 +86,16 @@ def _bytes_of(tensors: Sequence[Tensor]) -> Tensor:
     if not tensors:
         return torch.empty(0, dtype=torch.uint8)
     return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def _holds_sum(out: Tensor, ctx: Context) -> bool:
+    """Whether ``out`` can take the fp32 (fp64) sum of payloads of ``ctx`` in place."""
+    return (
+        out.dtype == compute_dtype(ctx.dtype)
+        and out.shape == ctx.shape
+        and out.device == ctx.device
+        and out.is_contiguous()
+    )
 
 
 def count_allreduce(stats: TransportStats, buf: Tensor, world: int) -> None:
@@ -434,7 +444,10 @@ class AllGatherTransport(Transport):
             per_rank.append([tuple(next(it) for _ in p) for p, _ in compressed])
         means = []
         for i, ((_, ctx), t) in enumerate(zip(compressed, tensors)):
-            total = c.aggregate([payloads[i] for payloads in per_rank], ctx)
+            # Summed straight into the caller's buffer where it has the sum's dtype (every
+            # input was compressed above, so none is read again).
+            into = out[i] if out is not None and _holds_sum(out[i], ctx) else None
+            total = c.aggregate([payloads[i] for payloads in per_rank], ctx, into)
             means.append(total.div_(self.world).to(t.dtype))
         stats.decompress_s += time.perf_counter() - t0
         return means

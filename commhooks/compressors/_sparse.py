@@ -216,9 +216,13 @@ class Sparsifier(Compressor[C]):
         flat[idx] = flat[idx] - payload[0].to(flat.dtype)
         return target
 
-    def aggregate(self, payloads: Any, ctx: Context) -> Tensor:
-        """Sum of sparse payloads, accumulated in place rather than densified one by one."""
-        acc = torch.zeros(ctx.numel, dtype=compute_dtype(ctx.dtype), device=ctx.device)
+    def aggregate(self, payloads: Any, ctx: Context, out: Tensor | None = None) -> Tensor:
+        """Sum of sparse payloads, accumulated in place (in ``out`` when given) rather than
+        densified one by one."""
+        if out is not None:
+            acc = out.view(-1).zero_()
+        else:
+            acc = torch.zeros(ctx.numel, dtype=compute_dtype(ctx.dtype), device=ctx.device)
         for p in payloads:
             if p:
                 acc.index_add_(0, self.indices(p[1:], ctx, p[0].numel()), p[0].to(acc.dtype))

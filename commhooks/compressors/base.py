@@ -242,18 +242,31 @@ class Compressor(ABC, Generic[C]):
         out = fast if fast is not None else self._decompress(payload, ctx)
         return out.reshape(ctx.shape).to(ctx.dtype)
 
-    def aggregate(self, payloads: Sequence[Payload], ctx: Context) -> Tensor:
+    def aggregate(
+        self, payloads: Sequence[Payload], ctx: Context, out: Tensor | None = None
+    ) -> Tensor:
         """Decode every rank's payload and return their sum (the transport divides for a mean).
 
         The sum is in ``compute_dtype(ctx.dtype)`` (fp32, or fp64): n half-precision gradients
         can sum past fp16's range where their mean fits. Override for aggregation rules that are
-        not a plain sum (majority vote). Return new memory: the transports divide it in place.
+        not a plain sum (majority vote). Return new memory or ``out``: the transports divide it
+        in place.
+
+        Args:
+            payloads: every rank's payload.
+            ctx: the context of this rank's.
+            out: where the sum may be written (contiguous, ``ctx``'s shape, the compute
+                dtype), saving a buffer and a copy: the caller's own memory, which it no
+                longer reads; an override may ignore it and return new memory.
         """
         if self.kernels is not None and ctx.numel:
-            fast = self.kernels.aggregate(payloads, ctx)
+            fast = self.kernels.aggregate(payloads, ctx, out)
             if fast is not None:
                 return fast
-        acc = torch.zeros(ctx.shape, dtype=compute_dtype(ctx.dtype), device=ctx.device)
+        if out is not None:
+            acc = out.zero_()
+        else:
+            acc = torch.zeros(ctx.shape, dtype=compute_dtype(ctx.dtype), device=ctx.device)
         if ctx.numel == 0:
             return acc
         for p in payloads:

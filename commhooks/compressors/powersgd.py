@@ -224,11 +224,13 @@ class PowerSGD(Compressor[PowerSGDConfig]):
         cd = compute_dtype(ctx.dtype)
         return p.to(cd) @ q.to(cd).T
 
-    def aggregate(self, payloads: Sequence[Payload], ctx: Context) -> Tensor:
-        """Sum of ``P_i Q_i^T`` as one product ``[P_1 .. P_k][Q_1 .. Q_k]^T``."""
+    def aggregate(
+        self, payloads: Sequence[Payload], ctx: Context, out: Tensor | None = None
+    ) -> Tensor:
+        """Sum of ``P_i Q_i^T`` as one product ``[P_1 .. P_k][Q_1 .. Q_k]^T`` (new memory)."""
         payloads = list(payloads)
         if ctx.numel == 0 or not payloads or any(len(p) != 2 for p in payloads):
-            return super().aggregate(payloads, ctx)
+            return super().aggregate(payloads, ctx, out)
         cd = compute_dtype(ctx.dtype)
         p = torch.cat([pl[0] for pl in payloads], dim=1).to(cd)
         q = torch.cat([pl[1] for pl in payloads], dim=1).to(cd)

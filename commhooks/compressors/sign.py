@@ -114,11 +114,14 @@ class Sign(Compressor[SignConfig]):
         data, scale = payload
         return self._scaled(self._signs(data, ctx.numel), scale.to(compute_dtype(ctx.dtype)))
 
-    def aggregate(self, payloads: Sequence[Payload], ctx: Context) -> Tensor:
+    def aggregate(
+        self, payloads: Sequence[Payload], ctx: Context, out: Tensor | None = None
+    ) -> Tensor:
         """``"mean"``: the sum of decoded payloads. ``"majority"``: the vote direction times the
-        sum of the ranks' scales (the transport divides by the world size, as for a sum)."""
+        sum of the ranks' scales (the transport divides by the world size, as for a sum), in
+        new memory."""
         if self.config.aggregation == "mean" or ctx.numel == 0 or not payloads:
-            return super().aggregate(payloads, ctx)
+            return super().aggregate(payloads, ctx, out)
         cd = compute_dtype(ctx.dtype)
         vote = torch.zeros(ctx.numel, dtype=torch.int32, device=ctx.device)
         scale_sum = torch.zeros(payloads[0][1].shape, dtype=cd, device=ctx.device)

@@ -91,16 +91,22 @@ class FusedCodec(ABC):
         ops = self.decodes(payload, ctx)
         return None if ops is None else self.decode(ops, payload, ctx.numel, None)
 
-    def aggregate(self, payloads: Sequence[Payload], ctx: Context) -> Tensor | None:
+    def aggregate(
+        self, payloads: Sequence[Payload], ctx: Context, out: Tensor | None = None
+    ) -> Tensor | None:
         """The sum of decoded payloads: the first decoded into fresh memory (no zero fill),
-        each other added straight into it; None unless the kernels decode every one."""
+        or added into ``out`` zeroed, each other added straight into it; None unless the
+        kernels decode every one (see :meth:`Compressor.aggregate`)."""
         if not payloads:
             return None
         backends = [self.decodes(p, ctx) for p in payloads]
         ops = backends[0]
         if ops is None or any(b is not ops for b in backends):
             return None
-        acc = self.decode(ops, payloads[0], ctx.numel, None)
+        if out is not None:
+            acc = self.decode(ops, payloads[0], ctx.numel, out.view(-1).zero_())
+        else:
+            acc = self.decode(ops, payloads[0], ctx.numel, None)
         for p in payloads[1:]:
             self.decode(ops, p, ctx.numel, acc)
         return acc.view(ctx.shape)

@@ -153,6 +153,24 @@ def test_aggregate_is_the_sum_of_decoded_payloads(spec: str) -> None:
 
 
 @pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("shape", [(50, 20), (200, 100)], ids=["torch", "kernels"])
+def test_aggregate_into_a_buffer_equals_new_memory(spec: str, shape: tuple[int, int]) -> None:
+    """``aggregate(.., out=buf)`` (what the all-gather transport passes): the same sum, in the
+    buffer for every plain sum (PowerSGD's product and the majority vote return new memory).
+    The larger shape is past the native kernels' size floor."""
+    c = build(spec)
+    gen = torch.Generator().manual_seed(1)
+    compressed = [c.compress(torch.randn(shape, generator=gen), "w") for _ in range(3)]
+    payloads, ctx = [p for p, _ in compressed], compressed[-1][1]
+    expected = c.aggregate(payloads, ctx)
+    buf = torch.full(shape, float("nan"))
+    got = c.aggregate(payloads, ctx, buf)
+    assert torch.equal(got, expected), spec
+    if spec in SUM_AGGREGATED and not spec.startswith("powersgd"):
+        assert got.data_ptr() == buf.data_ptr(), f"{spec}: summed into new memory"
+
+
+@pytest.mark.parametrize("spec", SPECS)
 def test_state_dict_round_trip_reproduces_payloads(spec: str) -> None:
     a = build(spec)
     x = torch.randn(128, 16)
