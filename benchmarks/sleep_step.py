@@ -16,8 +16,10 @@ Variants: ``noop`` (torch's ``noop_hook``: no communication at all, the floor), 
 (DDP's own all-reduce), and commhooks' hook for each spec. Each rep runs every variant in
 turn (``--steps`` timed steps after one untimed one, after a barrier; the slower rank's
 time), so machine noise spreads over all variants alike. Reported per variant and rate: step
-time min / median / max over reps, and the ratio of the variant's step to ``noop``'s in the
-same rep (min / median / max).
+time min / median / max over reps, the ratio of the variant's step to ``noop``'s in the same
+rep (min / median / max), and the CPU time rank 0's training thread spends per step (median
+over reps): forward, the backward's own arithmetic, DDP's bucket copies and the optimizer,
+all of which a GPU would take off the host.
 """
 
 from __future__ import annotations
@@ -84,18 +86,22 @@ def _model(args: argparse.Namespace, label: str) -> tuple[nn.Module, Any]:
     return ddp, state
 
 
-def _timed(ddp: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, steps: int) -> float:
-    """Seconds per step, the slower rank's (one untimed step first)."""
+def _timed(
+    ddp: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, steps: int
+) -> tuple[float, float]:
+    """Seconds per step, the slower rank's (one untimed step first); and this thread's CPU
+    seconds per step."""
     for i in range(steps + 1):
         if i == 1:
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
         opt.zero_grad()
         ddp(x).square().mean().backward()
         opt.step()
+    cpu = (time.thread_time() - c0) / steps
     took = torch.tensor([(time.perf_counter() - t0) / steps])
     dist.all_reduce(took, op=dist.ReduceOp.MAX)
-    return float(took)
+    return float(took), cpu
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -112,14 +118,17 @@ def worker(args: argparse.Namespace) -> None:
     for k in labels:
         _timed(models[k], opts[k], x, 1)  # builds buckets, process groups, warm-ups
     times: dict[str, list[float]] = {k: [] for k in labels}
+    cpus: dict[str, list[float]] = {k: [] for k in labels}
     for _ in range(args.reps):
         for k in labels:
-            times[k].append(_timed(models[k], opts[k], x, args.steps))
+            took, cpu = _timed(models[k], opts[k], x, args.steps)
+            times[k].append(took)
+            cpus[k].append(cpu)
     if dist.get_rank() == 0:
         out = {}
         for k, (_, state) in built.items():
             wire = state.stats().last_wire_bytes if state is not None else None
-            out[k] = {"times": times[k], "wire_bytes": wire}
+            out[k] = {"times": times[k], "cpu": cpus[k], "wire_bytes": wire}
         with open(args.result, "w") as f:
             json.dump(out, f)
     dist.barrier()
@@ -135,6 +144,7 @@ def run_rate(args: argparse.Namespace, rate: str, script: list[str]) -> dict[str
         rows[label] = {
             "step_ms": spread([t * 1000 for t in r["times"]]),
             "vs_noop": spread([t / n for t, n in zip(r["times"], noop)]),
+            "thread_cpu_ms": spread([c * 1000 for c in r["cpu"]]),
             "wire_bytes": r["wire_bytes"],
         }
     return rows
@@ -143,15 +153,17 @@ def run_rate(args: argparse.Namespace, rate: str, script: list[str]) -> dict[str
 def markdown(report: dict[str, Any]) -> str:
     """The report as a table: one row per rate and variant."""
     lines = [
-        "| link | variant | step ms (min / median / max) | vs noop (min / median / max) |",
-        "|---|---|---|---|",
+        "| link | variant | step ms (min / median / max) | vs noop (min / median / max) "
+        "| training thread CPU ms |",
+        "|---|---|---|---|---|",
     ]
     for rate, rows in report["rates"].items():
         for label, r in rows.items():
             s, v = r["step_ms"], r["vs_noop"]
             lines.append(
                 f"| {rate} | {label} | {s['min']:.0f} / {s['median']:.0f} / {s['max']:.0f} | "
-                f"{v['min']:.2f} / {v['median']:.2f} / {v['max']:.2f} |"
+                f"{v['min']:.2f} / {v['median']:.2f} / {v['max']:.2f} | "
+                f"{r['thread_cpu_ms']['median']:.0f} |"
             )
     return "\n".join(lines)
 

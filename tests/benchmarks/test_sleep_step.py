@@ -20,6 +20,9 @@ def test_sleep_step_smoke_writes_report(tmp_path: pathlib.Path) -> None:
     for label, r in rows.items():
         s = r["step_ms"]
         assert 0 < s["min"] <= s["median"] <= s["max"], label
+        # the training thread's own CPU: some, and no more than the step's wall time
+        assert 0 < r["thread_cpu_ms"]["median"] <= 1.5 * s["max"], label
         if label not in ("noop", "dense"):
             assert r["wire_bytes"] > 0, label
     assert text.startswith("| link | variant |")
+    assert "| training thread CPU ms |" in text.splitlines()[0]
