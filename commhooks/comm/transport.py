@@ -21,6 +21,8 @@ differently per rank and crashes gloo).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -86,6 +88,13 @@ def _bytes_of(tensors: Sequence[Tensor]) -> Tensor:
     if not tensors:
         return torch.empty(0, dtype=torch.uint8)
     return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+@functools.cache
+def _takes_out(cls: type) -> bool:
+    """Whether ``cls.aggregate`` takes an ``out`` buffer (a compressor written against the
+    two-argument form overrides it without one)."""
+    return "out" in inspect.signature(cls.aggregate).parameters
 
 
 def _holds_sum(out: Tensor, ctx: Context) -> bool:
@@ -446,8 +455,11 @@ class AllGatherTransport(Transport):
         for i, ((_, ctx), t) in enumerate(zip(compressed, tensors)):
             # Summed straight into the caller's buffer where it has the sum's dtype (every
             # input was compressed above, so none is read again).
-            into = out[i] if out is not None and _holds_sum(out[i], ctx) else None
-            total = c.aggregate([payloads[i] for payloads in per_rank], ctx, into)
+            mine = [payloads[i] for payloads in per_rank]
+            if out is not None and _holds_sum(out[i], ctx) and _takes_out(type(c)):
+                total = c.aggregate(mine, ctx, out[i])
+            else:
+                total = c.aggregate(mine, ctx)
             means.append(total.div_(self.world).to(t.dtype))
         stats.decompress_s += time.perf_counter() - t0
         return means

@@ -81,6 +81,8 @@ class FusedSharedScaleExchange(FusedFeedbackExchange):
         return Message((self._codes,), ReduceOp.SUM)
 
     def receive(self, reduced: Sequence[Tensor]) -> None:
+        if self._reduced is not None:
+            raise RuntimeError("exchange: receive() called after both rounds were done")
         (summed,) = reduced
         if self._steps is None:
             nchunks = [-(-n // self._chunk) for n in self._sizes]

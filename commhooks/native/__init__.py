@@ -521,6 +521,17 @@ def cast_decode(
     return out
 
 
+#: the integer code widths the symmetric-code kernels read and write
+_SYMM_CODES = (torch.int8, torch.int16, torch.int32)
+
+
+def _symm_width(codes: Tensor) -> int:
+    """Bytes per code; ValueError for a dtype the kernels would misread."""
+    if codes.dtype not in _SYMM_CODES:
+        raise ValueError(f"codes: {codes.dtype}; the kernels take int8, int16 or int32 codes")
+    return codes.element_size()
+
+
 def symm_absmax(g: Tensor, e: Tensor | None, chunk: int) -> Tensor:
     """Per-chunk ``max |g + e|`` (fp32), +inf for a chunk holding a NaN."""
     h = lib()
@@ -540,7 +551,7 @@ def symm_encode(
     assert h is not None
     h.ch_symm_encode(
         ptr(g), ptr(e), g.numel(), chunk, ptr(step), float(level), ptr(codes),
-        codes.element_size(), threads(),
+        _symm_width(codes), threads(),
     )  # fmt: skip
 
 
@@ -552,7 +563,7 @@ def symm_residual(
     h = lib()
     assert h is not None
     h.ch_symm_residual(
-        ptr(g), ptr(e), g.numel(), chunk, ptr(step), ptr(codes), codes.element_size(), decay,
+        ptr(g), ptr(e), g.numel(), chunk, ptr(step), ptr(codes), _symm_width(codes), decay,
         threads(),
     )  # fmt: skip
 
@@ -562,7 +573,7 @@ def symm_decode(codes: Tensor, chunk: int, step: Tensor, divisor: float, out: Te
     h = lib()
     assert h is not None
     h.ch_symm_decode(
-        ptr(codes), codes.element_size(), codes.numel(), chunk, ptr(step), divisor, ptr(out),
+        ptr(codes), _symm_width(codes), codes.numel(), chunk, ptr(step), divisor, ptr(out),
         threads(),
     )  # fmt: skip
 

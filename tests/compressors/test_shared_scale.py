@@ -2,10 +2,13 @@
 
 tests/test_feedback_fused.py runs it through the common plan (abandoned and rolled-back
 steps, non-finite input); these cover what that plan does not reach: the mean decoded into
-the caller's buffer, every code width, the wire, and a finite ``|c|`` past the safe bound.
+the caller's buffer, every code width, the wire, a finite ``|c|`` past the safe bound, the
+kernels' threads (a tensor past their 2**17-element floor) and a step decided on the device.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,9 +19,19 @@ from commhooks.feedback import SAFE_ABS
 from commhooks.testing import simulate_allreduce
 
 SPEC = "uniform:bits=8,shared_scale=true,chunk=1000"
-#: a tensor the kernels take (with a short last chunk) and one below their size floor
-SHAPES = [(200, 101), (50, 20)]
+#: a tensor the kernels split over threads (with a short last chunk) and one below their
+#: size floor (torch formulas)
+SHAPES = [(400, 401), (50, 20)]
 KEYS = ["w", "b"]
+
+
+@pytest.fixture(autouse=True)
+def _two_threads() -> Iterator[None]:
+    """The kernels run on as many threads as torch does: two, so their ranges split."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def _grads(step: int, rank: int, big: float | None = None) -> list[torch.Tensor]:
@@ -30,18 +43,29 @@ def _grads(step: int, rank: int, big: float | None = None) -> list[torch.Tensor]
 
 
 def _run(
-    efs: list[ErrorFeedback], step: int, world: int, big: float | None = None
+    efs: list[ErrorFeedback],
+    step: int,
+    world: int,
+    big: float | None = None,
+    on_device: bool = False,
 ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor], list[type]]:
     """One exchange on every simulated rank: each rank's means (decoded with
-    ``result_into``), the wire of each round, and the exchanges' types."""
+    ``result_into``), the wire of each round, and the exchanges' types. ``on_device``: the
+    step is decided as the engine's device mode does (no host checks; rolled back where
+    some mean is not finite)."""
     grads = [_grads(step, r, big if r == 1 else None) for r in range(len(efs))]
+    for ef in efs:
+        ef.journal(True, on_device=on_device)
     exchanges = [ef.exchange(KEYS, g, world) for ef, g in zip(efs, grads)]
     wire = [m.tensors[0] for m in simulate_allreduce(exchanges)]
     means = [[torch.full(s, float("nan")) for s in SHAPES] for _ in efs]
     for ex, out in zip(exchanges, means):
         ex.result_into(out, float(world))
-    for ef in efs:
-        ef.commit_step()
+    for ef, out in zip(efs, means):
+        if on_device:
+            ef.rollback_where(~torch.stack([torch.isfinite(m).all() for m in out]).all())
+        else:
+            ef.commit_step()
     return means, wire, [type(ex) for ex in exchanges]
 
 
@@ -95,6 +119,27 @@ def test_a_finite_value_past_the_safe_bound_takes_the_checked_formulas() -> None
         if step > 0:
             assert kinds == [FusedSharedScaleExchange] * 2
         _same_means_and_residuals(efs, fused, ref, step)
+
+
+def test_a_step_decided_on_the_device_keeps_what_the_reference_keeps() -> None:
+    """Device mode: the kernel writes residuals unchecked and a step whose means are not
+    finite (a NaN on one rank) is rolled back on the device; the memory ends as the op-by-op
+    path's, step by step."""
+    efs = {f: [ErrorFeedback(SPEC, fused=f) for _ in range(2)] for f in (True, False)}
+    for step in range(4):
+        bad = float("nan") if step == 2 else None
+        fused, _, kinds = _run(efs[True], step, 2, bad, on_device=True)
+        ref, _, _ = _run(efs[False], step, 2, bad, on_device=True)
+        if step > 0:
+            assert kinds == [FusedSharedScaleExchange] * 2
+        if step == 2:
+            assert not torch.isfinite(fused[0][0]).all()  # the NaN reached the means
+            for r in range(2):
+                for k in KEYS:
+                    a, b = efs[True][r].residual(k), efs[False][r].residual(k)
+                    assert a is not None and b is not None and torch.equal(a, b), (r, k)
+        else:
+            _same_means_and_residuals(efs, fused, ref, step)
 
 
 def test_stochastic_rounding_and_fp64_go_op_by_op() -> None:

@@ -96,6 +96,15 @@ def _outputs(k: native.Kernels, n: int) -> list[torch.Tensor]:
         half = torch.empty(n, dtype=torch.float16)
         native.cast_encode(g, e, 1.0, half)
         out += [half.view(torch.int16), native.cast_decode(half, 1.0)]
+        absmax = native.symm_absmax(g, e, 4096)
+        step = absmax / 63
+        codes = torch.empty(n, dtype=torch.int8)
+        native.symm_encode(g, e, 4096, step, 63, codes)
+        r = e.clone()
+        native.symm_residual(g, r, 4096, step, codes, 0.9)
+        mean = torch.empty(n)
+        native.symm_decode(codes, 4096, step, 2.0, mean)
+        out += [absmax, codes, r, mean]
         return out
     finally:
         native._lib = before
