@@ -16,7 +16,7 @@ from commhooks.compressors.base import (
     CompressorConfig,
     Context,
     Payload,
-    compute_dtype,
+    sum_buffer,
 )
 from commhooks.feedback.fused import FusedPath, register_fused
 from commhooks.feedback.residual import on_device, write_residual
@@ -219,10 +219,7 @@ class Sparsifier(Compressor[C]):
     def aggregate(self, payloads: Any, ctx: Context, out: Tensor | None = None) -> Tensor:
         """Sum of sparse payloads, accumulated in place (in ``out`` when given) rather than
         densified one by one."""
-        if out is not None:
-            acc = out.view(-1).zero_()
-        else:
-            acc = torch.zeros(ctx.numel, dtype=compute_dtype(ctx.dtype), device=ctx.device)
+        acc = sum_buffer(ctx, out).view(-1)
         for p in payloads:
             if p:
                 acc.index_add_(0, self.indices(p[1:], ctx, p[0].numel()), p[0].to(acc.dtype))

@@ -49,6 +49,7 @@ __all__ = [
     "payload_nbytes",
     "poison",
     "shared_generator",
+    "sum_buffer",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -128,6 +129,14 @@ class Exchange(ABC):
         """The transport stops before the last round (a rank had non-finite gradients): drop
         whatever :meth:`result` would have committed. Plain exchanges hold nothing."""
         return
+
+
+def sum_buffer(ctx: Context, out: Tensor | None = None) -> Tensor:
+    """Where :meth:`Compressor.aggregate` sums: ``out`` zeroed, or new zeros of ``ctx``'s
+    shape in its compute dtype."""
+    if out is not None:
+        return out.zero_()
+    return torch.zeros(ctx.shape, dtype=compute_dtype(ctx.dtype), device=ctx.device)
 
 
 @dataclass(frozen=True)
@@ -263,10 +272,7 @@ class Compressor(ABC, Generic[C]):
             fast = self.kernels.aggregate(payloads, ctx, out)
             if fast is not None:
                 return fast
-        if out is not None:
-            acc = out.zero_()
-        else:
-            acc = torch.zeros(ctx.shape, dtype=compute_dtype(ctx.dtype), device=ctx.device)
+        acc = sum_buffer(ctx, out)
         if ctx.numel == 0:
             return acc
         for p in payloads:

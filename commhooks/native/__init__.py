@@ -547,11 +547,11 @@ def symm_encode(
 ) -> None:
     """``codes`` (int8/16/32) = ``clamp(round(c / step), -level, level)`` of ``c = g + e``, per
     chunk, NaN quotients as 0; writes nothing else."""
+    width = _symm_width(codes)
     h = lib()
     assert h is not None
     h.ch_symm_encode(
-        ptr(g), ptr(e), g.numel(), chunk, ptr(step), float(level), ptr(codes),
-        _symm_width(codes), threads(),
+        ptr(g), ptr(e), g.numel(), chunk, ptr(step), float(level), ptr(codes), width, threads(),
     )  # fmt: skip
 
 
@@ -560,21 +560,21 @@ def symm_residual(
 ) -> None:
     """``e = ((g + e) - float(codes) * step) * decay`` in place (``codes``: from
     :func:`symm_encode` on these ``g`` and ``e``)."""
+    width = _symm_width(codes)
     h = lib()
     assert h is not None
     h.ch_symm_residual(
-        ptr(g), ptr(e), g.numel(), chunk, ptr(step), ptr(codes), _symm_width(codes), decay,
-        threads(),
+        ptr(g), ptr(e), g.numel(), chunk, ptr(step), ptr(codes), width, decay, threads(),
     )  # fmt: skip
 
 
 def symm_decode(codes: Tensor, chunk: int, step: Tensor, divisor: float, out: Tensor) -> None:
     """``out = (float(codes) * step) / divisor``, per chunk (two roundings, as torch's)."""
+    width = _symm_width(codes)
     h = lib()
     assert h is not None
     h.ch_symm_decode(
-        ptr(codes), _symm_width(codes), codes.numel(), chunk, ptr(step), divisor, ptr(out),
-        threads(),
+        ptr(codes), width, codes.numel(), chunk, ptr(step), divisor, ptr(out), threads(),
     )  # fmt: skip
 
 
