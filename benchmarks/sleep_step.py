@@ -12,14 +12,16 @@ communication worker has it to itself. Two ranks run in network namespaces on li
 to each rate (root; :class:`commhooks.launch.ShapedCluster`); ``--rates unshaped`` runs them
 over the namespaces' unshaped veth pair.
 
-Variants: ``noop`` (torch's ``noop_hook``: no communication at all, the floor), ``dense``
-(DDP's own all-reduce), and commhooks' hook for each spec. Each rep runs every variant in
-turn (``--steps`` timed steps after one untimed one, after a barrier; the slower rank's
-time), so machine noise spreads over all variants alike. Reported per variant and rate: step
-time min / median / max over reps, the ratio of the variant's step to ``noop``'s in the same
-rep (min / median / max), and the CPU time rank 0's training thread spends per step (median
-over reps): forward, the backward's own arithmetic, DDP's bucket copies and the optimizer,
-all of which a GPU would take off the host.
+Variants: ``noop`` (torch's ``noop_hook``: no communication at all), ``meet`` (a hook that
+all-reduces one float per bucket and leaves the bucket as it is: what any hook that
+communicates pays for making the ranks meet at every bucket, the floor for a compressor),
+``dense`` (DDP's own all-reduce), and commhooks' hook for each spec. Each rep runs every
+variant in turn (``--steps`` timed steps after one untimed one, after a barrier; the slower
+rank's time), so machine noise spreads over all variants alike. Reported per variant and
+rate: step time min / median / max over reps, the ratio of the variant's step to ``noop``'s
+in the same rep (min / median / max) and to ``meet``'s (median), and the CPU time rank 0's
+training thread spends per step (median over reps): forward, the backward's own arithmetic,
+DDP's bucket copies and the optimizer, all of which a GPU would take off the host.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from _shaped import run_pair
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import debugging_hooks
 
-NOOP, DENSE = "noop", "dense"
+NOOP, MEET, DENSE = "noop", "meet", "dense"
 SPECS = ["powersgd:rank=1", "topk:ratio=0.01", "sign", "uniform:bits=8,shared_scale=true"]
 
 
@@ -70,6 +72,17 @@ class IdleMLP(nn.Module):
         return x
 
 
+def _meet_hook(_, bucket):  # type: ignore[no-untyped-def]
+    """All-reduce one float, then hand DDP its bucket unchanged: the ranks meet at every
+    bucket, as any exchange makes them, and nothing else is sent or computed. (``bucket`` is
+    not annotated: DDP accepts only the real ``dist.GradBucket`` class there, and this
+    module's annotations are strings.)"""
+    one = torch.zeros(1)
+    work = dist.all_reduce(one, async_op=True)
+    assert work is not None
+    return work.get_future().then(lambda _: bucket.buffer())
+
+
 def _model(args: argparse.Namespace, label: str) -> tuple[nn.Module, Any]:
     """The variant's DDP model and its commhooks state (None for the baselines)."""
     import commhooks.ddp
@@ -81,6 +94,8 @@ def _model(args: argparse.Namespace, label: str) -> tuple[nn.Module, Any]:
     state = None
     if label == NOOP:
         ddp.register_comm_hook(None, debugging_hooks.noop_hook)
+    elif label == MEET:
+        ddp.register_comm_hook(None, _meet_hook)
     elif label != DENSE:
         state = commhooks.ddp.register(ddp, label)
     return ddp, state
@@ -108,7 +123,7 @@ def worker(args: argparse.Namespace) -> None:
     """One rank (under torchrun): every variant built once, then the interleaved reps."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    labels = [NOOP, DENSE, *args.specs]
+    labels = [NOOP, MEET, DENSE, *args.specs]
     built = {label: _model(args, label) for label in labels}
     models = {k: m for k, (m, _) in built.items()}
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in models.items()}
@@ -138,12 +153,13 @@ def worker(args: argparse.Namespace) -> None:
 def run_rate(args: argparse.Namespace, rate: str, script: list[str]) -> dict[str, Any]:
     """Both ranks at one link rate; the rows for that rate."""
     raw = run_pair(script, rate, args.tmp, args.timeout_s)
-    noop = raw[NOOP]["times"]
+    noop, meet = raw[NOOP]["times"], raw[MEET]["times"]
     rows = {}
     for label, r in raw.items():
         rows[label] = {
             "step_ms": spread([t * 1000 for t in r["times"]]),
             "vs_noop": spread([t / n for t, n in zip(r["times"], noop)]),
+            "vs_meet": spread([t / m for t, m in zip(r["times"], meet)]),
             "thread_cpu_ms": spread([c * 1000 for c in r["cpu"]]),
             "wire_bytes": r["wire_bytes"],
         }
@@ -154,8 +170,8 @@ def markdown(report: dict[str, Any]) -> str:
     """The report as a table: one row per rate and variant."""
     lines = [
         "| link | variant | step ms (min / median / max) | vs noop (min / median / max) "
-        "| training thread CPU ms |",
-        "|---|---|---|---|---|",
+        "| vs meet (median) | training thread CPU ms |",
+        "|---|---|---|---|---|---|",
     ]
     for rate, rows in report["rates"].items():
         for label, r in rows.items():
@@ -163,6 +179,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {rate} | {label} | {s['min']:.0f} / {s['median']:.0f} / {s['max']:.0f} | "
                 f"{v['min']:.2f} / {v['median']:.2f} / {v['max']:.2f} | "
+                f"{r['vs_meet']['median']:.2f} | "
                 f"{r['thread_cpu_ms']['median']:.0f} |"
             )
     return "\n".join(lines)

@@ -14,15 +14,15 @@ from _smoke import smoke_report
 def test_sleep_step_smoke_writes_report(tmp_path: pathlib.Path) -> None:
     report, text = smoke_report("sleep_step", tmp_path)
     rows = report["rates"]["unshaped"]
-    assert list(rows)[:2] == ["noop", "dense"]
-    assert len(rows) == 2 + len(report["config"]["specs"])
+    assert list(rows)[:3] == ["noop", "meet", "dense"]
+    assert len(rows) == 3 + len(report["config"]["specs"])
     assert rows["noop"]["vs_noop"]["median"] == 1.0
     for label, r in rows.items():
         s = r["step_ms"]
         assert 0 < s["min"] <= s["median"] <= s["max"], label
         # the training thread's own CPU: some, and no more than the step's wall time
         assert 0 < r["thread_cpu_ms"]["median"] <= 1.5 * s["max"], label
-        if label not in ("noop", "dense"):
+        if label not in ("noop", "meet", "dense"):
             assert r["wire_bytes"] > 0, label
     assert text.startswith("| link | variant |")
     assert "| training thread CPU ms |" in text.splitlines()[0]
