@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import itertools
+import pathlib
 
 import pytest
 import torch
@@ -290,3 +292,32 @@ def test_fused_paths_are_found_along_the_class_hierarchy_and_checked() -> None:
         register_fused(int, FusedPath())
     with pytest.raises(ValueError, match="path"):
         register_fused(type(commhooks.compressor("sign")), object())  # type: ignore[arg-type]
+
+
+def _large_float_literals(root: pathlib.Path) -> list[tuple[str, float]]:
+    """(file, value) for every float literal of magnitude at least 1e15 in ``root``'s Python
+    files, fp32's largest finite value (a format constant, not a safety bound) aside."""
+    fp32_max = float(torch.finfo(torch.float32).max)
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            value = getattr(node, "value", None) if isinstance(node, ast.Constant) else None
+            if isinstance(value, float) and abs(value) >= 1e15 and value != fp32_max:
+                found.append((path.relative_to(root).as_posix(), value))
+    return found
+
+
+def test_the_finiteness_thresholds_are_written_in_one_module() -> None:
+    """Whether a step's values are safe to commit is decided against bounds written once, in
+    feedback/residual.py; every other module uses those names (the native kernels report
+    the statistics that Python checks against them)."""
+    root = pathlib.Path(commhooks.__file__).resolve().parent
+    found = _large_float_literals(root)
+    assert {f for f, _ in found} == {"feedback/residual.py"}, found
+    assert sorted(v for _, v in found) == [1e18, 1e29, 1e38]
+
+
+def test_large_float_literals_finds_one_in_a_function(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "a.py").write_text("def f(x):\n    return x < 1e30\n")
+    (tmp_path / "b.py").write_text("M = 3.4028234663852886e38\nN = 1e3\n")
+    assert _large_float_literals(tmp_path) == [("a.py", 1e30)]

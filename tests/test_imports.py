@@ -1,4 +1,5 @@
-"""The package's module import graph has no cycles.
+"""The package's module import graph has no cycles, and only ``commhooks.kernels`` reaches
+the native kernels.
 
 Every import counts: module level, inside functions (call-time imports) and under
 ``if TYPE_CHECKING:``. A cycle that only annotations or a deferred import close is still two
@@ -15,7 +16,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = "commhooks"
 
-__all__ = ["find_cycles", "import_graph"]
+__all__ = ["find_cycles", "import_graph", "importers_of"]
 
 
 def _module_name(path: pathlib.Path, root: pathlib.Path) -> str:
@@ -132,6 +133,44 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if node not in index:
             visit(node)
     return cycles
+
+
+def importers_of(graph: dict[str, set[str]], target: str) -> list[str]:
+    """The modules of ``graph`` that import ``target`` or one of its submodules, outside
+    ``target`` itself."""
+    inside = (target, target + ".")
+    return sorted(
+        m
+        for m, deps in graph.items()
+        if not m.startswith(inside) and any(d == target or d.startswith(target + ".") for d in deps)
+    )
+
+
+def test_only_the_kernels_package_imports_native() -> None:
+    """Every kernel op is dispatched by ``commhooks.kernels`` (op, device); a module that
+    imports ``commhooks.native`` itself bypasses that dispatch point."""
+    outside = [
+        m
+        for m in importers_of(import_graph(), "commhooks.native")
+        if m != "commhooks.kernels" and not m.startswith("commhooks.kernels.")
+    ]
+    assert not outside, f"import commhooks.native outside commhooks.kernels: {outside}"
+
+
+def test_importers_of_sees_a_call_time_import(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "pkg" / "native").mkdir(parents=True)
+    sources = {
+        "__init__": "",
+        "native/__init__": "from pkg.native import lib\n",
+        "native/lib": "",
+        "kernels": "from pkg.native import lib\n",
+        "codec": "def f():\n    from pkg import native\n",
+        "other": "import torch\n",
+    }
+    for name, source in sources.items():
+        (tmp_path / "pkg" / f"{name}.py").write_text(source)
+    graph = import_graph(tmp_path, "pkg")
+    assert importers_of(graph, "pkg.native") == ["pkg.codec", "pkg.kernels"]
 
 
 def test_package_has_no_import_cycle() -> None:
