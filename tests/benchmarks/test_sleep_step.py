@@ -17,6 +17,7 @@ def test_sleep_step_smoke_writes_report(tmp_path: pathlib.Path) -> None:
     assert list(rows)[:3] == ["noop", "meet", "dense"]
     assert len(rows) == 3 + len(report["config"]["specs"])
     assert rows["noop"]["vs_noop"]["median"] == 1.0
+    assert rows["meet"]["vs_meet"]["median"] == 1.0
     for label, r in rows.items():
         s = r["step_ms"]
         assert 0 < s["min"] <= s["median"] <= s["max"], label
@@ -25,4 +26,4 @@ def test_sleep_step_smoke_writes_report(tmp_path: pathlib.Path) -> None:
         if label not in ("noop", "meet", "dense"):
             assert r["wire_bytes"] > 0, label
     assert text.startswith("| link | variant |")
-    assert "| training thread CPU ms |" in text.splitlines()[0]
+    assert "| vs meet (median) | training thread CPU ms |" in text.splitlines()[0]
