@@ -301,9 +301,10 @@ def _large_float_literals(root: pathlib.Path) -> list[tuple[str, float]]:
     found = []
     for path in sorted(root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            value = getattr(node, "value", None) if isinstance(node, ast.Constant) else None
-            if isinstance(value, float) and abs(value) >= 1e15 and value != fp32_max:
-                found.append((path.relative_to(root).as_posix(), value))
+            if not isinstance(node, ast.Constant) or not isinstance(node.value, float):
+                continue
+            if abs(node.value) >= 1e15 and node.value != fp32_max:
+                found.append((path.relative_to(root).as_posix(), node.value))
     return found
 
 
